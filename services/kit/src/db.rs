@@ -1,0 +1,83 @@
+//! The service's database: connecting through sea-orm, creating the database
+//! when it is missing (so a bare start works), and running migrations.
+
+use std::time::Duration;
+
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
+use sea_orm_migration::MigratorTrait;
+
+use crate::config::DatabaseConfig;
+
+/// Opens the connection pool lazily: connections are made on first use, so a
+/// service starts (and reports `NOT_SERVING`) while the database is down.
+pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbErr> {
+    let mut options = ConnectOptions::new(config.url.expose().to_owned());
+    options
+        .max_connections(config.max_connections)
+        .min_connections(config.min_connections)
+        .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+        .acquire_timeout(Duration::from_millis(config.connect_timeout_ms))
+        .connect_lazy(true)
+        .sqlx_logging(false);
+    Database::connect(options).await
+}
+
+/// Creates the PostgreSQL database named in `url` when it does not exist yet,
+/// connecting to the server's `postgres` database to do so. SQLite creates its
+/// file by itself (`?mode=rwc`).
+pub async fn ensure_database(url: &str) -> Result<(), DbErr> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Ok(());
+    }
+    let mut parsed = url::Url::parse(url).map_err(|e| DbErr::Custom(format!("bad url: {e}")))?;
+    let name = parsed.path().trim_start_matches('/').to_owned();
+    if name.is_empty() {
+        return Ok(());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(DbErr::Custom(
+            "database name may only hold [A-Za-z0-9_-]".into(),
+        ));
+    }
+    parsed.set_path("/postgres");
+    let admin = Database::connect(parsed.as_str()).await?;
+    let exists = admin
+        .query_one_raw(sea_orm::Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT 1 AS one FROM pg_database WHERE datname = $1",
+            [name.clone().into()],
+        ))
+        .await?
+        .is_some();
+    if !exists {
+        let created = admin
+            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+            .await;
+        // Another replica may have created it at the same time.
+        if let Err(err) = created
+            && !err.to_string().contains("already exists")
+        {
+            return Err(err);
+        }
+        tracing::info!(database = %name, "created database");
+    }
+    admin.close().await?;
+    Ok(())
+}
+
+/// Creates the database when missing and applies every pending migration of `M`.
+pub async fn migrate<M: MigratorTrait>(config: &DatabaseConfig) -> Result<(), DbErr> {
+    ensure_database(config.url.expose()).await?;
+    let db = connect(config).await?;
+    M::up(&db, None).await?;
+    db.close().await?;
+    Ok(())
+}
+
+/// Whether the database answers a trivial query.
+pub async fn ping(db: &DatabaseConnection) -> bool {
+    db.ping().await.is_ok()
+}

@@ -1,0 +1,31 @@
+//! usher-kit: what every Usher service shares.
+//!
+//! - [`config`]: layered figment configuration and the common sections;
+//! - [`telemetry`]: JSON logs with request ids, and Prometheus metrics;
+//! - [`server`]: the gRPC server stack (health, reflection, limits, shutdown);
+//! - [`error`]: one error type mapped to `tonic::Status` with stable reasons;
+//! - [`clock`]: time as a parameter;
+//! - [`db`], [`redis`], [`amqp`], [`outbox`]: the stores and the broker;
+//! - [`principal`]: the caller's identity, asserted by the gateway and verified here.
+
+pub mod amqp;
+pub mod authz;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod email;
+pub mod error;
+pub mod events;
+pub mod health;
+pub mod outbox;
+pub mod pagination;
+pub mod principal;
+pub mod redis;
+pub mod runtime;
+pub mod seal;
+pub mod server;
+pub mod sessions;
+pub mod telemetry;
+pub mod testing;
+pub mod tokens;

@@ -1,0 +1,492 @@
+//! The gRPC server every service runs: health (`grpc.health.v1`), reflection
+//! (v1 and v1alpha, including the health descriptor, switchable off), limits,
+//! the principal guard, and graceful shutdown (health flips to `NOT_SERVING`
+//! first, then the listener closes, then in-flight calls get a grace period).
+
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use futures::future::BoxFuture;
+use http::{Request, Response};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, body::Body, server::NamedService, service::RoutesBuilder};
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::{Layer, Service, ServiceBuilder};
+use tower_http::{
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer},
+};
+use tracing::Level;
+
+use crate::{
+    authz::{Policy, is_infrastructure_path},
+    clock::SharedClock,
+    config::ServerConfig,
+    error::ApiError,
+    principal::{ASSERTION_HEADER, AssertionVerifier, Principal},
+};
+
+/// Verifies the principal assertion of every call and applies the policy
+/// table, so a service refuses calls that did not come through the gateway
+/// (or another service) even if its port is reachable (P16).
+#[derive(Clone, Debug)]
+pub struct CallGuard {
+    policy: Policy,
+    verifier: AssertionVerifier,
+    clock: SharedClock,
+}
+
+impl CallGuard {
+    /// A guard checking `policy` with assertions verified by `verifier`.
+    pub fn new(policy: Policy, verifier: AssertionVerifier, clock: SharedClock) -> Self {
+        Self {
+            policy,
+            verifier,
+            clock,
+        }
+    }
+
+    /// The principal of a call of `path` carrying `assertion`, if allowed.
+    pub fn check(&self, path: &str, assertion: Option<&str>) -> Result<Principal, ApiError> {
+        let unauthenticated = |why: &dyn std::fmt::Display| {
+            tracing::debug!(%path, reason = %why, "call refused");
+            ApiError::rejected(
+                crate::error::Reason::Unauthenticated,
+                "a valid credential is required",
+            )
+        };
+        let token = assertion.ok_or_else(|| unauthenticated(&"missing assertion"))?;
+        let assertion = self
+            .verifier
+            .verify(token, path, self.clock.now())
+            .map_err(|e| unauthenticated(&e))?;
+        self.policy.authorize(path, &assertion.principal)?;
+        Ok(assertion.principal)
+    }
+}
+
+/// The verified caller of a call, put there by the [`CallGuard`].
+pub fn principal<T>(request: &tonic::Request<T>) -> Result<Principal, Status> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| {
+            Status::from(ApiError::rejected(
+                crate::error::Reason::Unauthenticated,
+                "a valid credential is required",
+            ))
+        })
+}
+
+/// A service's gRPC server under construction.
+pub struct ServiceServer {
+    name: &'static str,
+    config: ServerConfig,
+    routes: RoutesBuilder,
+    names: Vec<&'static str>,
+    health: HealthReporter,
+    guard: Option<CallGuard>,
+}
+
+impl std::fmt::Debug for ServiceServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceServer")
+            .field("name", &self.name)
+            .field("services", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServiceServer {
+    /// A server named `name` (e.g. `usher-identity`) with `config`'s limits.
+    pub fn new(name: &'static str, config: &ServerConfig, guard: CallGuard) -> Self {
+        Self::build(name, config, Some(guard))
+    }
+
+    /// A server without the principal guard: only for the gateway, which
+    /// authenticates callers itself and serves no Usher RPC of its own.
+    pub fn without_guard(name: &'static str, config: &ServerConfig) -> Self {
+        Self::build(name, config, None)
+    }
+
+    fn build(name: &'static str, config: &ServerConfig, guard: Option<CallGuard>) -> Self {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let mut routes = RoutesBuilder::default();
+        routes.add_service(health_service);
+        Self {
+            name,
+            config: config.clone(),
+            routes,
+            names: Vec::new(),
+            health,
+            guard,
+        }
+    }
+
+    /// Advertises `name` in health and reflection without serving it here
+    /// (the gateway fronts services that run elsewhere).
+    pub fn advertise(&mut self, name: &'static str) -> &mut Self {
+        self.names.push(name);
+        self
+    }
+
+    /// The health reporter, for readiness probes.
+    pub fn health(&self) -> HealthReporter {
+        self.health.clone()
+    }
+
+    /// The fully-qualified names of the services added so far.
+    pub fn service_names(&self) -> Vec<String> {
+        self.names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    /// Adds a generated tonic service (apply `max_decoding_message_size` with
+    /// [`ServerConfig::max_message_bytes`] first).
+    pub fn add_service<S>(&mut self, service: S) -> &mut Self
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Serves on `listener` until `shutdown` is cancelled. Health starts as
+    /// `NOT_SERVING` for the service names (a readiness watcher flips it) and
+    /// `SERVING` for liveness (the empty name).
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let Self {
+            name,
+            config,
+            mut routes,
+            names,
+            health,
+            guard,
+        } = self;
+        for service in &names {
+            health
+                .set_service_status(*service, ServingStatus::NotServing)
+                .await;
+        }
+        health.set_service_status("", ServingStatus::Serving).await;
+
+        if config.reflection {
+            let mut v1 = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(usher_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name("grpc.health.v1.Health");
+            let mut v1alpha = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(usher_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name("grpc.health.v1.Health");
+            for service in &names {
+                v1 = v1.with_service_name(*service);
+                v1alpha = v1alpha.with_service_name(*service);
+            }
+            routes.add_service(v1.build_v1()?);
+            routes.add_service(v1alpha.build_v1alpha()?);
+        }
+
+        let stack = ServiceBuilder::new()
+            // Give every call a request id (kept when the gateway sent one) so
+            // logs of one call can be joined across services.
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            // Echo the request id to the caller.
+            .layer(PropagateRequestIdLayer::x_request_id())
+            // One span per call with method and request id; outcomes at debug.
+            .layer(
+                TraceLayer::new_for_grpc()
+                    .make_span_with(|request: &Request<Body>| {
+                        let request_id = request
+                            .headers()
+                            .get("x-request-id")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default();
+                        tracing::info_span!("rpc", method = %request.uri().path(), request_id = %request_id)
+                    })
+                    .on_response(DefaultOnResponse::new().level(Level::DEBUG))
+                    .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
+            )
+            // Count and time every call, refused ones included.
+            .layer(MetricsLayer)
+            // Shed load beyond the concurrency limit at once with UNAVAILABLE
+            // instead of queueing without bound (P22).
+            .layer(ShedLayer::new(config.concurrency_limit))
+            // Verify the principal assertion and the RPC's access rule.
+            .option_layer(guard.map(|guard| GuardLayer { guard: Arc::new(guard) }))
+            .into_inner();
+
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server = tonic::transport::Server::builder()
+            // The deadline of a call that carries none (and the cap of those that do).
+            .timeout(config.request_timeout())
+            .max_concurrent_streams(config.max_concurrent_streams)
+            .http2_keepalive_interval(Some(Duration::from_secs(config.keepalive_interval_secs)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(stack)
+            .add_routes(routes.routes());
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serving = server.serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        });
+        tokio::pin!(serving);
+        tokio::select! {
+            result = &mut serving => return result.map_err(Into::into),
+            () = shutdown.cancelled() => {}
+        }
+        tracing::info!(service = name, "shutting down: not serving");
+        for service in &names {
+            health
+                .set_service_status(*service, ServingStatus::NotServing)
+                .await;
+        }
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        let drain = Duration::from_millis(config.shutdown_drain_ms);
+        // Keep answering while load balancers notice NOT_SERVING.
+        let drained = tokio::time::timeout(drain, &mut serving).await;
+        if let Ok(result) = drained {
+            return result.map_err(Into::into);
+        }
+        let _ = stop_tx.send(());
+        match tokio::time::timeout(Duration::from_millis(config.shutdown_grace_ms), serving).await {
+            Ok(result) => result.map_err(Into::into),
+            Err(_) => {
+                tracing::warn!(service = name, "grace period over, closing remaining calls");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A token cancelled by SIGTERM or Ctrl-C.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let child = token.clone();
+    tokio::spawn(async move {
+        termination_signal().await;
+        child.cancel();
+    });
+    token
+}
+
+/// Layer of [`GuardService`].
+#[derive(Clone, Debug)]
+struct GuardLayer {
+    guard: Arc<CallGuard>,
+}
+
+impl<S> Layer<S> for GuardLayer {
+    type Service = GuardService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        GuardService {
+            inner,
+            guard: self.guard.clone(),
+        }
+    }
+}
+
+/// Refuses calls without a valid assertion or access; passes the principal on.
+#[derive(Clone, Debug)]
+struct GuardService<S> {
+    inner: S,
+    guard: Arc<CallGuard>,
+}
+
+impl<S, B> Service<Request<B>> for GuardService<S>
+where
+    S: Service<Request<B>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        if !is_infrastructure_path(&path) {
+            let assertion = request
+                .headers()
+                .get(ASSERTION_HEADER)
+                .and_then(|v| v.to_str().ok());
+            match self.guard.check(&path, assertion) {
+                Ok(principal) => {
+                    request.extensions_mut().insert(principal);
+                }
+                Err(err) => {
+                    let status = Status::from(err);
+                    return Box::pin(async move { Ok(status.into_http()) });
+                }
+            }
+        }
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(inner.call(request))
+    }
+}
+
+/// Layer of [`ShedService`].
+#[derive(Clone, Debug)]
+pub struct ShedLayer {
+    permits: Arc<Semaphore>,
+}
+
+impl ShedLayer {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(limit)),
+        }
+    }
+}
+
+impl<S> Layer<S> for ShedLayer {
+    type Service = ShedService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        ShedService {
+            inner,
+            permits: self.permits.clone(),
+        }
+    }
+}
+
+/// Answers `UNAVAILABLE` at once when `limit` calls are already in flight.
+#[derive(Clone, Debug)]
+pub struct ShedService<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+}
+
+impl<S, B> Service<Request<B>> for ShedService<S>
+where
+    S: Service<Request<B>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            metrics::counter!("usher_grpc_shed_total").increment(1);
+            return Box::pin(async {
+                Ok(Status::unavailable("server overloaded, retry shortly").into_http())
+            });
+        };
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let response = inner.call(request).await;
+            drop(permit);
+            response
+        })
+    }
+}
+
+/// Layer of [`MetricsService`].
+#[derive(Clone, Copy, Debug)]
+pub struct MetricsLayer;
+
+impl<S> Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService { inner }
+    }
+}
+
+/// Counts calls by method and status and records their latency. Unary
+/// errors travel as trailers-only responses, so the status is read from the
+/// response headers; a response without one is counted as `0` (OK).
+#[derive(Clone, Debug)]
+pub struct MetricsService<S> {
+    inner: S,
+}
+
+impl<S, B, RB> Service<Request<B>> for MetricsService<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<RB>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let method = request.uri().path().to_owned();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let started = Instant::now();
+        Box::pin(async move {
+            let response = inner.call(request).await;
+            let code = match &response {
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("0")
+                    .to_owned(),
+                Err(_) => "error".to_owned(),
+            };
+            metrics::counter!("usher_grpc_requests_total", "method" => method.clone(), "code" => code)
+                .increment(1);
+            metrics::histogram!("usher_grpc_request_duration_seconds", "method" => method)
+                .record(started.elapsed().as_secs_f64());
+            response
+        })
+    }
+}
