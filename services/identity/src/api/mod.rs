@@ -1,0 +1,90 @@
+//! The gRPC handlers of usher-identity: each decodes and validates a request,
+//! calls the domain and store, and maps errors to `Status` (CONVENTIONS #3).
+//! The account of a call always comes from the verified principal (P14).
+
+use std::sync::Arc;
+
+use tonic::{Request, Status};
+use usher_kit::{error::ApiError, principal::Principal};
+
+use crate::state::Identity;
+
+pub mod accounts;
+pub mod convert;
+pub mod validate;
+
+/// The handlers of every identity RPC.
+#[derive(Clone, Debug)]
+pub struct IdentityApi {
+    state: Arc<Identity>,
+}
+
+impl IdentityApi {
+    /// Handlers over `state`.
+    pub fn new(state: Arc<Identity>) -> Self {
+        Self { state }
+    }
+}
+
+/// What every handler knows about its call.
+#[derive(Clone, Debug)]
+pub struct Call {
+    /// The verified caller.
+    pub principal: Principal,
+    /// The request id (for the audit log and logs).
+    pub request_id: String,
+}
+
+/// The verified caller and request id of `request`.
+pub fn call<T>(request: &Request<T>) -> Result<Call, Status> {
+    let principal = usher_kit::server::principal(request)?;
+    let request_id = request
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .chars()
+        .take(64)
+        .collect();
+    Ok(Call {
+        principal,
+        request_id,
+    })
+}
+
+/// Maps a domain error to the wire.
+pub fn status(err: ApiError) -> Status {
+    err.into()
+}
+
+use usher_proto::identity::internal::v1 as internal;
+
+pub mod audit;
+pub mod auth;
+pub mod directory;
+pub mod roles;
+pub mod teams;
+pub mod users;
+
+/// The paths of a required `update_mask`, each one of `allowed`.
+pub fn mask_paths(
+    mask: Option<&prost_types::FieldMask>,
+    allowed: &[&str],
+) -> Result<Vec<String>, ApiError> {
+    let paths = mask.map(|m| m.paths.clone()).unwrap_or_default();
+    if paths.is_empty() {
+        return Err(ApiError::invalid(
+            "update_mask",
+            "must name at least one field",
+        ));
+    }
+    for (index, path) in paths.iter().enumerate() {
+        if !allowed.contains(&path.as_str()) {
+            return Err(ApiError::invalid(
+                format!("update_mask.paths[{index}]"),
+                format!("must be one of {}", allowed.join(", ")),
+            ));
+        }
+    }
+    Ok(paths)
+}

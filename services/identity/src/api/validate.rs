@@ -1,0 +1,69 @@
+//! Input rules shared by several RPCs (users created directly, invitees
+//! reserved by the invitation service).
+
+use std::collections::BTreeSet;
+
+use serde_json::Value as Json;
+use usher_kit::error::{ApiError, ApiResult, Reason};
+
+use super::convert;
+use crate::store::entities::account;
+
+/// Most products one user may be granted.
+pub const MAX_PRODUCTS: usize = 50;
+/// Largest platform metadata, as encoded JSON.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+/// Product codes, trimmed and deduplicated; empty codes are refused.
+pub fn validate_products(field: &str, products: &[String]) -> ApiResult<Vec<String>> {
+    if products.len() > MAX_PRODUCTS {
+        return Err(ApiError::invalid(
+            field,
+            format!("must hold at most {MAX_PRODUCTS} products"),
+        ));
+    }
+    let mut codes = BTreeSet::new();
+    for (index, code) in products.iter().enumerate() {
+        let code = code.trim();
+        if code.is_empty() {
+            return Err(ApiError::invalid(
+                format!("{field}[{index}]"),
+                "must not be empty",
+            ));
+        }
+        codes.insert(code.to_owned());
+    }
+    Ok(codes.into_iter().collect())
+}
+
+/// Platform metadata as JSON, at most [`MAX_METADATA_BYTES`] once encoded; an
+/// absent or empty struct is `None`.
+pub fn validate_metadata(
+    field: &str,
+    metadata: Option<&prost_types::Struct>,
+) -> ApiResult<Option<Json>> {
+    let Some(metadata) = metadata.filter(|m| !m.fields.is_empty()) else {
+        return Ok(None);
+    };
+    let json = convert::struct_to_json(metadata);
+    let size = serde_json::to_vec(&json).map_or(usize::MAX, |bytes| bytes.len());
+    if size > MAX_METADATA_BYTES {
+        return Err(ApiError::invalid(
+            field,
+            format!("must be at most {MAX_METADATA_BYTES} bytes as JSON"),
+        ));
+    }
+    Ok(Some(json))
+}
+
+/// Refuses products the account has not enabled.
+pub fn require_enabled(account: &account::Model, products: &[String]) -> ApiResult<()> {
+    let enabled = convert::strings(&account.products);
+    match products.iter().find(|p| !enabled.contains(p)) {
+        Some(missing) => Err(ApiError::rejected(
+            Reason::ProductNotEnabled,
+            format!("product {missing} is not enabled on the account"),
+        )),
+        None => Ok(()),
+    }
+}

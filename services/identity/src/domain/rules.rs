@@ -1,0 +1,122 @@
+//! The account's standing rules: the owner is protected, and every account
+//! keeps at least one active user who can manage users. The store evaluates
+//! them inside a transaction that locks the account row, so two concurrent
+//! changes (two admins demoting each other) are checked one after the other.
+
+use usher_kit::error::{ApiError, ApiResult, Reason};
+
+/// What a change does to a user, as far as the rules care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ManagerChange {
+    /// The user is the account's owner.
+    pub owner: bool,
+    /// Before the change: active and holding `users.manage`.
+    pub manager_before: bool,
+    /// After the change: active and holding `users.manage` (false when deleted).
+    pub manager_after: bool,
+}
+
+/// The kind of change an admin makes to another user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnerAction {
+    /// Editing details (name, locale, products, metadata, team).
+    Edit,
+    /// Changing the role.
+    ChangeRole,
+    /// Deactivating.
+    Deactivate,
+    /// Deleting.
+    Delete,
+}
+
+/// Refuses actions on the owner by someone else; the owner may edit their own
+/// details but never demote, deactivate or delete themselves.
+pub fn check_owner(
+    target_is_owner: bool,
+    actor_is_target: bool,
+    action: OwnerAction,
+) -> ApiResult<()> {
+    if !target_is_owner {
+        return Ok(());
+    }
+    match action {
+        OwnerAction::Edit if actor_is_target => Ok(()),
+        OwnerAction::Edit => Err(ApiError::rejected(
+            Reason::OwnerProtected,
+            "the account owner's details can only be changed by the owner",
+        )),
+        OwnerAction::ChangeRole => Err(ApiError::rejected(
+            Reason::OwnerProtected,
+            "the account owner's role cannot change",
+        )),
+        OwnerAction::Deactivate => Err(ApiError::rejected(
+            Reason::OwnerProtected,
+            "the account owner cannot be deactivated",
+        )),
+        OwnerAction::Delete => Err(ApiError::rejected(
+            Reason::OwnerProtected,
+            "the account owner cannot be deleted",
+        )),
+    }
+}
+
+/// Refuses a set of changes that would leave the account with no active
+/// manager, given how many there are now.
+pub fn check_managers_remain(managers_now: u64, changes: &[ManagerChange]) -> ApiResult<()> {
+    let lost = changes
+        .iter()
+        .filter(|c| c.manager_before && !c.manager_after)
+        .count() as u64;
+    let gained = changes
+        .iter()
+        .filter(|c| !c.manager_before && c.manager_after)
+        .count() as u64;
+    if managers_now + gained <= lost {
+        return Err(ApiError::rejected(
+            Reason::LastManager,
+            "the account must keep at least one active user who can manage users",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(before: bool, after: bool) -> ManagerChange {
+        ManagerChange {
+            owner: false,
+            manager_before: before,
+            manager_after: after,
+        }
+    }
+
+    #[test]
+    fn the_last_manager_cannot_be_removed_alone_or_in_bulk() {
+        assert!(check_managers_remain(1, &[change(true, false)]).is_err());
+        assert!(check_managers_remain(2, &[change(true, false)]).is_ok());
+        assert!(check_managers_remain(2, &[change(true, false), change(true, false)]).is_err());
+        // Promoting one while demoting another in the same batch keeps one.
+        assert!(check_managers_remain(1, &[change(true, false), change(false, true)]).is_ok());
+        assert!(check_managers_remain(1, &[change(false, false)]).is_ok());
+        let err = check_managers_remain(1, &[change(true, false)]).expect_err("last");
+        assert_eq!(err.reason(), Reason::LastManager);
+    }
+
+    #[test]
+    fn the_owner_is_protected_from_others() {
+        for action in [
+            OwnerAction::Edit,
+            OwnerAction::ChangeRole,
+            OwnerAction::Deactivate,
+            OwnerAction::Delete,
+        ] {
+            let err = check_owner(true, false, action).expect_err("refused");
+            assert_eq!(err.reason(), Reason::OwnerProtected);
+            assert!(check_owner(false, false, action).is_ok());
+        }
+        assert!(check_owner(true, true, OwnerAction::Edit).is_ok());
+        assert!(check_owner(true, true, OwnerAction::Delete).is_err());
+    }
+}

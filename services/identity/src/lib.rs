@@ -1,0 +1,153 @@
+//! usher-identity: accounts, users, roles, teams, sessions, API keys and the
+//! audit log. `main.rs` only parses arguments; `usher dev` and the
+//! integration tests start the service in-process through [`serve`].
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod migration;
+pub mod passwords;
+pub mod state;
+pub mod store;
+#[cfg(test)]
+pub mod testing;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use usher_kit::{
+    amqp::{Amqp, ConfirmedPublisher, EMAIL_EXCHANGE, EVENTS_EXCHANGE, Topology},
+    authz::Policy,
+    clock::SystemClock,
+    health::{self, Probe},
+    outbox::OutboxRelay,
+    redis::Redis,
+    runtime::{self, ServiceDatabase},
+    server::{CallGuard, ServiceServer},
+    sessions::RedisSessionStore,
+    telemetry,
+    tokens::TokenHasher,
+};
+use usher_proto::identity::{internal::v1 as internal, v1 as identity};
+
+pub use config::Config;
+
+/// The service's name in logs, assertions and AMQP connection names.
+pub const SERVICE: &str = "usher-identity";
+
+/// Serves on `config.server.listen` until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = runtime::bind(config.server.listen).await?;
+    serve(config, listener, shutdown).await
+}
+
+/// Creates the database if needed and applies pending migrations.
+pub async fn migrate(config: Config) -> anyhow::Result<()> {
+    usher_kit::db::migrate::<migration::Migrator>(&config.database).await?;
+    Ok(())
+}
+
+/// Serves on `listener` until `shutdown`.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    telemetry::install_metrics(config.server.metrics_listen)?;
+    let clock = SystemClock::shared();
+    let database = ServiceDatabase::start::<migration::Migrator>(
+        &config.database,
+        Duration::from_secs(2),
+        shutdown.clone(),
+    )
+    .await?;
+    let redis = Redis::connect(&config.redis)?;
+    let amqp = Amqp::start(config.amqp.clone(), SERVICE);
+    // The exchanges this service publishes to (re-declared on reconnect).
+    amqp.declare(
+        Topology::new()
+            .topic_exchange(EVENTS_EXCHANGE)
+            .topic_exchange(EMAIL_EXCHANGE),
+    )
+    .await?;
+
+    let tokens = TokenHasher::from_config(&config.tokens)?;
+    let sessions = Arc::new(RedisSessionStore::new(
+        redis.clone(),
+        config.sessions.clone(),
+        tokens.clone(),
+        clock.clone(),
+    ));
+    let state = Arc::new(state::Identity {
+        db: database.connection.clone(),
+        clock: clock.clone(),
+        passwords: passwords::PasswordHasher::new(&config.passwords),
+        password_policy: config.passwords.policy(),
+        sessions,
+        tokens,
+        settings: Arc::new(state::Settings::from_config(&config)),
+        redis: redis.clone(),
+        sealer: usher_kit::seal::Sealer::from_config(&config.seal)?,
+    });
+    let relay = OutboxRelay::new(
+        database.connection.clone(),
+        Arc::new(ConfirmedPublisher::new(amqp.clone())),
+        shutdown.clone(),
+    );
+    tokio::spawn(relay.run());
+
+    let guard = CallGuard::new(
+        Policy::from_contracts()?,
+        config.assertion.verifier()?,
+        clock,
+    );
+    let mut server = ServiceServer::new(SERVICE, &config.server, guard);
+    let limit = config.server.max_message_bytes;
+    let api = api::IdentityApi::new(state);
+    server
+        .add_service(
+            identity::account_service_server::AccountServiceServer::new(api.clone())
+                .max_decoding_message_size(limit),
+        )
+        .add_service(
+            identity::auth_service_server::AuthServiceServer::new(api.clone())
+                .max_decoding_message_size(limit),
+        )
+        .add_service(
+            identity::user_service_server::UserServiceServer::new(api.clone())
+                .max_decoding_message_size(limit),
+        )
+        .add_service(
+            identity::role_service_server::RoleServiceServer::new(api.clone())
+                .max_decoding_message_size(limit),
+        )
+        .add_service(
+            identity::team_service_server::TeamServiceServer::new(api.clone())
+                .max_decoding_message_size(limit),
+        )
+        .add_service(
+            identity::audit_service_server::AuditServiceServer::new(api.clone())
+                .max_decoding_message_size(limit),
+        )
+        .add_service(
+            internal::directory_service_server::DirectoryServiceServer::new(api)
+                .max_decoding_message_size(limit),
+        );
+
+    health::watch(
+        server.health(),
+        server.service_names(),
+        vec![
+            database.probe(),
+            Probe::redis(redis),
+            Probe::amqp(amqp.clone()),
+        ],
+        Duration::from_secs(1),
+        shutdown.clone(),
+    );
+    tracing::info!(listen = %config.server.listen, "usher-identity serving");
+    let served = server.serve(listener, shutdown).await;
+    amqp.close().await;
+    served
+}

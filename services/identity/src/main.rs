@@ -1,0 +1,12 @@
+//! `usher-identity [serve|migrate|check-config] [--config FILE]`.
+
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    usher_kit::cli::main::<usher_identity::Config, _, _, _, _>(
+        usher_identity::run,
+        usher_identity::migrate,
+    )
+    .await
+}

@@ -1,0 +1,154 @@
+//! Accounts, their subscription and the product catalogue.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
+    QuerySelect, Set,
+};
+use usher_kit::error::{ApiError, ApiResult};
+use uuid::Uuid;
+
+use super::entities::{account, product, role, user};
+use crate::domain::{ADMIN_ROLE, USER_ROLE, UserStatus, admin_permissions, user_permissions};
+
+/// The account `id`, or the one `NOT_FOUND`.
+pub async fn find<C: ConnectionTrait>(db: &C, id: Uuid) -> ApiResult<account::Model> {
+    account::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .ok_or_else(|| ApiError::not_found("account"))
+}
+
+/// The account `id`, locked until the end of the caller's transaction: every
+/// change that counts seats or managers takes this lock first, so concurrent
+/// changes to one account are checked one after the other (no-op on SQLite,
+/// whose writers are serialised anyway).
+pub async fn lock<C: ConnectionTrait>(db: &C, id: Uuid) -> ApiResult<account::Model> {
+    let query = account::Entity::find_by_id(id);
+    let query = if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        query.lock_exclusive()
+    } else {
+        query
+    };
+    query
+        .one(db)
+        .await?
+        .ok_or_else(|| ApiError::not_found("account"))
+}
+
+/// Seats in use: ACTIVE and INVITED users.
+pub async fn seats_used<C: ConnectionTrait>(db: &C, account_id: Uuid) -> ApiResult<u64> {
+    Ok(user::Entity::find()
+        .filter(user::Column::AccountId.eq(account_id))
+        .filter(
+            user::Column::Status.is_in([UserStatus::Active.as_str(), UserStatus::Invited.as_str()]),
+        )
+        .count(db)
+        .await?)
+}
+
+/// The registered products among `codes`, in the order given; the first
+/// unknown code is an error on `field[i]`.
+pub async fn require_products<C: ConnectionTrait>(
+    db: &C,
+    field: &str,
+    codes: &[String],
+) -> ApiResult<Vec<product::Model>> {
+    let found = product::Entity::find()
+        .filter(product::Column::Code.is_in(codes.iter().cloned()))
+        .all(db)
+        .await?;
+    let mut ordered = Vec::with_capacity(codes.len());
+    for (index, code) in codes.iter().enumerate() {
+        match found.iter().find(|p| &p.code == code) {
+            Some(product) => ordered.push(product.clone()),
+            None => {
+                return Err(ApiError::invalid(
+                    format!("{field}[{index}]"),
+                    "is not a registered product",
+                ));
+            }
+        }
+    }
+    Ok(ordered)
+}
+
+/// The permission names a product adds.
+pub fn product_permission_names(product: &product::Model) -> Vec<String> {
+    product
+        .permissions
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|p| p.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Creates the built-in roles of a new account; returns (admin, user).
+pub async fn create_built_in_roles<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    now: DateTime<Utc>,
+) -> ApiResult<(role::Model, role::Model)> {
+    let make = |name: &str, description: &str, permissions: Vec<String>| role::ActiveModel {
+        id: Set(Uuid::new_v4()),
+        account_id: Set(account_id),
+        name: Set(name.to_owned()),
+        description: Set(description.to_owned()),
+        permissions: Set(crate::api::convert::json_strings(permissions)),
+        built_in: Set(true),
+        create_time: Set(now),
+        update_time: Set(now),
+    };
+    let admin = make(
+        ADMIN_ROLE,
+        "Manages users, roles, teams and account settings",
+        admin_permissions(std::iter::empty()),
+    )
+    .insert(db)
+    .await?;
+    let user = make(USER_ROLE, "Uses the product", user_permissions())
+        .insert(db)
+        .await?;
+    Ok((admin, user))
+}
+
+/// Whether a slug is taken.
+pub async fn slug_taken<C: ConnectionTrait>(db: &C, slug: &str) -> ApiResult<bool> {
+    Ok(account::Entity::find()
+        .filter(account::Column::Slug.eq(slug))
+        .select_only()
+        .column(account::Column::Id)
+        .into_tuple::<Uuid>()
+        .one(db)
+        .await?
+        .is_some())
+}
+
+/// The permissions `role` grants in its account: the built-in Admin holds
+/// the catalogue plus every permission of the account's enabled products
+/// (computed, so enabling a product needs no role rewrite); any other role
+/// holds what it lists.
+pub async fn effective_permissions<C: ConnectionTrait>(
+    db: &C,
+    role: &role::Model,
+) -> ApiResult<Vec<String>> {
+    let listed = crate::api::convert::strings(&role.permissions);
+    if !(role.built_in && role.name == ADMIN_ROLE) {
+        return Ok(listed);
+    }
+    let account = find(db, role.account_id).await?;
+    let codes = crate::api::convert::strings(&account.products);
+    let products = product::Entity::find()
+        .filter(product::Column::Code.is_in(codes))
+        .all(db)
+        .await?;
+    let mut all = admin_permissions(products.iter().flat_map(product_permission_names));
+    all.extend(listed);
+    all.sort();
+    all.dedup();
+    Ok(all)
+}

@@ -1,0 +1,423 @@
+//! The identity schema. Written with sea-orm-migration's builder so it runs on
+//! PostgreSQL and, for `usher dev`, SQLite; the substring-search index
+//! (`pg_trgm`) is PostgreSQL only.
+
+use sea_orm_migration::{prelude::*, schema::*, sea_orm::DbBackend};
+
+/// Creates every identity table.
+#[derive(Debug)]
+pub struct CreateIdentitySchema;
+
+impl MigrationName for CreateIdentitySchema {
+    fn name(&self) -> &str {
+        "m20260102_000001_create_identity_schema"
+    }
+}
+
+#[derive(DeriveIden)]
+enum Accounts {
+    Table,
+    Id,
+    Name,
+    Slug,
+    DefaultLocale,
+    OwnerUserId,
+    SeatLimit,
+    Products,
+    AllowedEmailDomains,
+    InvitationLifetimeSecs,
+    CreateTime,
+    UpdateTime,
+}
+
+#[derive(DeriveIden)]
+enum Products {
+    Table,
+    Code,
+    DisplayName,
+    Permissions,
+    CreateTime,
+    UpdateTime,
+}
+
+#[derive(DeriveIden)]
+enum Roles {
+    Table,
+    Id,
+    AccountId,
+    Name,
+    Description,
+    Permissions,
+    BuiltIn,
+    CreateTime,
+    UpdateTime,
+}
+
+#[derive(DeriveIden)]
+enum Teams {
+    Table,
+    Id,
+    AccountId,
+    Name,
+    Description,
+    CreateTime,
+    UpdateTime,
+}
+
+#[derive(DeriveIden)]
+enum Users {
+    Table,
+    Id,
+    AccountId,
+    Email,
+    EmailCanonical,
+    Username,
+    DisplayName,
+    SearchText,
+    Status,
+    RoleId,
+    TeamId,
+    Products,
+    Locale,
+    Metadata,
+    Owner,
+    Origin,
+    PasswordHash,
+    PasswordChangeRequired,
+    InvitationId,
+    InvitedBy,
+    CreateTime,
+    UpdateTime,
+    ActivateTime,
+    DeactivateTime,
+    LastSignInTime,
+}
+
+#[derive(DeriveIden)]
+enum ApiKeys {
+    Table,
+    Id,
+    AccountId,
+    Name,
+    SecretHash,
+    SecretPrefix,
+    Permissions,
+    Platform,
+    CreatorUserId,
+    CreateTime,
+    ExpireTime,
+    LastUseTime,
+    RevokeTime,
+}
+
+#[derive(DeriveIden)]
+enum PasswordResets {
+    Table,
+    Id,
+    AccountId,
+    UserId,
+    TokenHash,
+    ExpireTime,
+    UseTime,
+    CreateTime,
+}
+
+#[derive(DeriveIden)]
+enum AuditEvents {
+    Table,
+    Id,
+    AccountId,
+    EventTime,
+    ActorKind,
+    ActorId,
+    ActorName,
+    Action,
+    TargetType,
+    TargetId,
+    TargetName,
+    Details,
+    RequestId,
+    ClientIp,
+}
+
+#[derive(DeriveIden)]
+enum IdempotencyKeys {
+    Table,
+    Scope,
+    RequestId,
+    RequestHash,
+    Response,
+    CreateTime,
+}
+
+fn now() -> Expr {
+    Expr::current_timestamp()
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for CreateIdentitySchema {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Accounts::Table)
+                    .if_not_exists()
+                    .col(pk_uuid(Accounts::Id))
+                    .col(string(Accounts::Name))
+                    .col(string_uniq(Accounts::Slug))
+                    .col(string(Accounts::DefaultLocale))
+                    .col(uuid_null(Accounts::OwnerUserId))
+                    .col(integer(Accounts::SeatLimit))
+                    .col(json_binary(Accounts::Products))
+                    .col(json_binary(Accounts::AllowedEmailDomains))
+                    .col(integer_null(Accounts::InvitationLifetimeSecs))
+                    .col(timestamp_with_time_zone(Accounts::CreateTime).default(now()))
+                    .col(timestamp_with_time_zone(Accounts::UpdateTime).default(now()))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Products::Table)
+                    .if_not_exists()
+                    .col(string(Products::Code).primary_key())
+                    .col(string(Products::DisplayName))
+                    .col(json_binary(Products::Permissions))
+                    .col(timestamp_with_time_zone(Products::CreateTime).default(now()))
+                    .col(timestamp_with_time_zone(Products::UpdateTime).default(now()))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Roles::Table)
+                    .if_not_exists()
+                    .col(pk_uuid(Roles::Id))
+                    .col(uuid(Roles::AccountId))
+                    .col(string(Roles::Name))
+                    .col(string(Roles::Description).default(""))
+                    .col(json_binary(Roles::Permissions))
+                    .col(boolean(Roles::BuiltIn).default(false))
+                    .col(timestamp_with_time_zone(Roles::CreateTime).default(now()))
+                    .col(timestamp_with_time_zone(Roles::UpdateTime).default(now()))
+                    .foreign_key(
+                        ForeignKey::create()
+                            .from(Roles::Table, Roles::AccountId)
+                            .to(Accounts::Table, Accounts::Id)
+                            .on_delete(ForeignKeyAction::Cascade),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Teams::Table)
+                    .if_not_exists()
+                    .col(pk_uuid(Teams::Id))
+                    .col(uuid(Teams::AccountId))
+                    .col(string(Teams::Name))
+                    .col(string(Teams::Description).default(""))
+                    .col(timestamp_with_time_zone(Teams::CreateTime).default(now()))
+                    .col(timestamp_with_time_zone(Teams::UpdateTime).default(now()))
+                    .foreign_key(
+                        ForeignKey::create()
+                            .from(Teams::Table, Teams::AccountId)
+                            .to(Accounts::Table, Accounts::Id)
+                            .on_delete(ForeignKeyAction::Cascade),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Users::Table)
+                    .if_not_exists()
+                    .col(pk_uuid(Users::Id))
+                    .col(uuid(Users::AccountId))
+                    .col(string_null(Users::Email))
+                    .col(string_null(Users::EmailCanonical))
+                    .col(string_null(Users::Username))
+                    .col(string(Users::DisplayName).default(""))
+                    // Lower-cased display name, email and username: the
+                    // substring search runs on it (trigram index).
+                    .col(text(Users::SearchText).default(""))
+                    .col(string(Users::Status))
+                    .col(uuid(Users::RoleId))
+                    .col(uuid_null(Users::TeamId))
+                    .col(json_binary(Users::Products))
+                    .col(string(Users::Locale).default(""))
+                    .col(json_binary_null(Users::Metadata))
+                    .col(boolean(Users::Owner).default(false))
+                    .col(string(Users::Origin))
+                    .col(text_null(Users::PasswordHash))
+                    .col(boolean(Users::PasswordChangeRequired).default(false))
+                    .col(uuid_null(Users::InvitationId))
+                    .col(string_null(Users::InvitedBy))
+                    .col(timestamp_with_time_zone(Users::CreateTime).default(now()))
+                    .col(timestamp_with_time_zone(Users::UpdateTime).default(now()))
+                    .col(timestamp_with_time_zone_null(Users::ActivateTime))
+                    .col(timestamp_with_time_zone_null(Users::DeactivateTime))
+                    .col(timestamp_with_time_zone_null(Users::LastSignInTime))
+                    .foreign_key(
+                        ForeignKey::create()
+                            .from(Users::Table, Users::AccountId)
+                            .to(Accounts::Table, Accounts::Id)
+                            .on_delete(ForeignKeyAction::Cascade),
+                    )
+                    .foreign_key(
+                        ForeignKey::create()
+                            .from(Users::Table, Users::RoleId)
+                            .to(Roles::Table, Roles::Id)
+                            .on_delete(ForeignKeyAction::Restrict),
+                    )
+                    .foreign_key(
+                        ForeignKey::create()
+                            .from(Users::Table, Users::TeamId)
+                            .to(Teams::Table, Teams::Id)
+                            .on_delete(ForeignKeyAction::SetNull),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(ApiKeys::Table)
+                    .if_not_exists()
+                    .col(pk_uuid(ApiKeys::Id))
+                    .col(uuid_null(ApiKeys::AccountId))
+                    .col(string(ApiKeys::Name))
+                    .col(string_uniq(ApiKeys::SecretHash))
+                    .col(string(ApiKeys::SecretPrefix))
+                    .col(json_binary(ApiKeys::Permissions))
+                    .col(boolean(ApiKeys::Platform).default(false))
+                    .col(uuid_null(ApiKeys::CreatorUserId))
+                    .col(timestamp_with_time_zone(ApiKeys::CreateTime).default(now()))
+                    .col(timestamp_with_time_zone_null(ApiKeys::ExpireTime))
+                    .col(timestamp_with_time_zone_null(ApiKeys::LastUseTime))
+                    .col(timestamp_with_time_zone_null(ApiKeys::RevokeTime))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(PasswordResets::Table)
+                    .if_not_exists()
+                    .col(pk_uuid(PasswordResets::Id))
+                    .col(uuid(PasswordResets::AccountId))
+                    .col(uuid(PasswordResets::UserId))
+                    .col(string_uniq(PasswordResets::TokenHash))
+                    .col(timestamp_with_time_zone(PasswordResets::ExpireTime))
+                    .col(timestamp_with_time_zone_null(PasswordResets::UseTime))
+                    .col(timestamp_with_time_zone(PasswordResets::CreateTime).default(now()))
+                    .foreign_key(
+                        ForeignKey::create()
+                            .from(PasswordResets::Table, PasswordResets::UserId)
+                            .to(Users::Table, Users::Id)
+                            .on_delete(ForeignKeyAction::Cascade),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(AuditEvents::Table)
+                    .if_not_exists()
+                    .col(pk_uuid(AuditEvents::Id))
+                    .col(uuid(AuditEvents::AccountId))
+                    .col(timestamp_with_time_zone(AuditEvents::EventTime))
+                    .col(string(AuditEvents::ActorKind))
+                    .col(string(AuditEvents::ActorId))
+                    .col(string(AuditEvents::ActorName))
+                    .col(string(AuditEvents::Action))
+                    .col(string(AuditEvents::TargetType))
+                    .col(string(AuditEvents::TargetId))
+                    .col(string(AuditEvents::TargetName))
+                    .col(json_binary_null(AuditEvents::Details))
+                    .col(string(AuditEvents::RequestId).default(""))
+                    .col(string(AuditEvents::ClientIp).default(""))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(IdempotencyKeys::Table)
+                    .if_not_exists()
+                    .col(string(IdempotencyKeys::Scope))
+                    .col(string(IdempotencyKeys::RequestId))
+                    .col(string(IdempotencyKeys::RequestHash))
+                    .col(blob(IdempotencyKeys::Response))
+                    .col(timestamp_with_time_zone(IdempotencyKeys::CreateTime).default(now()))
+                    .primary_key(
+                        Index::create()
+                            .col(IdempotencyKeys::Scope)
+                            .col(IdempotencyKeys::RequestId),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+
+        let db = manager.get_connection();
+        // Partial unique indexes and keyset-pagination indexes; the same SQL
+        // runs on PostgreSQL and SQLite.
+        for sql in [
+            "CREATE UNIQUE INDEX IF NOT EXISTS users_account_email ON users (account_id, email_canonical) WHERE email_canonical IS NOT NULL",
+            "CREATE UNIQUE INDEX IF NOT EXISTS users_account_username ON users (account_id, username) WHERE username IS NOT NULL",
+            // One index per ListUsers order, matching its keyset exactly.
+            "CREATE INDEX IF NOT EXISTS users_account_name ON users (account_id, owner, lower(display_name), id)",
+            "CREATE INDEX IF NOT EXISTS users_account_email_order ON users (account_id, owner, coalesce(email_canonical, username, ''), id)",
+            "CREATE INDEX IF NOT EXISTS users_account_created ON users (account_id, owner, create_time, id)",
+            "CREATE INDEX IF NOT EXISTS users_account_status ON users (account_id, status)",
+            "CREATE INDEX IF NOT EXISTS users_role ON users (role_id)",
+            "CREATE INDEX IF NOT EXISTS users_team ON users (team_id)",
+            "CREATE UNIQUE INDEX IF NOT EXISTS users_invitation ON users (invitation_id) WHERE invitation_id IS NOT NULL",
+            "CREATE UNIQUE INDEX IF NOT EXISTS roles_account_name ON roles (account_id, lower(name))",
+            "CREATE UNIQUE INDEX IF NOT EXISTS teams_account_name ON teams (account_id, lower(name))",
+            "CREATE INDEX IF NOT EXISTS api_keys_account ON api_keys (account_id, create_time)",
+            "CREATE INDEX IF NOT EXISTS audit_events_account_time ON audit_events (account_id, event_time, id)",
+            "CREATE INDEX IF NOT EXISTS password_resets_user ON password_resets (user_id)",
+        ] {
+            db.execute_unprepared(sql).await?;
+        }
+        if db.get_database_backend() == DbBackend::Postgres {
+            db.execute_unprepared("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+                .await?;
+            db.execute_unprepared(
+                "CREATE INDEX IF NOT EXISTS users_search_trgm ON users USING gin (search_text gin_trgm_ops)",
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        for table in [
+            "idempotency_keys",
+            "audit_events",
+            "password_resets",
+            "api_keys",
+            "users",
+            "teams",
+            "roles",
+            "products",
+            "accounts",
+        ] {
+            manager
+                .drop_table(
+                    Table::drop()
+                        .table(Alias::new(table))
+                        .if_exists()
+                        .to_owned(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
