@@ -1,0 +1,12 @@
+//! `usher-notification [serve|migrate|check-config] [--config FILE]`.
+
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    usher_kit::cli::main::<usher_notification::Config, _, _, _, _>(
+        usher_notification::run,
+        usher_notification::migrate,
+    )
+    .await
+}

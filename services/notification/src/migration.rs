@@ -1,0 +1,14 @@
+//! The notification database's migrations, applied by `usher-notification migrate`
+//! (or at start with `database.migrate_on_start`).
+
+use sea_orm_migration::{MigrationTrait, MigratorTrait};
+
+/// Every migration of the notification database, oldest first.
+#[derive(Debug)]
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![usher_kit::outbox::migration()]
+    }
+}
