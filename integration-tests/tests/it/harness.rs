@@ -1,0 +1,338 @@
+//! Starts the real binaries on free ports, each test with its own database,
+//! Redis key prefix and RabbitMQ vhost, and tears them down afterwards.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use tokio::process::{Child, Command};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// The local servers the tests use (see `deploy/local/services.sh`).
+pub const POSTGRES: &str = "127.0.0.1:5432";
+/// The shared RabbitMQ.
+pub const RABBITMQ_HOST: &str = "127.0.0.1:5672";
+
+/// A binary of the workspace, next to this test binary's `deps/` folder.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Resources isolated for one test: database names, a Redis prefix, a vhost.
+pub struct Isolation {
+    /// Unique id of the test run.
+    pub id: String,
+    /// The RabbitMQ vhost of the test.
+    pub vhost: String,
+    databases: Vec<String>,
+}
+
+impl Isolation {
+    /// Creates the vhost; databases are created by the services themselves.
+    pub fn new() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let vhost = format!("usher-it-{id}");
+        rabbitmqctl(&["add_vhost", &vhost]);
+        rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+        Self {
+            id,
+            vhost,
+            databases: Vec::new(),
+        }
+    }
+
+    /// A fresh database name for `service`, dropped at teardown.
+    pub fn database(&mut self, service: &str) -> String {
+        let name = format!("usher_it_{}_{service}", self.id);
+        self.databases.push(name.clone());
+        name
+    }
+
+    /// The AMQP URL of the test's vhost.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@{RABBITMQ_HOST}/{}", self.vhost)
+    }
+
+    /// The Redis key prefix of the test.
+    pub fn redis_prefix(&self) -> String {
+        format!("it:{}:", self.id)
+    }
+}
+
+impl Drop for Isolation {
+    fn drop(&mut self) {
+        rabbitmqctl(&["delete_vhost", &self.vhost]);
+        for db in &self.databases {
+            let _ = std::process::Command::new("psql")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-qAtc",
+                ])
+                .arg(format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("rabbitmqctl runs (deploy/local/services.sh installs it)");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}
+
+/// One running binary.
+pub struct Service {
+    /// The binary's name.
+    pub name: &'static str,
+    /// Its gRPC address.
+    pub grpc: SocketAddr,
+    /// Its metrics address.
+    pub metrics: SocketAddr,
+    child: std::sync::Mutex<Child>,
+}
+
+impl Service {
+    /// Starts `name` with `env` (on top of the test's ports).
+    pub fn start(name: &'static str, env: &[(&str, String)]) -> Self {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log = std::env::var("USHER_IT_LOG").unwrap_or_else(|_| "warn".into());
+        let mut command = Command::new(binary(name));
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("USHER_SERVER__LISTEN", grpc.to_string())
+            .env("USHER_SERVER__METRICS_LISTEN", metrics.to_string())
+            .env("USHER_SERVER__SHUTDOWN_DRAIN_MS", "100")
+            .env("USHER_TELEMETRY__LOG_FILTER", log)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Self {
+            name,
+            grpc,
+            metrics,
+            child: std::sync::Mutex::new(child),
+        }
+    }
+
+    /// A channel to the service's gRPC port.
+    pub fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.grpc))
+            .expect("endpoint")
+            .connect_timeout(Duration::from_secs(1))
+            .connect_lazy()
+    }
+
+    /// The health status of `service` (empty for liveness), if the server answers.
+    pub async fn health(&self, service: &str) -> Option<ServingStatus> {
+        let mut client = HealthClient::new(self.channel());
+        let request = HealthCheckRequest {
+            service: service.to_owned(),
+        };
+        let response = tokio::time::timeout(Duration::from_secs(1), client.check(request)).await;
+        match response {
+            Ok(Ok(r)) => Some(r.into_inner().status()),
+            _ => None,
+        }
+    }
+
+    /// Waits until `service` reports `status`, failing after `within`.
+    pub async fn wait_for(&self, service: &str, status: ServingStatus, within: Duration) {
+        let started = Instant::now();
+        loop {
+            let now = self.health(service).await;
+            if now == Some(status) {
+                return;
+            }
+            if let Ok(Some(exit)) = self.child.lock().expect("child").try_wait() {
+                panic!("{} exited with {exit} (its log is above)", self.name);
+            }
+            assert!(
+                started.elapsed() < within,
+                "{} did not report {status:?} for {service:?} within {within:?} (last: {now:?})",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub async fn terminate(self) -> std::process::ExitStatus {
+        let mut child = self.child.into_inner().expect("child");
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("exits within 30 s")
+            .expect("wait")
+    }
+}
+
+/// The environment of a service that owns a database.
+pub fn service_env(
+    iso: &mut Isolation,
+    service: &str,
+    database_host: &str,
+) -> Vec<(&'static str, String)> {
+    let db = iso.database(service);
+    let mut env = vec![
+        (
+            "USHER_DATABASE__URL",
+            format!("postgres://postgres@{database_host}/{db}"),
+        ),
+        ("USHER_DATABASE__CONNECT_TIMEOUT_MS", "1000".to_owned()),
+        ("USHER_AMQP__URL", iso.amqp_url()),
+    ];
+    if service != "notification" {
+        env.push(("USHER_REDIS__KEY_PREFIX", iso.redis_prefix()));
+    }
+    env
+}
+
+/// The three services and the gateway, started for one test.
+pub struct Stack {
+    /// usher-identity.
+    pub identity: Service,
+    /// usher-invitation.
+    pub invitation: Service,
+    /// usher-notification.
+    pub notification: Service,
+    /// usher-gateway.
+    pub gateway: Service,
+    /// The test's isolated resources, dropped last (after the processes).
+    pub _isolation: Isolation,
+}
+
+impl Stack {
+    /// Starts everything against the shared local servers.
+    pub fn start() -> Self {
+        let mut isolation = Isolation::new();
+        let identity = Service::start(
+            "usher-identity",
+            &service_env(&mut isolation, "identity", POSTGRES),
+        );
+        let invitation = Service::start(
+            "usher-invitation",
+            &service_env(&mut isolation, "invitation", POSTGRES),
+        );
+        let notification = Service::start(
+            "usher-notification",
+            &service_env(&mut isolation, "notification", POSTGRES),
+        );
+        let gateway = Service::start(
+            "usher-gateway",
+            &[
+                ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
+                (
+                    "USHER_UPSTREAMS__IDENTITY",
+                    format!("http://{}", identity.grpc),
+                ),
+                (
+                    "USHER_UPSTREAMS__INVITATION",
+                    format!("http://{}", invitation.grpc),
+                ),
+                (
+                    "USHER_UPSTREAMS__NOTIFICATION",
+                    format!("http://{}", notification.grpc),
+                ),
+            ],
+        );
+        Self {
+            identity,
+            invitation,
+            notification,
+            gateway,
+            _isolation: isolation,
+        }
+    }
+}
+
+/// A request carrying a principal assertion for `path`, signed with the
+/// development key the binaries trust when no key is configured (as the
+/// gateway signs them).
+pub fn signed_request<T>(
+    path: &str,
+    principal: &usher_kit::principal::Principal,
+    message: T,
+) -> tonic::Request<T> {
+    use usher_kit::principal::{ASSERTION_HEADER, AssertionConfig};
+    #[allow(clippy::disallowed_methods)]
+    let now = chrono::Utc::now();
+    let token = AssertionConfig::default()
+        .signer("usher-gateway")
+        .expect("development signer")
+        .sign(principal, path, None, now);
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert(ASSERTION_HEADER, token.parse().expect("ascii"));
+    request
+}
+
+/// [`signed_request`] for an admin of a made-up account holding every permission.
+pub fn admin_request<T>(path: &str, message: T) -> tonic::Request<T> {
+    use usher_kit::principal::{Principal, PrincipalKind};
+    let principal = Principal {
+        kind: PrincipalKind::User,
+        account_id: Some(uuid::Uuid::new_v4()),
+        user_id: Some(uuid::Uuid::new_v4()),
+        credential_id: None,
+        permissions: [
+            "users.read",
+            "users.invite",
+            "users.manage",
+            "roles.manage",
+            "teams.manage",
+            "account.manage",
+            "audit.read",
+        ]
+        .map(String::from)
+        .to_vec(),
+        service: None,
+    };
+    signed_request(path, &principal, message)
+}

@@ -1,0 +1,14 @@
+//! Usher's end-to-end tests: one test binary that starts the real service
+//! binaries against the real PostgreSQL, Redis and RabbitMQ on this machine
+//! (started by `deploy/local/services.sh`). Each test gets a fresh database,
+//! a Redis key prefix and its own RabbitMQ vhost, so tests run in parallel.
+
+// The whole crate is test code: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod gateway;
+mod harness;
+mod health;
+mod identity;
+mod limits;
+mod proxy;
