@@ -15,6 +15,8 @@ use usher_kit::{
     tokens::TokenConfig,
 };
 
+pub use usher_kit::config::LinksConfig;
+
 use crate::passwords::PasswordConfig;
 
 /// usher-identity's configuration.
@@ -139,61 +141,6 @@ impl Validate for Config {
 impl ServiceConfig for Config {
     fn telemetry(&self) -> &TelemetryConfig {
         &self.telemetry
-    }
-}
-
-/// Where the links in emails point (section `links`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct LinksConfig {
-    /// The public address of the gateway, e.g. `https://usher.example.com`:
-    /// reset links are `<public_base_url>/reset?token=…`. `https` in
-    /// production; no query or fragment.
-    pub public_base_url: String,
-}
-
-impl Default for LinksConfig {
-    fn default() -> Self {
-        Self {
-            public_base_url: "http://127.0.0.1:8080".into(),
-        }
-    }
-}
-
-impl LinksConfig {
-    /// The base URL without a trailing `/`.
-    pub fn base(&self) -> &str {
-        self.public_base_url.trim().trim_end_matches('/')
-    }
-
-    /// Checks the URL: absolute, `http(s)` (`https` in production), with a
-    /// host and no query, fragment or credentials.
-    pub fn validate_for(&self, environment: Environment) -> Result<(), ConfigError> {
-        const FIELD: &str = "links.public_base_url";
-        let url = url::Url::parse(self.base())
-            .map_err(|_| ConfigError::invalid(FIELD, "must be an absolute URL"))?;
-        let scheme_ok = match environment {
-            Environment::Production => url.scheme() == "https",
-            Environment::Development => matches!(url.scheme(), "http" | "https"),
-        };
-        if !scheme_ok {
-            return Err(ConfigError::invalid(
-                FIELD,
-                "must use https (or http outside production)",
-            ));
-        }
-        if url.host_str().is_none_or(str::is_empty)
-            || url.query().is_some()
-            || url.fragment().is_some()
-            || !url.username().is_empty()
-            || url.password().is_some()
-        {
-            return Err(ConfigError::invalid(
-                FIELD,
-                "must have a host and no query, fragment or credentials",
-            ));
-        }
-        Ok(())
     }
 }
 

@@ -9,7 +9,7 @@ pub mod migration;
 pub mod passwords;
 pub mod state;
 pub mod store;
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 use std::{sync::Arc, time::Duration};

@@ -74,6 +74,25 @@ pub const EVENTS_EXCHANGE: &str = "usher.events";
 pub const EMAIL_EXCHANGE: &str = "usher.email";
 /// Routing key of email jobs on [`EMAIL_EXCHANGE`].
 pub const EMAIL_SEND_ROUTING_KEY: &str = "email.send";
+/// AMQP `type` of an email job.
+pub const EMAIL_JOB_TYPE: &str = "usher.notification.v1.EmailJob";
+/// AMQP `content_type` of protobuf payloads.
+pub const PROTOBUF_CONTENT_TYPE: &str = "application/protobuf";
+
+/// The outbox message carrying an email job, as `email_job.proto` describes
+/// it: on [`EMAIL_EXCHANGE`] with [`EMAIL_SEND_ROUTING_KEY`], the job id as
+/// the message id, binary protobuf.
+pub fn email_job_message(job: &usher_proto::notification::v1::EmailJob) -> OutgoingMessage {
+    use prost::Message as _;
+    OutgoingMessage::new(
+        EMAIL_EXCHANGE,
+        EMAIL_SEND_ROUTING_KEY,
+        EMAIL_JOB_TYPE,
+        job.encode_to_vec(),
+    )
+    .with_message_id(job.job_id.clone())
+    .with_content_type(PROTOBUF_CONTENT_TYPE)
+}
 
 /// AMQP `delivery_mode` of a message the broker writes to disk.
 const PERSISTENT: u8 = 2;

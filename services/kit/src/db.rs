@@ -81,3 +81,18 @@ pub async fn migrate<M: MigratorTrait>(config: &DatabaseConfig) -> Result<(), Db
 pub async fn ping(db: &DatabaseConnection) -> bool {
     db.ping().await.is_ok()
 }
+
+/// A `LIKE` pattern matching `term` anywhere, with `%`, `_` and `\` in the
+/// term matched literally (backslash is the escape character).
+pub fn contains_pattern(term: &str) -> String {
+    let mut pattern = String::with_capacity(term.len() + 2);
+    pattern.push('%');
+    for c in term.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}

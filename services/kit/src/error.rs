@@ -70,6 +70,41 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason.
+    pub const ALL: [Self; 26] = [
+        Self::InvalidArgument,
+        Self::Unauthenticated,
+        Self::PermissionDenied,
+        Self::NotFound,
+        Self::AlreadyExists,
+        Self::InvalidCredentials,
+        Self::InvitationNotUsable,
+        Self::ResetTokenNotUsable,
+        Self::SeatLimitReached,
+        Self::SingleUserPlan,
+        Self::LastManager,
+        Self::OwnerProtected,
+        Self::BuiltInRole,
+        Self::RoleInUse,
+        Self::ProductNotEnabled,
+        Self::DomainNotAllowed,
+        Self::InvalidState,
+        Self::InvitationBeingAccepted,
+        Self::ResendCooldown,
+        Self::ResendLimitReached,
+        Self::QuotaExceeded,
+        Self::RateLimited,
+        Self::IdempotencyConflict,
+        Self::PasswordChangeRequired,
+        Self::Unavailable,
+        Self::Internal,
+    ];
+
+    /// The reason named `name` (its [`as_str`](Self::as_str)).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|reason| reason.as_str() == name)
+    }
+
     /// The stable UPPER_SNAKE string sent as `ErrorInfo.reason`.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -336,6 +371,60 @@ impl From<ApiError> for Status {
     }
 }
 
+/// An error answered by another Usher service, passed on: its reason and
+/// field violations are kept; a service that cannot be reached (or does not
+/// answer in time) is UNAVAILABLE; anything unexpected is INTERNAL here.
+impl From<Status> for ApiError {
+    fn from(status: Status) -> Self {
+        match status.code() {
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::ResourceExhausted
+                if status.get_details_error_info().is_none_or(|info| {
+                    Reason::parse(&info.reason).is_none_or(|r| r == Reason::Unavailable)
+                }) =>
+            {
+                return Self::Unavailable(format!("upstream: {}", status.message()));
+            }
+            _ => {}
+        }
+        let details = status.get_error_details();
+        if let Some(bad_request) = details.bad_request() {
+            let violations: Vec<Violation> = bad_request
+                .field_violations
+                .iter()
+                .map(|v| Violation {
+                    field: v.field.clone(),
+                    description: v.description.clone(),
+                })
+                .collect();
+            if !violations.is_empty() {
+                return Self::InvalidArgument(violations);
+            }
+        }
+        let reason = details
+            .error_info()
+            .filter(|info| info.domain == ERROR_DOMAIN)
+            .and_then(|info| Reason::parse(&info.reason));
+        match reason {
+            Some(Reason::Internal) | None => Self::Internal(anyhow::anyhow!(
+                "upstream answered {:?}: {}",
+                status.code(),
+                status.message()
+            )),
+            Some(Reason::Unavailable) => {
+                Self::Unavailable(format!("upstream: {}", status.message()))
+            }
+            Some(reason) => Self::Rejected {
+                reason,
+                message: status.message().to_owned(),
+                retry_after: details.retry_info().and_then(|info| info.retry_delay),
+            },
+        }
+    }
+}
+
 impl From<sea_orm::DbErr> for ApiError {
     fn from(err: sea_orm::DbErr) -> Self {
         use sea_orm::DbErr;
@@ -363,6 +452,29 @@ impl From<redis::RedisError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_parses_back() {
+        for reason in Reason::ALL {
+            assert_eq!(Reason::parse(reason.as_str()), Some(reason));
+        }
+        assert_eq!(Reason::parse("NOPE"), None);
+    }
+
+    #[test]
+    fn upstream_errors_keep_their_reason_and_fields() {
+        let status = Status::from(ApiError::invalid("password", "too short"));
+        match ApiError::from(status) {
+            ApiError::InvalidArgument(v) => assert_eq!(v[0].field, "password"),
+            other => panic!("{other:?}"),
+        }
+        let status = Status::from(ApiError::rejected(Reason::ProductNotEnabled, "no"));
+        assert_eq!(ApiError::from(status).reason(), Reason::ProductNotEnabled);
+        let down = Status::unavailable("connection refused");
+        assert_eq!(ApiError::from(down).reason(), Reason::Unavailable);
+        let odd = Status::unknown("??");
+        assert_eq!(ApiError::from(odd).reason(), Reason::Internal);
+    }
 
     #[test]
     fn invalid_argument_carries_field_violations_and_reason() {

@@ -11,13 +11,16 @@
 pub mod amqp;
 pub mod authz;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
+pub mod convert;
 pub mod db;
 pub mod email;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod idempotency;
 pub mod outbox;
 pub mod pagination;
 pub mod principal;

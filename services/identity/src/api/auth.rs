@@ -28,7 +28,6 @@ use std::collections::BTreeSet;
 
 use anyhow::anyhow;
 use chrono::{DateTime, Duration, Utc};
-use prost::Message;
 use prost_types::FieldMask;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
@@ -37,7 +36,7 @@ use sea_orm::{
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 use usher_kit::{
-    amqp::OutgoingMessage,
+    amqp::email_job_message,
     email::EmailAddress,
     error::{ApiError, ApiResult, Reason, Violations},
     outbox, pagination,
@@ -79,12 +78,6 @@ const MAX_KEY_PERMISSIONS: usize = 200;
 /// Longest user agent kept on a session (the store truncates further).
 const MAX_USER_AGENT_BYTES: usize = 2_048;
 
-/// Exchange, routing key, type and content type of email jobs
-/// (`usher/notification/v1/email_job.proto`).
-use usher_kit::amqp::EMAIL_EXCHANGE;
-use usher_kit::amqp::EMAIL_SEND_ROUTING_KEY as EMAIL_ROUTING_KEY;
-const EMAIL_JOB_TYPE: &str = "usher.notification.v1.EmailJob";
-const EMAIL_CONTENT_TYPE: &str = "application/protobuf";
 /// Prefix of the sealed secret kept in an idempotent CreateApiKey answer.
 const SEALED_SECRET_PREFIX: &str = "sealed:";
 
@@ -220,18 +213,6 @@ fn reset_actor(model: &user::Model) -> Actor {
         id: model.id.to_string(),
         name: model.display_name.clone(),
     }
-}
-
-/// The outbox message carrying an email job, as `email_job.proto` describes it.
-fn email_job_message(job: &notification::EmailJob) -> OutgoingMessage {
-    OutgoingMessage::new(
-        EMAIL_EXCHANGE,
-        EMAIL_ROUTING_KEY,
-        EMAIL_JOB_TYPE,
-        job.encode_to_vec(),
-    )
-    .with_message_id(job.job_id.clone())
-    .with_content_type(EMAIL_CONTENT_TYPE)
 }
 
 /// The common fields of an email job to `recipient` of `account`.
@@ -1780,6 +1761,7 @@ mod tests {
     use std::{sync::Arc, time::Instant};
 
     use argon2::PasswordHasher as _;
+    use prost::Message;
     use redis::AsyncCommands;
     use sea_orm::Statement;
     use tonic::Code;
@@ -2008,7 +1990,7 @@ mod tests {
         outbox_rows(test)
             .await
             .into_iter()
-            .filter(|(envelope, _)| envelope["kind"] == EMAIL_JOB_TYPE)
+            .filter(|(envelope, _)| envelope["kind"] == usher_kit::amqp::EMAIL_JOB_TYPE)
             .map(|(envelope, payload)| {
                 (
                     envelope,

@@ -231,23 +231,4 @@ pub mod audit_event {
 }
 
 /// The stored answer of a create call, by `(scope, request_id)`.
-pub mod idempotency_key {
-    use sea_orm::entity::prelude::*;
-
-    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
-    #[sea_orm(table_name = "idempotency_keys")]
-    pub struct Model {
-        #[sea_orm(primary_key, auto_increment = false)]
-        pub scope: String,
-        #[sea_orm(primary_key, auto_increment = false)]
-        pub request_id: String,
-        pub request_hash: String,
-        pub response: Vec<u8>,
-        pub create_time: DateTimeUtc,
-    }
-
-    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-    pub enum Relation {}
-
-    impl ActiveModelBehavior for ActiveModel {}
-}
+pub use usher_kit::idempotency::idempotency_key;
