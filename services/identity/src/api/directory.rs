@@ -254,7 +254,14 @@ impl IdentityApi {
 
         let db = &self.state.db;
         let account = accounts::find(db, account_id).await?;
-        let mut response = internal::GetInvitationContextResponse::default();
+        let policy = &self.state.password_policy;
+        let mut response = internal::GetInvitationContextResponse {
+            password_policy: Some(pb::PasswordPolicy {
+                min_length: i32::try_from(policy.min_length()).unwrap_or(i32::MAX),
+                max_length: i32::try_from(policy.max_length()).unwrap_or(i32::MAX),
+            }),
+            ..Default::default()
+        };
         match inviter {
             Some((pb::ActorKind::User, id)) => {
                 let inviter = scoped::user(db, account_id, id).await?;
