@@ -1,25 +1,39 @@
-//! usher-invitation: invitations: bulk invite, single-use links, reinvite, withdraw, accept. `main.rs` only parses arguments; `usher dev` and the
-//! integration tests start the service in-process through [`serve`].
+//! usher-invitation: bulk invitations with per-address verdicts, single-use
+//! 24-hour links kept hashed in Redis, reinvite, withdraw, delete, and the
+//! public preview / accept / decline of a link. `main.rs` only parses
+//! arguments; `usher dev` and the integration tests start the service
+//! in-process through [`serve`].
 
 pub mod api;
 pub mod config;
+pub mod expiry;
 pub mod migration;
+pub mod results;
+pub mod state;
+pub mod store;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use usher_kit::{
-    amqp::Amqp,
+    amqp::{Amqp, ConfirmedPublisher, EMAIL_EXCHANGE, EVENTS_EXCHANGE, Topology},
     authz::Policy,
-    clock::SystemClock,
+    client::ServiceChannel,
+    clock::{SharedClock, SystemClock},
     health::{self, Probe},
+    outbox::OutboxRelay,
     redis::Redis,
     runtime::{self, ServiceDatabase},
+    seal::Sealer,
     server::{CallGuard, ServiceServer},
     telemetry,
+    tokens::TokenHasher,
 };
-use usher_proto::invitation::v1 as invitation;
+use usher_proto::{
+    identity::internal::v1::directory_service_client::DirectoryServiceClient,
+    invitation::v1 as invitation,
+};
 
 pub use config::Config;
 
@@ -38,6 +52,32 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The service's state from `config`, on `db` and `redis`, with time from
+/// `clock`.
+pub fn state(
+    config: &Config,
+    db: sea_orm::DatabaseConnection,
+    redis: Redis,
+    clock: SharedClock,
+) -> anyhow::Result<state::Invitations> {
+    let channel = ServiceChannel::connect_lazy(
+        &config.identity,
+        "identity",
+        config.assertion.signer(SERVICE)?,
+        clock.clone(),
+    )?;
+    Ok(state::Invitations {
+        db,
+        tokens: store::tokens::TokenStore::new(redis, TokenHasher::from_config(&config.tokens)?),
+        directory: DirectoryServiceClient::new(channel)
+            .max_decoding_message_size(config.server.max_message_bytes),
+        sealer: Sealer::from_config(&config.seal)?,
+        link_base: config.links.base().to_owned(),
+        rules: config.invitations.clone(),
+        clock,
+    })
+}
+
 /// Serves on `listener` until `shutdown`.
 pub async fn serve(
     config: Config,
@@ -54,6 +94,45 @@ pub async fn serve(
     .await?;
     let redis = Redis::connect(&config.redis)?;
     let amqp = Amqp::start(config.amqp.clone(), SERVICE);
+    // The exchanges this service publishes to, and its delivery-result queue
+    // (re-declared on reconnect).
+    amqp.declare(
+        Topology::new()
+            .topic_exchange(EVENTS_EXCHANGE)
+            .topic_exchange(EMAIL_EXCHANGE)
+            .queue(results::queue())
+            .bind(results::QUEUE, EMAIL_EXCHANGE, results::ROUTING_KEY),
+    )
+    .await?;
+
+    let state = Arc::new(state(
+        &config,
+        database.connection.clone(),
+        redis.clone(),
+        clock.clone(),
+    )?);
+    tokio::spawn(
+        OutboxRelay::new(
+            database.connection.clone(),
+            Arc::new(ConfirmedPublisher::new(amqp.clone())),
+            shutdown.clone(),
+        )
+        .run(),
+    );
+    if config.invitations.expiry_sweep_secs > 0 {
+        tokio::spawn(expiry::run(
+            database.connection.clone(),
+            clock.clone(),
+            Duration::from_secs(u64::from(config.invitations.expiry_sweep_secs)),
+            shutdown.clone(),
+        ));
+    }
+    tokio::spawn(results::consume(
+        amqp.clone(),
+        database.connection.clone(),
+        clock.clone(),
+        shutdown.clone(),
+    ));
 
     let guard = CallGuard::new(
         Policy::from_contracts()?,
@@ -63,8 +142,10 @@ pub async fn serve(
     let mut server = ServiceServer::new(SERVICE, &config.server, guard);
     let limit = config.server.max_message_bytes;
     server.add_service(
-        invitation::invitation_service_server::InvitationServiceServer::new(api::InvitationApi)
-            .max_decoding_message_size(limit),
+        invitation::invitation_service_server::InvitationServiceServer::new(
+            api::InvitationApi::new(state),
+        )
+        .max_decoding_message_size(limit),
     );
 
     health::watch(

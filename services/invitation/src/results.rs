@@ -1,0 +1,146 @@
+//! Records the delivery results the notification service publishes for
+//! invitation emails (`usher.email`, routing key `email.result.invitation`)
+//! on the invitation whose latest email they concern: a result for an older
+//! email (an earlier link, before a resend) is ignored.
+//!
+//! The queue is durable (quorum); messages are acked after the update
+//! commits, and a result that cannot be decoded is dropped with a warning (it
+//! would never decode on a redelivery either). The consumer re-subscribes
+//! whenever the connection comes back.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::{
+    options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
+    types::FieldTable,
+};
+use prost::Message;
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, sea_query::Expr};
+use tokio_util::sync::CancellationToken;
+use usher_kit::{
+    amqp::{Amqp, QueueSpec},
+    clock::SharedClock,
+    error::ApiResult,
+};
+use usher_proto::notification::v1 as notification;
+use uuid::Uuid;
+
+use crate::store::entities::invitation::{self, Column};
+
+/// The queue of this service's delivery results.
+pub const QUEUE: &str = "usher.invitation.delivery-results";
+/// Its binding on `usher.email`.
+pub const ROUTING_KEY: &str = "email.result.invitation";
+/// Unacknowledged results in flight.
+const PREFETCH: u16 = 32;
+
+/// The queue's declaration.
+pub fn queue() -> QueueSpec {
+    QueueSpec::durable(QUEUE).quorum()
+}
+
+/// Records `result`; returns whether an invitation was updated.
+pub async fn record(
+    db: &DatabaseConnection,
+    result: &notification::DeliveryResult,
+    clock: &SharedClock,
+) -> ApiResult<bool> {
+    let (Ok(invitation_id), false) = (
+        Uuid::parse_str(&result.invitation_id),
+        result.job_id.is_empty(),
+    ) else {
+        return Ok(false);
+    };
+    let mut update = invitation::Entity::update_many();
+    if result.status == notification::DeliveryStatus::Queued as i32 {
+        // A late QUEUED never overwrites a final status.
+        update = update.filter(Column::DeliveryStatus.is_not_in([
+            notification::DeliveryStatus::Sent as i32,
+            notification::DeliveryStatus::Failed as i32,
+        ]));
+    }
+    let updated = update
+        .col_expr(Column::DeliveryStatus, Expr::value(result.status))
+        .col_expr(
+            Column::DeliveryReason,
+            Expr::value(result.reason.chars().take(500).collect::<String>()),
+        )
+        .col_expr(Column::DeliveryAttempts, Expr::value(result.attempts))
+        .col_expr(Column::DeliveryUpdateTime, Expr::value(clock.now()))
+        .col_expr(Column::UpdateTime, Expr::value(clock.now()))
+        .filter(Column::Id.eq(invitation_id))
+        .filter(Column::DeliveryJobId.eq(result.job_id.clone()))
+        .exec(db)
+        .await?;
+    Ok(updated.rows_affected > 0)
+}
+
+/// Consumes the results until `shutdown`.
+pub async fn consume(
+    amqp: Amqp,
+    db: DatabaseConnection,
+    clock: SharedClock,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        if let Err(err) = consume_once(&amqp, &db, &clock, &shutdown).await {
+            tracing::warn!(error = %err, "delivery results consumer stopped; resubscribing");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+async fn consume_once(
+    amqp: &Amqp,
+    db: &DatabaseConnection,
+    clock: &SharedClock,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    amqp.wait_connected(Duration::from_secs(30)).await?;
+    let channel = amqp.channel().await?;
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            QUEUE.into(),
+            "usher-invitation".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    loop {
+        let delivery = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            next = consumer.next() => match next {
+                Some(delivery) => delivery?,
+                None => return Ok(()),
+            },
+        };
+        match notification::DeliveryResult::decode(delivery.data.as_slice()) {
+            Ok(result) => match record(db, &result, clock).await {
+                Ok(_) => {
+                    delivery.ack(BasicAckOptions::default()).await?;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "delivery result not recorded; requeued");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    delivery
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await?;
+                }
+            },
+            Err(err) => {
+                tracing::warn!(error = %err, "undecodable delivery result dropped");
+                delivery.ack(BasicAckOptions::default()).await?;
+            }
+        }
+    }
+}
