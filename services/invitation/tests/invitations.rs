@@ -1,0 +1,639 @@
+//! The invitation flows end to end against the real PostgreSQL, Redis and
+//! the identity service over gRPC (see `common`).
+
+mod common;
+
+use chrono::Duration;
+use common::{Harness, create_request, public, reason, request};
+use sea_orm::{ConnectionTrait, Statement};
+use tonic::Code;
+use usher_identity::testing::member;
+use usher_proto::{
+    identity::v1::{self as id, user_service_server::UserService},
+    invitation::v1::{self as pb, invitation_service_server::InvitationService},
+};
+use uuid::Uuid;
+
+fn verdicts(response: &pb::CreateInvitationsResponse) -> Vec<pb::InviteeVerdict> {
+    response.results.iter().map(|r| r.verdict()).collect()
+}
+
+fn invitation_id(response: &pb::CreateInvitationsResponse, index: usize) -> String {
+    response.results[index]
+        .invitation
+        .as_ref()
+        .expect("an invitation")
+        .id
+        .clone()
+}
+
+async fn user_status(h: &Harness, account: &common::Account, user_id: &str) -> Option<id::UserStatus> {
+    UserService::get_user(
+        &h.identity.api,
+        request(&account.admin, id::GetUserRequest { user_id: user_id.to_owned() }),
+    )
+    .await
+    .ok()
+    .map(|r| r.into_inner().user.expect("user").status())
+}
+
+fn accept(token: &str) -> pb::AcceptInvitationRequest {
+    pb::AcceptInvitationRequest {
+        token: token.to_owned(),
+        display_name: "Ivy Invitee".into(),
+        password: "a long enough passphrase".into(),
+        locale: String::new(),
+    }
+}
+
+async fn count(h: &Harness, sql: &str) -> i64 {
+    h.db.query_one_raw(Statement::from_string(h.db.get_database_backend(), sql))
+        .await
+        .expect("query")
+        .expect("row")
+        .try_get("", "n")
+        .expect("n")
+}
+
+#[tokio::test]
+async fn pasted_list_gets_one_verdict_per_address_and_emails_only_the_invited() {
+    let h = Harness::start().await;
+    let account = h.account(50).await;
+    let mut message = create_request(&account, &[]);
+    message.raw_text = format!(
+        "Ann <ann@acme.example>, ANN@acme.example; not-an-address\nbob@acme.example\n{}",
+        "owner@acme.example"
+    );
+    let response = h.create(&account, message).await.expect("created");
+    assert_eq!(
+        verdicts(&response),
+        [
+            pb::InviteeVerdict::Invited,
+            pb::InviteeVerdict::DuplicateInRequest,
+            pb::InviteeVerdict::InvalidAddress,
+            pb::InviteeVerdict::Invited,
+            pb::InviteeVerdict::AlreadyMember,
+        ]
+    );
+    assert_eq!((response.invited_count, response.not_invited_count), (2, 3));
+    assert_eq!(response.results[0].display_name, "Ann");
+    assert!(!response.results[2].reason.is_empty(), "an invalid address says why");
+    // The seats: owner plus two invited.
+    assert_eq!(response.seats_used, 3);
+
+    let jobs = h.email_jobs().await;
+    let recipients: Vec<&str> = jobs.iter().map(|j| j.recipient_email.as_str()).collect();
+    assert_eq!(recipients, ["ann@acme.example", "bob@acme.example"]);
+    let invited = response.results[0].invitation.as_ref().unwrap();
+    assert_eq!(invited.state(), pb::InvitationState::Pending);
+    assert_eq!(
+        user_status(&h, &account, &invited.user_id).await,
+        Some(id::UserStatus::Invited)
+    );
+    // Inviting the same address again says so, and sends nothing.
+    let again = h.invite(&account, &["ann@acme.example"]).await.unwrap();
+    assert_eq!(verdicts(&again), [pb::InviteeVerdict::AlreadyInvited]);
+    assert_eq!(again.results[0].existing_invitation_id, invited.id);
+    assert_eq!(h.email_jobs().await.len(), 2);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn raw_tokens_are_stored_nowhere() {
+    let h = Harness::start().await;
+    let account = h.account(10).await;
+    h.invite(&account, &["ann@acme.example"]).await.unwrap();
+    let token = h.token_for("ann@acme.example").await;
+    assert!(token.len() >= 32, "a link carries a long random token");
+    // Redis holds the token's keyed hash only.
+    let keys = h.redis_keys().await;
+    assert!(keys.iter().any(|k| k.starts_with("inv:tok:")), "{keys:?}");
+    assert!(keys.iter().all(|k| !k.contains(&token)), "{keys:?}");
+    // PostgreSQL: neither the invitations nor the outbox carry it in clear.
+    let found = count(
+        &h,
+        &format!(
+            "SELECT count(*) AS n FROM invitations WHERE row_to_json(invitations)::text LIKE '%{token}%'"
+        ),
+    )
+    .await;
+    assert_eq!(found, 0);
+    let in_outbox = count(
+        &h,
+        &format!(
+            "SELECT count(*) AS n FROM usher_outbox WHERE position(convert_to('{token}', 'UTF8') in payload) > 0"
+        ),
+    )
+    .await;
+    assert_eq!(in_outbox, 0, "the link is sealed in the email job");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_name_the_field_and_store_nothing() {
+    let h = Harness::start().await;
+    let account = h.account(10).await;
+    let too_many: Vec<String> = (0..1_001).map(|i| format!("u{i}@acme.example")).collect();
+    let refs: Vec<&str> = too_many.iter().map(String::as_str).collect();
+    let cases: Vec<(pb::CreateInvitationsRequest, &str)> = vec![
+        (create_request(&account, &refs), "invitees"),
+        (create_request(&account, &[]), "invitees"),
+        (
+            pb::CreateInvitationsRequest {
+                role_id: "not-a-uuid".into(),
+                ..create_request(&account, &["a@acme.example"])
+            },
+            "role_id",
+        ),
+        (
+            pb::CreateInvitationsRequest {
+                role_id: String::new(),
+                ..create_request(&account, &["a@acme.example"])
+            },
+            "role_id",
+        ),
+        (
+            pb::CreateInvitationsRequest {
+                raw_text: "a@acme.example".into(),
+                ..create_request(&account, &["a@acme.example"])
+            },
+            "raw_text",
+        ),
+    ];
+    for (message, field) in cases {
+        let status = h.create(&account, message).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(field), "{field}: {status:?}");
+    }
+    // A role of another account is not found, not used.
+    let other = h.account(10).await;
+    let mut foreign = create_request(&account, &["a@acme.example"]);
+    foreign.role_id = other.user_role.clone();
+    let status = h.create(&account, foreign).await.expect_err("refused");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+
+    for token in [String::new(), "x".repeat(129)] {
+        let status = h
+            .api
+            .preview_invitation(public(pb::PreviewInvitationRequest { token }))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
+    assert_eq!(count(&h, "SELECT count(*) AS n FROM invitations").await, 0);
+    assert!(h.email_jobs().await.is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_dry_run_gives_verdicts_and_changes_nothing() {
+    let h = Harness::start().await;
+    let account = h.account(2).await;
+    let mut message = create_request(&account, &["a@acme.example", "b@acme.example"]);
+    message.dry_run = true;
+    let response = h.create(&account, message).await.unwrap();
+    assert!(response.dry_run);
+    assert_eq!(
+        verdicts(&response),
+        [pb::InviteeVerdict::Invited, pb::InviteeVerdict::SeatLimitReached]
+    );
+    assert_eq!(count(&h, "SELECT count(*) AS n FROM invitations").await, 0);
+    assert!(h.outbox_kinds().await.is_empty());
+    assert!(
+        h.redis_keys().await.iter().all(|k| !k.starts_with("inv:tok:")),
+        "no token keys"
+    );
+    // The seat is still free for a real call.
+    let real = h.invite(&account, &["b@acme.example"]).await.unwrap();
+    assert_eq!(verdicts(&real), [pb::InviteeVerdict::Invited]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_repeated_request_id_answers_the_first_result_without_new_invitations() {
+    let h = Harness::start().await;
+    let account = h.account(10).await;
+    let mut message = create_request(&account, &["a@acme.example", "b@acme.example"]);
+    message.request_id = "batch-7".into();
+    let first = h.create(&account, message.clone()).await.unwrap();
+    let second = h.create(&account, message.clone()).await.unwrap();
+    assert_eq!(first, second);
+    assert_eq!(count(&h, "SELECT count(*) AS n FROM invitations").await, 2);
+    assert_eq!(h.email_jobs().await.len(), 2);
+    // The same id with a different body is a conflict.
+    message.invitees.pop();
+    let status = h.create(&account, message).await.expect_err("conflict");
+    assert_eq!(reason(&status), "IDEMPOTENCY_CONFLICT");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn the_hourly_quota_invites_in_request_order_then_refuses() {
+    let h = Harness::start_with(|c| c.invitations.hourly_quota = 3).await;
+    let account = h.account(50).await;
+    let emails: Vec<String> = (0..5).map(|i| format!("u{i}@acme.example")).collect();
+    let refs: Vec<&str> = emails.iter().map(String::as_str).collect();
+    let response = h.invite(&account, &refs).await.unwrap();
+    use pb::InviteeVerdict::{Invited, QuotaExceeded};
+    assert_eq!(
+        verdicts(&response),
+        [Invited, Invited, Invited, QuotaExceeded, QuotaExceeded]
+    );
+    // A new clock hour opens a new quota.
+    h.clock.advance(Duration::hours(1));
+    let later = h.invite(&account, &refs[3..]).await.unwrap();
+    assert_eq!(verdicts(&later), [Invited, Invited]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn preview_reads_and_accept_activates_once() {
+    let h = Harness::start().await;
+    let account = h.account(10).await;
+    let created = h.invite(&account, &["ivy@acme.example"]).await.unwrap();
+    let invitation = created.results[0].invitation.clone().unwrap();
+    let token = h.token_for("ivy@acme.example").await;
+    for _ in 0..2 {
+        let preview = h
+            .api
+            .preview_invitation(public(pb::PreviewInvitationRequest {
+                token: token.clone(),
+            }))
+            .await
+            .expect("preview consumes nothing")
+            .into_inner();
+        assert_eq!(preview.email, "ivy@acme.example");
+        assert_eq!(preview.account_name, "Acme");
+        assert_eq!(preview.role_name, "User");
+        assert!(preview.password_policy.is_some());
+    }
+    // A weak password is refused and the link stays usable.
+    let mut weak = accept(&token);
+    weak.password = "short".into();
+    let status = h
+        .api
+        .accept_invitation(public(weak))
+        .await
+        .expect_err("weak");
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    let accepted = h
+        .api
+        .accept_invitation(public(accept(&token)))
+        .await
+        .expect("accepted")
+        .into_inner();
+    let user = accepted.user.expect("user");
+    assert_eq!(user.id, invitation.user_id);
+    assert_eq!(user.display_name, "Ivy Invitee");
+    assert!(!accepted.session.expect("session").access_token.is_empty());
+    assert_eq!(
+        user_status(&h, &account, &user.id).await,
+        Some(id::UserStatus::Active)
+    );
+    // Used once: every later use of the link fails the same way.
+    for attempt in [
+        h.api.accept_invitation(public(accept(&token))).await.map(|_| ()),
+        h.api
+            .preview_invitation(public(pb::PreviewInvitationRequest {
+                token: token.clone(),
+            }))
+            .await
+            .map(|_| ()),
+    ] {
+        assert_eq!(reason(&attempt.expect_err("used")), "INVITATION_NOT_USABLE");
+    }
+    let shown = h
+        .api
+        .get_invitation(request(
+            &account.admin,
+            pb::GetInvitationRequest {
+                invitation_id: invitation.id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .invitation
+        .unwrap();
+    assert_eq!(shown.state(), pb::InvitationState::Accepted);
+    let kinds = h.outbox_kinds().await;
+    assert!(kinds.iter().any(|k| k.ends_with("InvitationAccepted")), "{kinds:?}");
+    // The inviter hears about it.
+    let jobs = h.email_jobs().await;
+    assert!(
+        jobs.iter()
+            .any(|j| j.recipient_email == "owner@acme.example" && j.sealed_link.is_empty()),
+        "accepted email to the inviter"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_accepts_of_one_link_have_exactly_one_winner() {
+    let h = Harness::start().await;
+    let account = h.account(10).await;
+    h.invite(&account, &["race@acme.example"]).await.unwrap();
+    let token = h.token_for("race@acme.example").await;
+    let attempts: Vec<_> = (0..16)
+        .map(|_| {
+            let api = h.api.clone();
+            let token = token.clone();
+            tokio::spawn(async move { api.accept_invitation(public(accept(&token))).await })
+        })
+        .collect();
+    let mut won = 0;
+    for attempt in attempts {
+        match attempt.await.expect("task") {
+            Ok(_) => won += 1,
+            Err(status) => assert!(
+                matches!(
+                    reason(&status).as_str(),
+                    "INVITATION_NOT_USABLE" | "INVITATION_BEING_ACCEPTED"
+                ),
+                "{status:?}"
+            ),
+        }
+    }
+    assert_eq!(won, 1);
+    assert_eq!(
+        count(&h, "SELECT count(*) AS n FROM invitations WHERE state = 'ACCEPTED'").await,
+        1
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_link_works_until_its_lifetime_ends_and_not_a_second_after() {
+    let h = Harness::start().await;
+    let account = h.account(10).await;
+    let created = h.invite(&account, &["late@acme.example"]).await.unwrap();
+    let token = h.token_for("late@acme.example").await;
+    let preview = || {
+        h.api.preview_invitation(public(pb::PreviewInvitationRequest {
+            token: token.clone(),
+        }))
+    };
+    h.clock.advance(Duration::hours(24) - Duration::seconds(1));
+    preview().await.expect("still valid a second before");
+    h.clock.advance(Duration::seconds(1));
+    assert_eq!(reason(&preview().await.expect_err("expired")), "INVITATION_NOT_USABLE");
+    let status = h
+        .api
+        .accept_invitation(public(accept(&token)))
+        .await
+        .expect_err("expired");
+    assert_eq!(reason(&status), "INVITATION_NOT_USABLE");
+    // Admins see it expired; the seat is still reserved until revoked.
+    let listed = h
+        .api
+        .list_invitations(request(
+            &account.admin,
+            pb::ListInvitationsRequest {
+                states: vec![pb::InvitationState::Expired as i32],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.total_size, 1);
+    assert_eq!(listed.invitations[0].id, invitation_id(&created, 0));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn resending_issues_a_new_link_and_kills_the_old_one() {
+    let h = Harness::start().await;
+    let account = h.account(10).await;
+    let created = h.invite(&account, &["re@acme.example"]).await.unwrap();
+    let id = invitation_id(&created, 0);
+    let old = h.token_for("re@acme.example").await;
+    let resend = || {
+        h.api.resend_invitations(request(
+            &account.admin,
+            pb::ResendInvitationsRequest {
+                request_id: String::new(),
+                invitation_ids: vec![id.clone()],
+            },
+        ))
+    };
+    // Right after sending: the cooldown refuses, per item.
+    let early = resend().await.unwrap().into_inner();
+    assert_eq!(early.failed_count, 1);
+    assert_eq!(early.results[0].error.as_ref().unwrap().reason, "RESEND_COOLDOWN");
+
+    h.clock.advance(Duration::hours(23));
+    let done = resend().await.unwrap().into_inner();
+    assert_eq!(done.succeeded_count, 1, "{done:?}");
+    let renewed = done.results[0].invitation.clone().unwrap();
+    assert_eq!(renewed.state(), pb::InvitationState::Pending);
+    let new = h.token_for("re@acme.example").await;
+    assert_ne!(old, new);
+    let status = h
+        .api
+        .preview_invitation(public(pb::PreviewInvitationRequest { token: old }))
+        .await
+        .expect_err("old link is dead");
+    assert_eq!(reason(&status), "INVITATION_NOT_USABLE");
+    // The new link has a fresh 24 hours.
+    h.clock.advance(Duration::hours(23));
+    h.api
+        .accept_invitation(public(accept(&new)))
+        .await
+        .expect("new link works");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn revoking_frees_the_seat_and_kills_the_link() {
+    let h = Harness::start().await;
+    let account = h.account(2).await; // the owner and one more
+    let created = h.invite(&account, &["first@acme.example"]).await.unwrap();
+    let id = invitation_id(&created, 0);
+    let user_id = created.results[0].invitation.as_ref().unwrap().user_id.clone();
+    let token = h.token_for("first@acme.example").await;
+    let full = h.invite(&account, &["second@acme.example"]).await.unwrap();
+    assert_eq!(verdicts(&full), [pb::InviteeVerdict::SeatLimitReached]);
+
+    let revoked = h
+        .api
+        .revoke_invitations(request(
+            &account.admin,
+            pb::RevokeInvitationsRequest {
+                invitation_ids: vec![id.clone()],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((revoked.succeeded_count, revoked.failed_count), (1, 0));
+    assert_eq!(user_status(&h, &account, &user_id).await, None, "invited user removed");
+    let status = h
+        .api
+        .accept_invitation(public(accept(&token)))
+        .await
+        .expect_err("revoked");
+    assert_eq!(reason(&status), "INVITATION_NOT_USABLE");
+    let now_free = h.invite(&account, &["second@acme.example"]).await.unwrap();
+    assert_eq!(verdicts(&now_free), [pb::InviteeVerdict::Invited]);
+
+    // Deleting removes the record; a second delete finds nothing.
+    let delete = || {
+        h.api.delete_invitations(request(
+            &account.admin,
+            pb::DeleteInvitationsRequest {
+                invitation_ids: vec![id.clone()],
+            },
+        ))
+    };
+    assert_eq!(delete().await.unwrap().into_inner().succeeded_count, 1);
+    let again = delete().await.unwrap().into_inner();
+    assert_eq!(again.results[0].error.as_ref().unwrap().reason, "NOT_FOUND");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn declining_removes_the_invited_user() {
+    let h = Harness::start().await;
+    let account = h.account(10).await;
+    let created = h.invite(&account, &["no@acme.example"]).await.unwrap();
+    let user_id = created.results[0].invitation.as_ref().unwrap().user_id.clone();
+    let token = h.token_for("no@acme.example").await;
+    h.api
+        .decline_invitation(public(pb::DeclineInvitationRequest {
+            token: token.clone(),
+        }))
+        .await
+        .expect("declined");
+    assert_eq!(user_status(&h, &account, &user_id).await, None);
+    let status = h
+        .api
+        .accept_invitation(public(accept(&token)))
+        .await
+        .expect_err("declined");
+    assert_eq!(reason(&status), "INVITATION_NOT_USABLE");
+    let shown = h
+        .api
+        .get_invitation(request(
+            &account.admin,
+            pb::GetInvitationRequest {
+                invitation_id: invitation_id(&created, 0),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .invitation
+        .unwrap();
+    assert_eq!(shown.state(), pb::InvitationState::Declined);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn another_account_sees_and_touches_nothing() {
+    let h = Harness::start().await;
+    let ours = h.account(10).await;
+    let theirs = h.account(10).await;
+    let created = h.invite(&ours, &["mine@acme.example"]).await.unwrap();
+    let id = invitation_id(&created, 0);
+    let status = h
+        .api
+        .get_invitation(request(
+            &theirs.admin,
+            pb::GetInvitationRequest {
+                invitation_id: id.clone(),
+            },
+        ))
+        .await
+        .expect_err("not theirs");
+    assert_eq!(status.code(), Code::NotFound);
+    let revoke = h
+        .api
+        .revoke_invitations(request(
+            &theirs.admin,
+            pb::RevokeInvitationsRequest {
+                invitation_ids: vec![id.clone()],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoke.results[0].error.as_ref().unwrap().reason, "NOT_FOUND");
+    let listed = h
+        .api
+        .list_invitations(request(&theirs.admin, pb::ListInvitationsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.total_size, 0);
+    // A caller without an account is refused before anything is read.
+    let stranger = member(Uuid::new_v4(), Uuid::new_v4(), &[]);
+    let status = h
+        .api
+        .list_invitations(request(&stranger, pb::ListInvitationsRequest::default()))
+        .await
+        .map(|r| r.into_inner().total_size);
+    assert_eq!(status.ok(), Some(0), "an unknown account has no invitations");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn list_searches_filters_and_pages() {
+    let h = Harness::start().await;
+    let account = h.account(50).await;
+    let emails: Vec<String> = (0..7).map(|i| format!("person{i}@acme.example")).collect();
+    let refs: Vec<&str> = emails.iter().map(String::as_str).collect();
+    h.invite(&account, &refs).await.unwrap();
+    h.invite(&account, &["zed@other.example"]).await.unwrap();
+    let list = |message: pb::ListInvitationsRequest| {
+        h.api.list_invitations(request(&account.admin, message))
+    };
+    let found = list(pb::ListInvitationsRequest {
+        query: "other.ex".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(found.total_size, 1);
+    assert_eq!(found.invitations[0].email, "zed@other.example");
+
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = list(pb::ListInvitationsRequest {
+            page_size: 3,
+            page_token: token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+        assert!(page.invitations.len() <= 3);
+        assert_eq!(page.total_size, 8);
+        seen.extend(page.invitations.into_iter().map(|i| i.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let distinct: std::collections::HashSet<_> = seen.iter().collect();
+    assert_eq!((seen.len(), distinct.len()), (8, 8));
+
+    let status = list(pb::ListInvitationsRequest {
+        query: "ab".into(),
+        ..Default::default()
+    })
+    .await
+    .expect_err("too short");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = list(pb::ListInvitationsRequest {
+        page_token: "garbage".into(),
+        ..Default::default()
+    })
+    .await
+    .expect_err("bad token");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    h.stop().await;
+}
