@@ -27,10 +27,19 @@ fn invitation_id(response: &pb::CreateInvitationsResponse, index: usize) -> Stri
         .clone()
 }
 
-async fn user_status(h: &Harness, account: &common::Account, user_id: &str) -> Option<id::UserStatus> {
+async fn user_status(
+    h: &Harness,
+    account: &common::Account,
+    user_id: &str,
+) -> Option<id::UserStatus> {
     UserService::get_user(
         &h.identity.api,
-        request(&account.admin, id::GetUserRequest { user_id: user_id.to_owned() }),
+        request(
+            &account.admin,
+            id::GetUserRequest {
+                user_id: user_id.to_owned(),
+            },
+        ),
     )
     .await
     .ok()
@@ -77,7 +86,10 @@ async fn pasted_list_gets_one_verdict_per_address_and_emails_only_the_invited() 
     );
     assert_eq!((response.invited_count, response.not_invited_count), (2, 3));
     assert_eq!(response.results[0].display_name, "Ann");
-    assert!(!response.results[2].reason.is_empty(), "an invalid address says why");
+    assert!(
+        !response.results[2].reason.is_empty(),
+        "an invalid address says why"
+    );
     // The seats: owner plus two invited.
     assert_eq!(response.seats_used, 3);
 
@@ -98,12 +110,58 @@ async fn pasted_list_gets_one_verdict_per_address_and_emails_only_the_invited() 
     h.stop().await;
 }
 
+/// Everything logged, at every level, while the guard lives (this thread).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
 #[tokio::test]
-async fn raw_tokens_are_stored_nowhere() {
+async fn raw_tokens_are_stored_and_logged_nowhere() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
     let h = Harness::start().await;
     let account = h.account(10).await;
     h.invite(&account, &["ann@acme.example"]).await.unwrap();
     let token = h.token_for("ann@acme.example").await;
+    // Use the link the ways that log the most: preview, a failed accept.
+    h.api
+        .preview_invitation(public(pb::PreviewInvitationRequest {
+            token: token.clone(),
+        }))
+        .await
+        .expect("preview");
+    let mut weak = accept(&token);
+    weak.password = "short".into();
+    h.api
+        .accept_invitation(public(weak))
+        .await
+        .expect_err("weak");
+    let logged = logs.text();
+    assert!(
+        logged.contains("created database"),
+        "the capture sees the services' logs"
+    );
+    assert!(!logged.contains(&token), "the token was logged");
     assert!(token.len() >= 32, "a link carries a long random token");
     // Redis holds the token's keyed hash only.
     let keys = h.redis_keys().await;
@@ -186,6 +244,45 @@ async fn bad_requests_name_the_field_and_store_nothing() {
 }
 
 #[tokio::test]
+async fn a_bulk_of_a_thousand_gives_one_verdict_each_and_one_invitation_per_address() {
+    let h = Harness::start().await;
+    let account = h.account(2_000).await;
+    // 900 distinct addresses, 50 repeats differing in case and spacing, 50
+    // invalid entries: 1,000 entries of pasted text.
+    let mut lines: Vec<String> = (0..900).map(|i| format!("user{i}@acme.example")).collect();
+    lines.extend((0..50).map(|i| format!("  USER{i}@Acme.Example\t")));
+    lines.extend((0..50).map(|i| format!("user{i}.acme.example")));
+    let mut message = create_request(&account, &[]);
+    message.raw_text = lines.join("\n");
+    let response = h.create(&account, message).await.expect("created");
+    assert_eq!(response.results.len(), 1_000);
+    let of = |verdict: pb::InviteeVerdict| {
+        response
+            .results
+            .iter()
+            .filter(|r| r.verdict() == verdict)
+            .count()
+    };
+    assert_eq!(of(pb::InviteeVerdict::Invited), 900);
+    assert_eq!(of(pb::InviteeVerdict::DuplicateInRequest), 50);
+    assert_eq!(of(pb::InviteeVerdict::InvalidAddress), 50);
+    for (i, result) in response.results.iter().enumerate().skip(900).take(50) {
+        assert_eq!(result.email, format!("user{}@acme.example", i - 900));
+    }
+    assert_eq!(
+        count(&h, "SELECT count(DISTINCT email) AS n FROM invitations").await,
+        900
+    );
+    assert_eq!(
+        count(&h, "SELECT count(*) AS n FROM invitations").await,
+        900
+    );
+    assert_eq!(h.email_jobs().await.len(), 900);
+    assert_eq!(h.tokens().await.len(), 900, "one distinct link per address");
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn a_dry_run_gives_verdicts_and_changes_nothing() {
     let h = Harness::start().await;
     let account = h.account(2).await;
@@ -195,12 +292,18 @@ async fn a_dry_run_gives_verdicts_and_changes_nothing() {
     assert!(response.dry_run);
     assert_eq!(
         verdicts(&response),
-        [pb::InviteeVerdict::Invited, pb::InviteeVerdict::SeatLimitReached]
+        [
+            pb::InviteeVerdict::Invited,
+            pb::InviteeVerdict::SeatLimitReached
+        ]
     );
     assert_eq!(count(&h, "SELECT count(*) AS n FROM invitations").await, 0);
     assert!(h.outbox_kinds().await.is_empty());
     assert!(
-        h.redis_keys().await.iter().all(|k| !k.starts_with("inv:tok:")),
+        h.redis_keys()
+            .await
+            .iter()
+            .all(|k| !k.starts_with("inv:tok:")),
         "no token keys"
     );
     // The seat is still free for a real call.
@@ -293,7 +396,10 @@ async fn preview_reads_and_accept_activates_once() {
     );
     // Used once: every later use of the link fails the same way.
     for attempt in [
-        h.api.accept_invitation(public(accept(&token))).await.map(|_| ()),
+        h.api
+            .accept_invitation(public(accept(&token)))
+            .await
+            .map(|_| ()),
         h.api
             .preview_invitation(public(pb::PreviewInvitationRequest {
                 token: token.clone(),
@@ -318,7 +424,10 @@ async fn preview_reads_and_accept_activates_once() {
         .unwrap();
     assert_eq!(shown.state(), pb::InvitationState::Accepted);
     let kinds = h.outbox_kinds().await;
-    assert!(kinds.iter().any(|k| k.ends_with("InvitationAccepted")), "{kinds:?}");
+    assert!(
+        kinds.iter().any(|k| k.ends_with("InvitationAccepted")),
+        "{kinds:?}"
+    );
     // The inviter hears about it.
     let jobs = h.email_jobs().await;
     assert!(
@@ -357,7 +466,11 @@ async fn concurrent_accepts_of_one_link_have_exactly_one_winner() {
     }
     assert_eq!(won, 1);
     assert_eq!(
-        count(&h, "SELECT count(*) AS n FROM invitations WHERE state = 'ACCEPTED'").await,
+        count(
+            &h,
+            "SELECT count(*) AS n FROM invitations WHERE state = 'ACCEPTED'"
+        )
+        .await,
         1
     );
     h.stop().await;
@@ -370,14 +483,51 @@ async fn a_link_works_until_its_lifetime_ends_and_not_a_second_after() {
     let created = h.invite(&account, &["late@acme.example"]).await.unwrap();
     let token = h.token_for("late@acme.example").await;
     let preview = || {
-        h.api.preview_invitation(public(pb::PreviewInvitationRequest {
-            token: token.clone(),
-        }))
+        h.api
+            .preview_invitation(public(pb::PreviewInvitationRequest {
+                token: token.clone(),
+            }))
     };
-    h.clock.advance(Duration::hours(24) - Duration::seconds(1));
+    // Previewing neither consumes nor extends the link.
+    let before = h.redis_keys().await;
+    let key = before
+        .iter()
+        .find(|k| k.starts_with("inv:tok:"))
+        .expect("token key")
+        .clone();
+    let full_key = format!("{}{key}", h.redis_prefix);
+    let mut conn = h.redis.connection();
+    let ttl_before: i64 = redis::cmd("PTTL")
+        .arg(&full_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    h.clock.advance(Duration::hours(12));
+    preview().await.expect("valid");
+    let ttl_after: i64 = redis::cmd("PTTL")
+        .arg(&full_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl_after <= ttl_before, "preview extended the key");
+    // Even a key that lost its TTL does not outlive the invitation.
+    let _: i64 = redis::cmd("PERSIST")
+        .arg(&full_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    h.clock.advance(Duration::hours(12) - Duration::seconds(1));
     preview().await.expect("still valid a second before");
     h.clock.advance(Duration::seconds(1));
-    assert_eq!(reason(&preview().await.expect_err("expired")), "INVITATION_NOT_USABLE");
+    assert_eq!(
+        reason(&preview().await.expect_err("expired")),
+        "INVITATION_NOT_USABLE"
+    );
+    h.clock.advance(Duration::seconds(1));
+    assert_eq!(
+        reason(&preview().await.expect_err("expired")),
+        "INVITATION_NOT_USABLE"
+    );
     let status = h
         .api
         .accept_invitation(public(accept(&token)))
@@ -421,7 +571,10 @@ async fn resending_issues_a_new_link_and_kills_the_old_one() {
     // Right after sending: the cooldown refuses, per item.
     let early = resend().await.unwrap().into_inner();
     assert_eq!(early.failed_count, 1);
-    assert_eq!(early.results[0].error.as_ref().unwrap().reason, "RESEND_COOLDOWN");
+    assert_eq!(
+        early.results[0].error.as_ref().unwrap().reason,
+        "RESEND_COOLDOWN"
+    );
 
     h.clock.advance(Duration::hours(23));
     let done = resend().await.unwrap().into_inner();
@@ -451,7 +604,12 @@ async fn revoking_frees_the_seat_and_kills_the_link() {
     let account = h.account(2).await; // the owner and one more
     let created = h.invite(&account, &["first@acme.example"]).await.unwrap();
     let id = invitation_id(&created, 0);
-    let user_id = created.results[0].invitation.as_ref().unwrap().user_id.clone();
+    let user_id = created.results[0]
+        .invitation
+        .as_ref()
+        .unwrap()
+        .user_id
+        .clone();
     let token = h.token_for("first@acme.example").await;
     let full = h.invite(&account, &["second@acme.example"]).await.unwrap();
     assert_eq!(verdicts(&full), [pb::InviteeVerdict::SeatLimitReached]);
@@ -468,7 +626,11 @@ async fn revoking_frees_the_seat_and_kills_the_link() {
         .unwrap()
         .into_inner();
     assert_eq!((revoked.succeeded_count, revoked.failed_count), (1, 0));
-    assert_eq!(user_status(&h, &account, &user_id).await, None, "invited user removed");
+    assert_eq!(
+        user_status(&h, &account, &user_id).await,
+        None,
+        "invited user removed"
+    );
     let status = h
         .api
         .accept_invitation(public(accept(&token)))
@@ -498,7 +660,12 @@ async fn declining_removes_the_invited_user() {
     let h = Harness::start().await;
     let account = h.account(10).await;
     let created = h.invite(&account, &["no@acme.example"]).await.unwrap();
-    let user_id = created.results[0].invitation.as_ref().unwrap().user_id.clone();
+    let user_id = created.results[0]
+        .invitation
+        .as_ref()
+        .unwrap()
+        .user_id
+        .clone();
     let token = h.token_for("no@acme.example").await;
     h.api
         .decline_invitation(public(pb::DeclineInvitationRequest {
@@ -559,10 +726,16 @@ async fn another_account_sees_and_touches_nothing() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(revoke.results[0].error.as_ref().unwrap().reason, "NOT_FOUND");
+    assert_eq!(
+        revoke.results[0].error.as_ref().unwrap().reason,
+        "NOT_FOUND"
+    );
     let listed = h
         .api
-        .list_invitations(request(&theirs.admin, pb::ListInvitationsRequest::default()))
+        .list_invitations(request(
+            &theirs.admin,
+            pb::ListInvitationsRequest::default(),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -574,7 +747,11 @@ async fn another_account_sees_and_touches_nothing() {
         .list_invitations(request(&stranger, pb::ListInvitationsRequest::default()))
         .await
         .map(|r| r.into_inner().total_size);
-    assert_eq!(status.ok(), Some(0), "an unknown account has no invitations");
+    assert_eq!(
+        status.ok(),
+        Some(0),
+        "an unknown account has no invitations"
+    );
     h.stop().await;
 }
 

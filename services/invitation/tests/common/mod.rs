@@ -51,6 +51,7 @@ pub struct Harness {
 /// An account of the test with its owner (an admin).
 pub struct Account {
     pub id: Uuid,
+    pub slug: String,
     pub owner: Uuid,
     pub admin: Principal,
     pub admin_role: String,
@@ -124,7 +125,8 @@ impl Harness {
         .await
         .expect("account")
         .into_inner();
-        let account: Uuid = created.account.expect("account").id.parse().expect("uuid");
+        let created_account = created.account.expect("account");
+        let account: Uuid = created_account.id.parse().expect("uuid");
         let owner: Uuid = created.owner.expect("owner").id.parse().expect("uuid");
         let admin = member(account, owner, &admin_permissions());
         let roles = RoleService::list_roles(
@@ -145,6 +147,7 @@ impl Harness {
         };
         Account {
             id: account,
+            slug: created_account.slug,
             owner,
             admin_role: named("Admin"),
             user_role: named("User"),
@@ -187,21 +190,54 @@ impl Harness {
 
     /// The link token of the newest invitation email sent to `email`.
     pub async fn token_for(&self, email: &str) -> String {
-        let job = self
-            .email_jobs()
+        self.tokens()
+            .await
+            .remove(email)
+            .unwrap_or_else(|| panic!("no invitation email to {email}"))
+    }
+
+    /// Recipient → link token of the newest invitation email to each.
+    pub async fn tokens(&self) -> std::collections::HashMap<String, String> {
+        self.email_jobs()
             .await
             .into_iter()
-            .rev()
-            .find(|job| job.recipient_email == email && !job.sealed_link.is_empty())
-            .unwrap_or_else(|| panic!("no invitation email to {email}"));
-        let link = self
-            .state
-            .sealer
-            .open(&job.job_id, &job.sealed_link)
-            .expect("sealed link opens");
-        link.split_once("token=")
-            .map(|(_, token)| token.to_owned())
-            .expect("link carries a token")
+            .filter(|job| !job.sealed_link.is_empty())
+            .map(|job| {
+                let link = self
+                    .state
+                    .sealer
+                    .open(&job.job_id, &job.sealed_link)
+                    .expect("sealed link opens");
+                let token = link
+                    .split_once("token=")
+                    .map(|(_, token)| token.to_owned())
+                    .expect("link carries a token");
+                (job.recipient_email, token)
+            })
+            .collect()
+    }
+
+    /// Signs in to the account with `email` and `password`.
+    pub async fn sign_in(
+        &self,
+        account: &Account,
+        email: &str,
+        password: &str,
+    ) -> Result<id::SignInResponse, tonic::Status> {
+        use id::auth_service_server::AuthService;
+        AuthService::sign_in(
+            &self.identity.api,
+            request(
+                &Principal::anonymous(),
+                id::SignInRequest {
+                    account_slug: account.slug.clone(),
+                    login: Some(id::sign_in_request::Login::Email(email.to_owned())),
+                    password: password.to_owned(),
+                },
+            ),
+        )
+        .await
+        .map(tonic::Response::into_inner)
     }
 
     /// Every Redis key of the test, without its prefix.
