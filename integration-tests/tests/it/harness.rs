@@ -255,10 +255,9 @@ impl Stack {
             "usher-identity",
             &service_env(&mut isolation, "identity", POSTGRES),
         );
-        let invitation = Service::start(
-            "usher-invitation",
-            &service_env(&mut isolation, "invitation", POSTGRES),
-        );
+        let mut invitation_env = service_env(&mut isolation, "invitation", POSTGRES);
+        invitation_env.push(("USHER_IDENTITY__URL", format!("http://{}", identity.grpc)));
+        let invitation = Service::start("usher-invitation", &invitation_env);
         let notification = Service::start(
             "usher-notification",
             &service_env(&mut isolation, "notification", POSTGRES),

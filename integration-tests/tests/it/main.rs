@@ -10,5 +10,6 @@ mod gateway;
 mod harness;
 mod health;
 mod identity;
+mod invitation;
 mod limits;
 mod proxy;

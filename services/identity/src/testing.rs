@@ -2,6 +2,8 @@
 //! Redis key prefix of their own, called with a verified principal as the
 //! guard would attach it (no network, no gateway).
 
+#![allow(clippy::expect_used)]
+
 use std::sync::Arc;
 
 use tonic::Request;

@@ -1,6 +1,9 @@
 //! The invitation flows end to end against the real PostgreSQL, Redis and
 //! the identity service over gRPC (see `common`).
 
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use chrono::Duration;

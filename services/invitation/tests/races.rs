@@ -3,6 +3,9 @@
 //! are the release criteria; `USHER_RACE_ROUNDS` scales them down for a
 //! quick local run (e.g. `USHER_RACE_ROUNDS=10`).
 
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::HashMap;

@@ -1,0 +1,381 @@
+//! Invitations end to end through the real binaries: an admin signed in at
+//! the gateway invites, reinvites; the invitee previews and accepts through
+//! the gateway with the link carried (sealed) in the queued email job; a
+//! delivery result from the notification pipeline shows on the invitation;
+//! with a short configured lifetime a link expires and `invitation.expired`
+//! is published.
+
+use std::time::Duration;
+
+use prost::Message;
+use tonic::{Request, metadata::MetadataValue};
+use tonic_health::pb::health_check_response::ServingStatus;
+use usher_kit::{
+    amqp::{Amqp, EMAIL_EXCHANGE, EVENTS_EXCHANGE, OutgoingMessage, QueueSpec, Topology},
+    config::{AmqpConfig, Secret},
+    principal::{Principal, PrincipalKind},
+    seal::{SealConfig, Sealer},
+};
+use usher_proto::{
+    identity::v1::{
+        CreateAccountRequest, ListRolesRequest, SignInRequest,
+        account_service_client::AccountServiceClient, auth_service_client::AuthServiceClient,
+        role_service_client::RoleServiceClient, sign_in_request::Login,
+    },
+    invitation::v1::{self as pb, invitation_service_client::InvitationServiceClient},
+    notification::v1::{DeliveryResult, DeliveryStatus, EmailJob, EmailTemplate},
+};
+
+use crate::harness::{Isolation, POSTGRES, Service, service_env, signed_request};
+
+fn bearer<T>(token: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}")).expect("ascii"),
+    );
+    request
+}
+
+/// The next message on `queue`, waiting up to 15 s.
+async fn next(amqp: &Amqp, queue: &str) -> lapin::message::BasicGetMessage {
+    let channel = amqp.channel().await.expect("channel");
+    for _ in 0..150 {
+        if let Some(message) = channel
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic_get")
+        {
+            return message;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("nothing arrived on {queue}");
+}
+
+async fn next_job(amqp: &Amqp) -> EmailJob {
+    let message = next(amqp, "it.email").await;
+    EmailJob::decode(message.delivery.data.as_slice()).expect("an email job")
+}
+
+/// The token of the link in `job`, opened with the development seal key the
+/// binaries use when none is configured (as the notification service would).
+fn token_of(job: &EmailJob) -> String {
+    let sealer = Sealer::from_config(&SealConfig::default()).expect("dev seal key");
+    let link = sealer
+        .open(&job.job_id, &job.sealed_link)
+        .expect("sealed link");
+    assert!(link.contains("/invite?token="), "{link}");
+    link.rsplit_once('=').expect("token").1.to_owned()
+}
+
+#[tokio::test]
+async fn invite_reinvite_accept_and_expire_through_the_gateway() {
+    let mut isolation = Isolation::new();
+    let mut identity_env = service_env(&mut isolation, "identity", POSTGRES);
+    // Links live 4 seconds (accounts may not go below 1 second here).
+    identity_env.extend([
+        (
+            "USHER_ACCOUNTS__MIN_INVITATION_LIFETIME_SECS",
+            "1".to_owned(),
+        ),
+        (
+            "USHER_ACCOUNTS__DEFAULT_INVITATION_LIFETIME_SECS",
+            "4".to_owned(),
+        ),
+    ]);
+    let identity = Service::start("usher-identity", &identity_env);
+    let mut invitation_env = service_env(&mut isolation, "invitation", POSTGRES);
+    invitation_env.extend([
+        ("USHER_IDENTITY__URL", format!("http://{}", identity.grpc)),
+        ("USHER_INVITATIONS__RESEND_COOLDOWN_SECS", "0".to_owned()),
+        ("USHER_INVITATIONS__EXPIRY_SWEEP_SECS", "1".to_owned()),
+    ]);
+    let invitation = Service::start("usher-invitation", &invitation_env);
+    let gateway = Service::start(
+        "usher-gateway",
+        &[
+            ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
+            (
+                "USHER_UPSTREAMS__IDENTITY",
+                format!("http://{}", identity.grpc),
+            ),
+            (
+                "USHER_UPSTREAMS__INVITATION",
+                format!("http://{}", invitation.grpc),
+            ),
+        ],
+    );
+    for (service, name) in [
+        (&identity, "usher.identity.v1.AuthService"),
+        (&invitation, "usher.invitation.v1.InvitationService"),
+    ] {
+        service
+            .wait_for(name, ServingStatus::Serving, Duration::from_secs(60))
+            .await;
+    }
+    gateway
+        .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
+        .await;
+
+    // The email queue the notification service would consume, and a queue
+    // for invitation events.
+    let amqp = Amqp::start(
+        AmqpConfig {
+            url: Secret::new(isolation.amqp_url()),
+            ..AmqpConfig::default()
+        },
+        "it-invitation",
+    );
+    amqp.wait_connected(Duration::from_secs(10))
+        .await
+        .expect("broker");
+    amqp.declare(
+        Topology::new()
+            .topic_exchange(EMAIL_EXCHANGE)
+            .topic_exchange(EVENTS_EXCHANGE)
+            .queue(QueueSpec::durable("it.email"))
+            .bind("it.email", EMAIL_EXCHANGE, "email.send")
+            .queue(QueueSpec::durable("it.expired"))
+            .bind("it.expired", EVENTS_EXCHANGE, "invitation.expired"),
+    )
+    .await
+    .expect("bind");
+
+    // An account, made by a platform at identity; its owner signs in at the gateway.
+    let platform = Principal {
+        kind: PrincipalKind::Platform,
+        credential_id: Some("it-platform".into()),
+        ..Principal::anonymous()
+    };
+    let slug = format!("inv-{}", isolation.id);
+    AccountServiceClient::new(identity.channel())
+        .create_account(signed_request(
+            "/usher.identity.v1.AccountService/CreateAccount",
+            &platform,
+            CreateAccountRequest {
+                name: "Invite Co".into(),
+                slug: slug.clone(),
+                owner_email: "owner@invite.example".into(),
+                owner_display_name: "Oona Owner".into(),
+                owner_password: "correct horse battery".into(),
+                seat_limit: 10,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("account");
+    let mut auth = AuthServiceClient::new(gateway.channel());
+    let admin = auth
+        .sign_in(SignInRequest {
+            account_slug: slug.clone(),
+            login: Some(Login::Email("owner@invite.example".into())),
+            password: "correct horse battery".into(),
+        })
+        .await
+        .expect("owner signs in")
+        .into_inner()
+        .session
+        .expect("session")
+        .access_token;
+    let user_role = RoleServiceClient::new(gateway.channel())
+        .list_roles(bearer(&admin, ListRolesRequest::default()))
+        .await
+        .expect("roles")
+        .into_inner()
+        .roles
+        .into_iter()
+        .find(|r| r.name == "User")
+        .expect("User role")
+        .id;
+
+    // Invite: the job carries the sealed link and the invitee's details.
+    let mut invitations = InvitationServiceClient::new(gateway.channel());
+    let create = |emails: &str| pb::CreateInvitationsRequest {
+        raw_text: emails.to_owned(),
+        role_id: user_role.clone(),
+        locale: "fr".into(),
+        ..Default::default()
+    };
+    let created = invitations
+        .create_invitations(bearer(&admin, create("Ivy <ivy@invite.example>")))
+        .await
+        .expect("created")
+        .into_inner();
+    assert_eq!(created.invited_count, 1, "{created:?}");
+    let invitation_id = created.results[0]
+        .invitation
+        .clone()
+        .expect("invitation")
+        .id;
+    let first = next_job(&amqp).await;
+    assert_eq!(first.template(), EmailTemplate::Invitation);
+    assert_eq!(first.recipient_email, "ivy@invite.example");
+    assert_eq!(first.recipient_name, "Ivy");
+    assert_eq!(first.locale, "fr");
+    assert_eq!(first.invitation_id, invitation_id);
+    let variables = first.variables.clone().expect("variables");
+    assert_eq!(variables.account_name, "Invite Co");
+    assert_eq!(variables.inviter_name, "Oona Owner");
+    let old_token = token_of(&first);
+
+    // Reinvite: a new job with a new link; the old link is dead.
+    let resent = invitations
+        .resend_invitations(bearer(
+            &admin,
+            pb::ResendInvitationsRequest {
+                request_id: String::new(),
+                invitation_ids: vec![invitation_id.clone()],
+            },
+        ))
+        .await
+        .expect("resent")
+        .into_inner();
+    assert_eq!(resent.succeeded_count, 1, "{resent:?}");
+    let second = next_job(&amqp).await;
+    assert_eq!(second.template(), EmailTemplate::Reinvitation);
+    assert_eq!(second.token_version, 2);
+    let token = token_of(&second);
+    assert_ne!(token, old_token);
+    let dead = invitations
+        .preview_invitation(pb::PreviewInvitationRequest { token: old_token })
+        .await
+        .expect_err("old link");
+    assert_eq!(dead.code(), tonic::Code::FailedPrecondition, "{dead:?}");
+
+    // The notification pipeline reports the reinvitation sent.
+    let result = DeliveryResult {
+        job_id: second.job_id.clone(),
+        account_id: second.account_id.clone(),
+        template: second.template,
+        invitation_id: invitation_id.clone(),
+        status: DeliveryStatus::Sent as i32,
+        attempts: 1,
+        ..Default::default()
+    };
+    let publisher = usher_kit::amqp::ConfirmedPublisher::new(amqp.clone());
+    publisher
+        .publish(&OutgoingMessage::new(
+            EMAIL_EXCHANGE,
+            "email.result.invitation",
+            "usher.notification.v1.DeliveryResult",
+            result.encode_to_vec(),
+        ))
+        .await
+        .expect("result published");
+    let mut delivered = false;
+    for _ in 0..100 {
+        let shown = invitations
+            .get_invitation(bearer(
+                &admin,
+                pb::GetInvitationRequest {
+                    invitation_id: invitation_id.clone(),
+                },
+            ))
+            .await
+            .expect("get")
+            .into_inner()
+            .invitation
+            .expect("invitation");
+        let delivery = shown.latest_delivery.expect("delivery");
+        if delivery.status() == DeliveryStatus::Sent {
+            assert_eq!(delivery.job_id, second.job_id);
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(delivered, "the delivery result shows on the invitation");
+
+    // Accept through the gateway (public): a session for the new member,
+    // and an email to the inviter.
+    let preview = invitations
+        .preview_invitation(pb::PreviewInvitationRequest {
+            token: token.clone(),
+        })
+        .await
+        .expect("preview")
+        .into_inner();
+    assert_eq!(preview.account_name, "Invite Co");
+    assert_eq!(preview.inviter_display_name, "Oona Owner");
+    let accepted = invitations
+        .accept_invitation(pb::AcceptInvitationRequest {
+            token: token.clone(),
+            display_name: "Ivy Invitee".into(),
+            password: "a long enough passphrase".into(),
+            locale: String::new(),
+        })
+        .await
+        .expect("accepted")
+        .into_inner();
+    assert_eq!(accepted.account_slug, slug);
+    let third = next_job(&amqp).await;
+    assert_eq!(third.template(), EmailTemplate::InvitationAccepted);
+    assert_eq!(third.recipient_email, "owner@invite.example");
+    assert!(third.sealed_link.is_empty());
+    let variables = third.variables.expect("variables");
+    assert_eq!(variables.invitee_email, "ivy@invite.example");
+    auth.sign_in(SignInRequest {
+        account_slug: slug.clone(),
+        login: Some(Login::Email("ivy@invite.example".into())),
+        password: "a long enough passphrase".into(),
+    })
+    .await
+    .expect("the new member signs in");
+
+    // A short lifetime, end to end: the link dies and `invitation.expired`
+    // is published once.
+    let late = invitations
+        .create_invitations(bearer(&admin, create("late@invite.example")))
+        .await
+        .expect("created")
+        .into_inner();
+    let late_id = late.results[0].invitation.clone().expect("invitation").id;
+    let late_token = token_of(&next_job(&amqp).await);
+    invitations
+        .preview_invitation(pb::PreviewInvitationRequest {
+            token: late_token.clone(),
+        })
+        .await
+        .expect("usable at first");
+    let expired = next(&amqp, "it.expired").await;
+    assert_eq!(expired.delivery.routing_key.as_str(), "invitation.expired");
+    let gone = invitations
+        .accept_invitation(pb::AcceptInvitationRequest {
+            token: late_token,
+            display_name: "Late".into(),
+            password: "a long enough passphrase".into(),
+            locale: String::new(),
+        })
+        .await
+        .expect_err("expired");
+    assert_eq!(gone.code(), tonic::Code::FailedPrecondition, "{gone:?}");
+    let listed = invitations
+        .list_invitations(bearer(
+            &admin,
+            pb::ListInvitationsRequest {
+                states: vec![pb::InvitationState::Expired as i32],
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.invitations.len(), 1);
+    assert_eq!(listed.invitations[0].id, late_id);
+    // Published once only.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let channel = amqp.channel().await.expect("channel");
+    let again = channel
+        .basic_get(
+            "it.expired".into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic_get");
+    assert!(again.is_none(), "invitation.expired published twice");
+    amqp.close().await;
+}
