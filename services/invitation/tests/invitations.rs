@@ -356,8 +356,20 @@ async fn the_hourly_quota_invites_in_request_order_then_refuses() {
 async fn preview_reads_and_accept_activates_once() {
     let h = Harness::start().await;
     let account = h.account(10).await;
-    let created = h.invite(&account, &["ivy@acme.example"]).await.unwrap();
+    // Platform-defined metadata travels to the user on acceptance.
+    let mut message = create_request(&account, &["ivy@acme.example"]);
+    message.metadata = Some(prost_types::Struct {
+        fields: [(
+            "employee_id".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue("E-42".into())),
+            },
+        )]
+        .into(),
+    });
+    let created = h.create(&account, message.clone()).await.unwrap();
     let invitation = created.results[0].invitation.clone().unwrap();
+    assert_eq!(invitation.metadata, message.metadata);
     let token = h.token_for("ivy@acme.example").await;
     for _ in 0..2 {
         let preview = h
@@ -392,6 +404,7 @@ async fn preview_reads_and_accept_activates_once() {
     let user = accepted.user.expect("user");
     assert_eq!(user.id, invitation.user_id);
     assert_eq!(user.display_name, "Ivy Invitee");
+    assert_eq!(user.metadata, message.metadata);
     assert!(!accepted.session.expect("session").access_token.is_empty());
     assert_eq!(
         user_status(&h, &account, &user.id).await,
