@@ -10,6 +10,39 @@ use sha2::{Digest, Sha256};
 
 /// The stored answers, table `idempotency_keys` (primary key scope +
 /// request id).
+/// The `idempotency_keys` table (`CREATE TABLE IF NOT EXISTS`), for a
+/// service's schema migration: the stored answers, keyed by
+/// `(scope, request_id)`.
+pub fn create_table() -> sea_orm_migration::prelude::TableCreateStatement {
+    use sea_orm_migration::{prelude::*, schema::*};
+    #[derive(DeriveIden)]
+    enum IdempotencyKeys {
+        Table,
+        Scope,
+        RequestId,
+        RequestHash,
+        Response,
+        CreateTime,
+    }
+    Table::create()
+        .table(IdempotencyKeys::Table)
+        .if_not_exists()
+        .col(string(IdempotencyKeys::Scope))
+        .col(string(IdempotencyKeys::RequestId))
+        .col(string(IdempotencyKeys::RequestHash))
+        .col(blob(IdempotencyKeys::Response))
+        .col(
+            timestamp_with_time_zone(IdempotencyKeys::CreateTime)
+                .default(Expr::current_timestamp()),
+        )
+        .primary_key(
+            Index::create()
+                .col(IdempotencyKeys::Scope)
+                .col(IdempotencyKeys::RequestId),
+        )
+        .to_owned()
+}
+
 pub mod idempotency_key {
     use sea_orm::entity::prelude::*;
 

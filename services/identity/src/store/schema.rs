@@ -140,16 +140,6 @@ enum AuditEvents {
     ClientIp,
 }
 
-#[derive(DeriveIden)]
-enum IdempotencyKeys {
-    Table,
-    Scope,
-    RequestId,
-    RequestHash,
-    Response,
-    CreateTime,
-}
-
 fn now() -> Expr {
     Expr::current_timestamp()
 }
@@ -346,22 +336,7 @@ impl MigrationTrait for CreateIdentitySchema {
             )
             .await?;
         manager
-            .create_table(
-                Table::create()
-                    .table(IdempotencyKeys::Table)
-                    .if_not_exists()
-                    .col(string(IdempotencyKeys::Scope))
-                    .col(string(IdempotencyKeys::RequestId))
-                    .col(string(IdempotencyKeys::RequestHash))
-                    .col(blob(IdempotencyKeys::Response))
-                    .col(timestamp_with_time_zone(IdempotencyKeys::CreateTime).default(now()))
-                    .primary_key(
-                        Index::create()
-                            .col(IdempotencyKeys::Scope)
-                            .col(IdempotencyKeys::RequestId),
-                    )
-                    .to_owned(),
-            )
+            .create_table(usher_kit::idempotency::create_table())
             .await?;
 
         let db = manager.get_connection();

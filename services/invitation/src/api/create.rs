@@ -455,9 +455,7 @@ impl InvitationApi {
             .iter()
             .map(|(_, m, _)| m.token_hash.clone())
             .collect();
-        if let Err(err) = self.state.tokens.delete(&hashes).await {
-            tracing::warn!(error = %err, "rollback: token keys not deleted (they point at nothing)");
-        }
+        self.state.tokens.forget(&hashes, "rolled back").await;
         let targets: Vec<(Uuid, Uuid)> =
             created.iter().map(|(_, m, _)| (m.user_id, m.id)).collect();
         if let Err(err) = self

@@ -419,9 +419,7 @@ impl InvitationApi {
             return Err(err);
         }
         // The version check already makes the old link useless.
-        if let Err(err) = self.state.tokens.delete(&[old_hash]).await {
-            tracing::warn!(error = %err, "old invitation token key not deleted");
-        }
+        self.state.tokens.forget(&[old_hash], "resent").await;
         Ok(model)
     }
 
@@ -536,9 +534,7 @@ impl InvitationApi {
         }
         outbox::enqueue(&txn, &outgoing).await?;
         txn.commit().await?;
-        if let Err(err) = self.state.tokens.delete(&dead_hashes).await {
-            tracing::warn!(error = %err, "revoked invitation token keys not deleted");
-        }
+        self.state.tokens.forget(&dead_hashes, "revoked").await;
         // Show the invitation after the action (revoke), including those
         // already revoked.
         if !delete {

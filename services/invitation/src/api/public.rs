@@ -236,14 +236,10 @@ impl InvitationApi {
             outbox::enqueue(&txn, &outgoing).await?;
         }
         txn.commit().await?;
-        if let Err(err) = self
-            .state
+        self.state
             .tokens
-            .delete(std::slice::from_ref(&model.token_hash))
-            .await
-        {
-            tracing::warn!(error = %err, "accepted invitation token key not deleted");
-        }
+            .forget(std::slice::from_ref(&model.token_hash), "accepted")
+            .await;
         if done.rows_affected != 1 {
             // The claim ran out and another accept finished first: that one
             // signed the member in; this one answers like any used link.
@@ -333,14 +329,10 @@ impl InvitationApi {
             .await?;
         outbox::enqueue(&txn, &[messages::declined(&model, now)]).await?;
         txn.commit().await?;
-        if let Err(err) = self
-            .state
+        self.state
             .tokens
-            .delete(std::slice::from_ref(&model.token_hash))
-            .await
-        {
-            tracing::warn!(error = %err, "declined invitation token key not deleted");
-        }
+            .forget(std::slice::from_ref(&model.token_hash), "declined")
+            .await;
         Ok(pb::DeclineInvitationResponse {})
     }
 }

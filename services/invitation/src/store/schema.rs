@@ -55,11 +55,6 @@ enum Invitations {
 #[derive(DeriveIden)]
 enum IdempotencyKeys {
     Table,
-    Scope,
-    RequestId,
-    RequestHash,
-    Response,
-    CreateTime,
 }
 
 fn now() -> Expr {
@@ -122,22 +117,7 @@ impl MigrationTrait for CreateInvitationSchema {
             db.execute_unprepared(sql).await?;
         }
         manager
-            .create_table(
-                Table::create()
-                    .table(IdempotencyKeys::Table)
-                    .if_not_exists()
-                    .col(string(IdempotencyKeys::Scope))
-                    .col(string(IdempotencyKeys::RequestId))
-                    .col(string(IdempotencyKeys::RequestHash))
-                    .col(blob(IdempotencyKeys::Response))
-                    .col(timestamp_with_time_zone(IdempotencyKeys::CreateTime).default(now()))
-                    .primary_key(
-                        Index::create()
-                            .col(IdempotencyKeys::Scope)
-                            .col(IdempotencyKeys::RequestId),
-                    )
-                    .to_owned(),
-            )
+            .create_table(usher_kit::idempotency::create_table())
             .await?;
         if db.get_database_backend() == DbBackend::Postgres {
             db.execute_unprepared("CREATE EXTENSION IF NOT EXISTS pg_trgm")

@@ -123,6 +123,16 @@ impl TokenStore {
         Ok(())
     }
 
+    /// Deletes the keys of links that no longer work, after the commit that
+    /// killed them. Best effort: PostgreSQL already refuses those links, so a
+    /// failure only leaves a key pointing at nothing until its TTL; it is
+    /// logged with `what` (e.g. "revoked").
+    pub async fn forget(&self, hashes: &[String], what: &str) {
+        if let Err(err) = self.delete(hashes).await {
+            tracing::warn!(error = %err, what, "dead invitation token keys not deleted");
+        }
+    }
+
     /// Takes up to `wanted` sends from `account`'s quota of `limit` per clock
     /// hour and returns how many were granted (0 when the quota is used up).
     /// A `limit` of 0 means no quota.
