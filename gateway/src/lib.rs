@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod limits;
+pub mod page;
 pub mod proxy;
 
 use std::{sync::Arc, time::Duration};
@@ -223,6 +224,9 @@ pub async fn serve(
         )
         // Count and time every call, the ones the gateway refuses included.
         .layer(MetricsLayer)
+        // The invitation page (`/invite`, HTML over HTTP/1.1 or 2). It calls
+        // the invitation service through the layers below, as a client would.
+        .layer(page::PageLayer::new(page::Pages::new()?))
         // (Timeout: the server below applies the deadline — the client's
         // `grpc-timeout` capped by `server.request_timeout_ms`, or that
         // default when it sent none — until the upstream's response headers.
@@ -256,6 +260,8 @@ pub async fn serve(
 
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = tonic::transport::Server::builder()
+        // Browsers open the invitation page over HTTP/1.1.
+        .accept_http1(true)
         // The deadline of a call that carries none (and the cap of those that do).
         .timeout(server_config.request_timeout())
         .max_concurrent_streams(server_config.max_concurrent_streams)

@@ -72,8 +72,21 @@ fn token_of(job: &EmailJob) -> String {
     link.rsplit_once('=').expect("token").1.to_owned()
 }
 
-#[tokio::test]
-async fn invite_reinvite_accept_and_expire_through_the_gateway() {
+/// identity (links live 4 seconds), invitation and the gateway, a queue on
+/// the email exchange and one for `invitation.expired`, and an account whose
+/// owner is signed in at the gateway.
+struct Setup {
+    _isolation: Isolation,
+    _identity: Service,
+    _invitation: Service,
+    gateway: Service,
+    amqp: Amqp,
+    admin: String,
+    user_role: String,
+    slug: String,
+}
+
+async fn setup() -> Setup {
     let mut isolation = Isolation::new();
     let mut identity_env = service_env(&mut isolation, "identity", POSTGRES);
     // Links live 4 seconds (accounts may not go below 1 second here).
@@ -191,7 +204,32 @@ async fn invite_reinvite_accept_and_expire_through_the_gateway() {
         .find(|r| r.name == "User")
         .expect("User role")
         .id;
+    Setup {
+        _isolation: isolation,
+        _identity: identity,
+        _invitation: invitation,
+        gateway,
+        amqp,
+        admin,
+        user_role,
+        slug,
+    }
+}
 
+#[tokio::test]
+async fn invite_reinvite_accept_and_expire_through_the_gateway() {
+    let Setup {
+        gateway,
+        amqp,
+        admin,
+        user_role,
+        slug,
+        // Bound (not `..`) so the processes and the vhost live to the end.
+        _isolation,
+        _identity,
+        _invitation,
+    } = setup().await;
+    let mut auth = AuthServiceClient::new(gateway.channel());
     // Invite: the job carries the sealed link and the invitee's details.
     let mut invitations = InvitationServiceClient::new(gateway.channel());
     let create = |emails: &str| pb::CreateInvitationsRequest {
@@ -377,5 +415,202 @@ async fn invite_reinvite_accept_and_expire_through_the_gateway() {
         .await
         .expect("basic_get");
     assert!(again.is_none(), "invitation.expired published twice");
+    amqp.close().await;
+}
+
+/// One HTTP/1.1 exchange with the gateway, as a browser would make it:
+/// returns the status, the headers (lower-case names) and the body.
+async fn http(
+    gateway: &Service,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(gateway.grpc)
+        .await
+        .expect("connect");
+    let mut request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        gateway.grpc,
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let raw = String::from_utf8(raw).expect("utf-8");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("head and body");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    // Bodies come chunked or with a length; the page is small, so strip a
+    // chunked framing if there is one.
+    let body = if body.starts_with(|c: char| c.is_ascii_hexdigit()) && body.contains("\r\n") {
+        body.split("\r\n")
+            .collect::<Vec<_>>()
+            .chunks(2)
+            .filter_map(|pair| pair.get(1).copied())
+            .collect()
+    } else {
+        body.to_owned()
+    };
+    (status, headers, body)
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map_or("", |(_, v)| v.as_str())
+}
+
+fn form(fields: &[(&str, &str)]) -> String {
+    let mut out = url::form_urlencoded::Serializer::new(String::new());
+    for (name, value) in fields {
+        out.append_pair(name, value);
+    }
+    out.finish()
+}
+
+#[tokio::test]
+async fn the_invitation_page_shows_accepts_and_speaks_french() {
+    let Setup {
+        gateway,
+        amqp,
+        admin,
+        user_role,
+        slug,
+        // Bound (not `..`) so the processes and the vhost live to the end.
+        _isolation,
+        _identity,
+        _invitation,
+    } = setup().await;
+    let mut invitations = InvitationServiceClient::new(gateway.channel());
+    invitations
+        .create_invitations(bearer(
+            &admin,
+            pb::CreateInvitationsRequest {
+                raw_text: "Ivy <ivy@invite.example>, Fred <fred@invite.example>".into(),
+                role_id: user_role,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("created");
+    let mut tokens = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let job = next_job(&amqp).await;
+        tokens.insert(job.recipient_email.clone(), token_of(&job));
+    }
+    let ivy = tokens["ivy@invite.example"].clone();
+    let fred = tokens["fred@invite.example"].clone();
+    let url = |token: &str| format!("/invite?token={token}");
+
+    // Opening the link shows who invited whom, and consumes nothing.
+    for _ in 0..2 {
+        let (status, headers, body) = http(&gateway, "GET", &url(&ivy), &[], "").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.contains("Oona Owner invited you to join Invite Co."),
+            "{body}"
+        );
+        assert!(body.contains("ivy@invite.example"));
+        assert!(body.contains("value=\"Ivy\""), "the name is prefilled");
+        assert!(header(&headers, "content-type").starts_with("text/html"));
+        assert!(header(&headers, "content-security-policy").starts_with("default-src 'none'"));
+        assert_eq!(header(&headers, "referrer-policy"), "no-referrer");
+        assert_eq!(header(&headers, "cache-control"), "no-store");
+    }
+    // A password outside the policy: the form again, with the reason, and
+    // the link still works.
+    let weak = form(&[
+        ("token", &ivy),
+        ("lang", "en"),
+        ("action", "accept"),
+        ("display_name", "Ivy Invitee"),
+        ("password", "short"),
+    ]);
+    let content_type = [("content-type", "application/x-www-form-urlencoded")];
+    let (status, _, body) = http(&gateway, "POST", "/invite", &content_type, &weak).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("Choose a password within the length shown."),
+        "{body}"
+    );
+    // Accept: the welcome page, then the new member signs in.
+    let good = form(&[
+        ("token", &ivy),
+        ("lang", "en"),
+        ("action", "accept"),
+        ("display_name", "Ivy Invitee"),
+        ("password", "a long enough passphrase"),
+    ]);
+    let (status, _, body) = http(&gateway, "POST", "/invite", &content_type, &good).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("You are now a member of Invite Co."),
+        "{body}"
+    );
+    AuthServiceClient::new(gateway.channel())
+        .sign_in(SignInRequest {
+            account_slug: slug.clone(),
+            login: Some(Login::Email("ivy@invite.example".into())),
+            password: "a long enough passphrase".into(),
+        })
+        .await
+        .expect("the new member signs in");
+    // The used link: the one generic failure page.
+    let (status, _, body) = http(&gateway, "GET", &url(&ivy), &[], "").await;
+    assert_eq!(status, 410);
+    assert!(body.contains("This link cannot be used"), "{body}");
+    let (status, _, _) = http(&gateway, "GET", "/invite?token=made-up", &[], "").await;
+    assert_eq!(status, 410);
+
+    // In French, by the browser's preference; then accepted in French.
+    let french = [("accept-language", "fr-FR,fr;q=0.9,en;q=0.5")];
+    let (status, headers, body) = http(&gateway, "GET", &url(&fred), &french, "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(header(&headers, "content-language"), "fr");
+    assert!(
+        body.contains("Oona Owner vous invite à rejoindre Invite Co."),
+        "{body}"
+    );
+    let accept_fr = form(&[
+        ("token", &fred),
+        ("lang", "fr"),
+        ("action", "accept"),
+        ("display_name", "Frédéric"),
+        ("password", "une phrase de passe assez longue"),
+    ]);
+    let (status, _, body) = http(&gateway, "POST", "/invite", &content_type, &accept_fr).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("Vous êtes maintenant membre de Invite Co."),
+        "{body}"
+    );
+    AuthServiceClient::new(gateway.channel())
+        .sign_in(SignInRequest {
+            account_slug: slug,
+            login: Some(Login::Email("fred@invite.example".into())),
+            password: "une phrase de passe assez longue".into(),
+        })
+        .await
+        .expect("the French member signs in");
     amqp.close().await;
 }
