@@ -77,6 +77,41 @@ pub struct Config {
     pub tokens: TokenConfig,
     /// Rate limits, counted in Redis and shared by every replica (P8).
     pub rate_limits: RateLimitsConfig,
+    /// Browsers calling with gRPC-Web from other origins.
+    pub grpc_web: GrpcWebConfig,
+}
+
+/// gRPC-Web (section `grpc_web`). The translation is always on; these are the
+/// origins allowed to call cross-origin (CORS).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcWebConfig {
+    /// Exact origins (`https://app.example.com`) whose pages may call the
+    /// gateway with gRPC-Web; empty allows none (same-origin only).
+    pub allowed_origins: Vec<String>,
+}
+
+impl Validate for GrpcWebConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (i, origin) in self.allowed_origins.iter().enumerate() {
+            let field = format!("grpc_web.allowed_origins[{i}]");
+            let parsed = url::Url::parse(origin)
+                .map_err(|e| ConfigError::invalid(&field, format!("not a URL: {e}")))?;
+            let bare = parsed.path() == "/" && !origin.ends_with('/');
+            if !matches!(parsed.scheme(), "http" | "https")
+                || parsed.host().is_none()
+                || !bare
+                || parsed.query().is_some()
+                || http::HeaderValue::from_str(origin).is_err()
+            {
+                return Err(ConfigError::invalid(
+                    field,
+                    "must be an origin: scheme://host[:port], no path",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -91,6 +126,7 @@ impl Default for Config {
             sessions: SessionConfig::default(),
             tokens: TokenConfig::default(),
             rate_limits: RateLimitsConfig::default(),
+            grpc_web: GrpcWebConfig::default(),
         }
     }
 }
@@ -103,7 +139,8 @@ impl Validate for Config {
         self.sessions.validate()?;
         self.tokens.validate_for(self.environment)?;
         self.assertion.validate_for(self.environment)?;
-        self.rate_limits.validate()
+        self.rate_limits.validate()?;
+        self.grpc_web.validate()
     }
 }
 
@@ -186,5 +223,33 @@ impl Validate for RateLimitsConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_web_origins_must_be_bare_origins() {
+        let valid = |origins: &[&str]| {
+            GrpcWebConfig {
+                allowed_origins: origins.iter().map(|o| (*o).to_owned()).collect(),
+            }
+            .validate()
+            .is_ok()
+        };
+        assert!(valid(&[]));
+        assert!(valid(&["https://app.example.com", "http://localhost:3000"]));
+        for bad in [
+            "app.example.com",
+            "https://app.example.com/",
+            "https://app.example.com/path",
+            "https://app.example.com?x=1",
+            "ftp://app.example.com",
+            "*",
+        ] {
+            assert!(!valid(&[bad]), "{bad}");
+        }
     }
 }

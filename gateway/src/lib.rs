@@ -224,9 +224,15 @@ pub async fn serve(
         )
         // Count and time every call, the ones the gateway refuses included.
         .layer(MetricsLayer)
+        // CORS for gRPC-Web from the configured origins (preflights answered
+        // here); nothing when none is configured.
+        .option_layer(cors(&config.grpc_web))
         // The invitation page (`/invite`, HTML over HTTP/1.1 or 2). It calls
         // the invitation service through the layers below, as a client would.
         .layer(page::PageLayer::new(page::Pages::new()?))
+        // gRPC-Web (HTTP/1.1 or 2) translated to gRPC; other HTTP/1.1
+        // requests answer 400.
+        .layer(tonic_web::GrpcWebLayer::new())
         // (Timeout: the server below applies the deadline — the client's
         // `grpc-timeout` capped by `server.request_timeout_ms`, or that
         // default when it sent none — until the upstream's response headers.
@@ -309,6 +315,41 @@ pub async fn serve(
             Ok(())
         }
     }
+}
+
+/// The CORS layer for gRPC-Web from `config`'s origins, if any.
+fn cors(config: &config::GrpcWebConfig) -> Option<tower_http::cors::CorsLayer> {
+    use http::{HeaderName, HeaderValue, Method};
+    if config.allowed_origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = config
+        .allowed_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    let allowed = [
+        "content-type",
+        "authorization",
+        "x-grpc-web",
+        "x-user-agent",
+        "grpc-timeout",
+        "x-request-id",
+    ];
+    let exposed = [
+        "grpc-status",
+        "grpc-message",
+        "grpc-status-details-bin",
+        "x-request-id",
+    ];
+    Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::POST])
+            .allow_headers(allowed.map(HeaderName::from_static))
+            .expose_headers(exposed.map(HeaderName::from_static))
+            .max_age(Duration::from_secs(3600)),
+    )
 }
 
 /// A lazily connected HTTP/2 channel to an upstream.

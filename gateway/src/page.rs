@@ -421,6 +421,9 @@ where
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        // A gRPC call, whatever the browser's HTTP version (the gRPC-Web
+        // layer below refuses other HTTP/1.1 requests).
+        *request.version_mut() = http::Version::HTTP_2;
         if let Some(connection) = &self.connection {
             request.extensions_mut().insert(connection.clone());
         }

@@ -26,7 +26,7 @@ use usher_proto::{
     notification::v1::{DeliveryResult, DeliveryStatus, EmailJob, EmailTemplate},
 };
 
-use crate::harness::{Isolation, POSTGRES, Service, service_env, signed_request};
+use crate::harness::{Isolation, POSTGRES, Service, header, http, service_env, signed_request};
 
 fn bearer<T>(token: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);
@@ -418,66 +418,20 @@ async fn invite_reinvite_accept_and_expire_through_the_gateway() {
     amqp.close().await;
 }
 
-/// One HTTP/1.1 exchange with the gateway, as a browser would make it:
-/// returns the status, the headers (lower-case names) and the body.
-async fn http(
+/// An HTTP/1.1 exchange with a text body.
+async fn page(
     gateway: &Service,
     method: &str,
     target: &str,
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, Vec<(String, String)>, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(gateway.grpc)
-        .await
-        .expect("connect");
-    let mut request = format!(
-        "{method} {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        gateway.grpc,
-        body.len()
-    );
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
-        .await
-        .expect("answered in time")
-        .expect("read");
-    let raw = String::from_utf8(raw).expect("utf-8");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("head and body");
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    // Bodies come chunked or with a length; the page is small, so strip a
-    // chunked framing if there is one.
-    let body = if body.starts_with(|c: char| c.is_ascii_hexdigit()) && body.contains("\r\n") {
-        body.split("\r\n")
-            .collect::<Vec<_>>()
-            .chunks(2)
-            .filter_map(|pair| pair.get(1).copied())
-            .collect()
-    } else {
-        body.to_owned()
-    };
-    (status, headers, body)
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
-    headers
-        .iter()
-        .find(|(n, _)| n == name)
-        .map_or("", |(_, v)| v.as_str())
+    let (status, headers, body) = http(gateway, method, target, headers, body.as_bytes()).await;
+    (
+        status,
+        headers,
+        String::from_utf8(body).expect("utf-8 page"),
+    )
 }
 
 fn form(fields: &[(&str, &str)]) -> String {
@@ -524,7 +478,7 @@ async fn the_invitation_page_shows_accepts_and_speaks_french() {
 
     // Opening the link shows who invited whom, and consumes nothing.
     for _ in 0..2 {
-        let (status, headers, body) = http(&gateway, "GET", &url(&ivy), &[], "").await;
+        let (status, headers, body) = page(&gateway, "GET", &url(&ivy), &[], "").await;
         assert_eq!(status, 200, "{body}");
         assert!(
             body.contains("Oona Owner invited you to join Invite Co."),
@@ -547,7 +501,7 @@ async fn the_invitation_page_shows_accepts_and_speaks_french() {
         ("password", "short"),
     ]);
     let content_type = [("content-type", "application/x-www-form-urlencoded")];
-    let (status, _, body) = http(&gateway, "POST", "/invite", &content_type, &weak).await;
+    let (status, _, body) = page(&gateway, "POST", "/invite", &content_type, &weak).await;
     assert_eq!(status, 422, "{body}");
     assert!(
         body.contains("Choose a password within the length shown."),
@@ -561,7 +515,7 @@ async fn the_invitation_page_shows_accepts_and_speaks_french() {
         ("display_name", "Ivy Invitee"),
         ("password", "a long enough passphrase"),
     ]);
-    let (status, _, body) = http(&gateway, "POST", "/invite", &content_type, &good).await;
+    let (status, _, body) = page(&gateway, "POST", "/invite", &content_type, &good).await;
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains("You are now a member of Invite Co."),
@@ -576,15 +530,15 @@ async fn the_invitation_page_shows_accepts_and_speaks_french() {
         .await
         .expect("the new member signs in");
     // The used link: the one generic failure page.
-    let (status, _, body) = http(&gateway, "GET", &url(&ivy), &[], "").await;
+    let (status, _, body) = page(&gateway, "GET", &url(&ivy), &[], "").await;
     assert_eq!(status, 410);
     assert!(body.contains("This link cannot be used"), "{body}");
-    let (status, _, _) = http(&gateway, "GET", "/invite?token=made-up", &[], "").await;
+    let (status, _, _) = page(&gateway, "GET", "/invite?token=made-up", &[], "").await;
     assert_eq!(status, 410);
 
     // In French, by the browser's preference; then accepted in French.
     let french = [("accept-language", "fr-FR,fr;q=0.9,en;q=0.5")];
-    let (status, headers, body) = http(&gateway, "GET", &url(&fred), &french, "").await;
+    let (status, headers, body) = page(&gateway, "GET", &url(&fred), &french, "").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(header(&headers, "content-language"), "fr");
     assert!(
@@ -598,7 +552,7 @@ async fn the_invitation_page_shows_accepts_and_speaks_french() {
         ("display_name", "Frédéric"),
         ("password", "une phrase de passe assez longue"),
     ]);
-    let (status, _, body) = http(&gateway, "POST", "/invite", &content_type, &accept_fr).await;
+    let (status, _, body) = page(&gateway, "POST", "/invite", &content_type, &accept_fr).await;
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains("Vous êtes maintenant membre de Invite Co."),

@@ -7,6 +7,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod gateway;
+mod grpc_web;
 mod harness;
 mod health;
 mod identity;
