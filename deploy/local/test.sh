@@ -6,6 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 bash deploy/local/services.sh
+# The browser test drives headless Chromium through chromedriver.
+if ! command -v chromedriver >/dev/null 2>&1; then
+  echo "test: installing chromium and chromium-driver" >&2
+  as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 # Integration tests start the real binaries: build them first.
 cargo build --workspace --bins
 

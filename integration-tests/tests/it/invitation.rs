@@ -28,7 +28,7 @@ use usher_proto::{
 
 use crate::harness::{Isolation, POSTGRES, Service, header, http, service_env, signed_request};
 
-fn bearer<T>(token: &str, message: T) -> Request<T> {
+pub fn bearer<T>(token: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);
     request.metadata_mut().insert(
         "authorization",
@@ -56,14 +56,14 @@ async fn next(amqp: &Amqp, queue: &str) -> lapin::message::BasicGetMessage {
     panic!("nothing arrived on {queue}");
 }
 
-async fn next_job(amqp: &Amqp) -> EmailJob {
+pub async fn next_job(amqp: &Amqp) -> EmailJob {
     let message = next(amqp, "it.email").await;
     EmailJob::decode(message.delivery.data.as_slice()).expect("an email job")
 }
 
 /// The token of the link in `job`, opened with the development seal key the
 /// binaries use when none is configured (as the notification service would).
-fn token_of(job: &EmailJob) -> String {
+pub fn token_of(job: &EmailJob) -> String {
     let sealer = Sealer::from_config(&SealConfig::default()).expect("dev seal key");
     let link = sealer
         .open(&job.job_id, &job.sealed_link)
@@ -72,24 +72,24 @@ fn token_of(job: &EmailJob) -> String {
     link.rsplit_once('=').expect("token").1.to_owned()
 }
 
-/// identity (links live 4 seconds), invitation and the gateway, a queue on
+/// identity (links live `lifetime_secs`), invitation and the gateway, a queue on
 /// the email exchange and one for `invitation.expired`, and an account whose
 /// owner is signed in at the gateway.
-struct Setup {
-    _isolation: Isolation,
-    _identity: Service,
-    _invitation: Service,
-    gateway: Service,
-    amqp: Amqp,
-    admin: String,
-    user_role: String,
-    slug: String,
+pub struct Setup {
+    pub _isolation: Isolation,
+    pub _identity: Service,
+    pub _invitation: Service,
+    pub gateway: Service,
+    pub amqp: Amqp,
+    pub admin: String,
+    pub user_role: String,
+    pub slug: String,
 }
 
-async fn setup() -> Setup {
+pub async fn setup(lifetime_secs: u32) -> Setup {
     let mut isolation = Isolation::new();
     let mut identity_env = service_env(&mut isolation, "identity", POSTGRES);
-    // Links live 4 seconds (accounts may not go below 1 second here).
+    // Accounts may not go below 1 second here.
     identity_env.extend([
         (
             "USHER_ACCOUNTS__MIN_INVITATION_LIFETIME_SECS",
@@ -97,7 +97,7 @@ async fn setup() -> Setup {
         ),
         (
             "USHER_ACCOUNTS__DEFAULT_INVITATION_LIFETIME_SECS",
-            "4".to_owned(),
+            lifetime_secs.to_string(),
         ),
     ]);
     let identity = Service::start("usher-identity", &identity_env);
@@ -216,6 +216,9 @@ async fn setup() -> Setup {
     }
 }
 
+/// The default link lifetime.
+pub const DAY: u32 = 86_400;
+
 #[tokio::test]
 async fn invite_reinvite_accept_and_expire_through_the_gateway() {
     let Setup {
@@ -228,7 +231,7 @@ async fn invite_reinvite_accept_and_expire_through_the_gateway() {
         _isolation,
         _identity,
         _invitation,
-    } = setup().await;
+    } = setup(4).await;
     let mut auth = AuthServiceClient::new(gateway.channel());
     // Invite: the job carries the sealed link and the invitee's details.
     let mut invitations = InvitationServiceClient::new(gateway.channel());
@@ -454,7 +457,7 @@ async fn the_invitation_page_shows_accepts_and_speaks_french() {
         _isolation,
         _identity,
         _invitation,
-    } = setup().await;
+    } = setup(DAY).await;
     let mut invitations = InvitationServiceClient::new(gateway.channel());
     invitations
         .create_invitations(bearer(
