@@ -1,15 +1,18 @@
 //! Configuration of usher-notification. Every key can be set in the TOML file or
 //! as `USHER_<SECTION>__<KEY>`; with nothing set it targets the local
-//! PostgreSQL, Redis and RabbitMQ.
+//! PostgreSQL, RabbitMQ and an SMTP server on 127.0.0.1:25.
+
+use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use usher_kit::{
     cli::ServiceConfig,
     config::{
-        AmqpConfig, ConfigError, DatabaseConfig, Environment, ServerConfig, TelemetryConfig,
-        Validate,
+        AmqpConfig, ConfigError, DatabaseConfig, Environment, LinksConfig, Secret, ServerConfig,
+        TelemetryConfig, Validate,
     },
     principal::AssertionConfig,
+    seal::SealConfig,
 };
 
 /// usher-notification's configuration.
@@ -18,9 +21,9 @@ use usher_kit::{
 pub struct Config {
     /// `development` (default) or `production`.
     pub environment: Environment,
-    /// gRPC server and limits; port 50061, metrics 9101.
+    /// gRPC server and limits; port 50063, metrics 9103.
     pub server: ServerConfig,
-    /// The notification database.
+    /// The notification database (deliveries and the outbox).
     pub database: DatabaseConfig,
     /// Consumes email jobs; publishes delivery results.
     pub amqp: AmqpConfig,
@@ -28,6 +31,15 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// Keys of the principal assertions.
     pub assertion: AssertionConfig,
+    /// The key that opens the links sealed in email jobs (the producers'
+    /// `seal` section).
+    pub seal: SealConfig,
+    /// The public base URL every link in an email must start with.
+    pub links: LinksConfig,
+    /// How emails leave: SMTP or a mail folder.
+    pub smtp: SmtpConfig,
+    /// Consumer, retries and message identity.
+    pub delivery: DeliveryConfig,
 }
 
 impl Default for Config {
@@ -39,6 +51,10 @@ impl Default for Config {
             amqp: AmqpConfig::default(),
             telemetry: TelemetryConfig::default(),
             assertion: AssertionConfig::default(),
+            seal: SealConfig::default(),
+            links: LinksConfig::default(),
+            smtp: SmtpConfig::default(),
+            delivery: DeliveryConfig::default(),
         }
     }
 }
@@ -48,6 +64,10 @@ impl Validate for Config {
         self.server.validate()?;
         self.database.validate()?;
         self.amqp.validate()?;
+        self.seal.validate_for(self.environment)?;
+        self.links.validate_for(self.environment)?;
+        self.smtp.validate_for(self.environment)?;
+        self.delivery.validate()?;
         self.assertion.validate_for(self.environment)
     }
 }
@@ -55,5 +75,243 @@ impl Validate for Config {
 impl ServiceConfig for Config {
     fn telemetry(&self) -> &TelemetryConfig {
         &self.telemetry
+    }
+}
+
+/// Where rendered emails go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// An SMTP server (production).
+    #[default]
+    Smtp,
+    /// `.eml` files in `smtp.folder` (`usher dev`).
+    File,
+}
+
+/// How the SMTP connection is secured.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plain text (a local relay or a test sink only; refused in production).
+    #[default]
+    None,
+    /// Plain connect, then `STARTTLS` (required).
+    Starttls,
+    /// TLS from the first byte (SMTPS, usually port 465).
+    Tls,
+}
+
+/// The outgoing mail server (section `smtp`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmtpConfig {
+    /// `smtp` or `file`.
+    pub transport: TransportKind,
+    /// Server host name (also the TLS server name).
+    pub host: String,
+    /// Server port.
+    pub port: u16,
+    /// `none`, `starttls` or `tls`.
+    pub tls: TlsMode,
+    /// User name for `AUTH`; empty for no authentication.
+    pub username: String,
+    /// Password for `AUTH`.
+    pub password: Secret,
+    /// Deadline of each SMTP command, in milliseconds; far below the broker's
+    /// consumer timeout (30 minutes by default), so an unacked job never
+    /// outlives its delivery.
+    pub timeout_ms: u64,
+    /// Most pooled SMTP connections.
+    pub pool_max_size: u32,
+    /// The `From` mailbox, e.g. `Usher <no-reply@usher.example>`.
+    pub from: String,
+    /// Folder of `.eml` files when `transport = "file"`.
+    pub folder: PathBuf,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        Self {
+            transport: TransportKind::Smtp,
+            host: "127.0.0.1".into(),
+            port: 25,
+            tls: TlsMode::None,
+            username: String::new(),
+            password: Secret::default(),
+            timeout_ms: 30_000,
+            pool_max_size: 8,
+            from: "Usher <no-reply@usher.localhost>".into(),
+            folder: PathBuf::from("usher-mail"),
+        }
+    }
+}
+
+impl SmtpConfig {
+    /// The SMTP command deadline.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// Checks the values; production refuses plain-text SMTP (P17).
+    pub fn validate_for(&self, environment: Environment) -> Result<(), ConfigError> {
+        if self.from.parse::<lettre::message::Mailbox>().is_err() {
+            return Err(ConfigError::invalid("smtp.from", "must be a mailbox"));
+        }
+        match self.transport {
+            TransportKind::File => {
+                if self.folder.as_os_str().is_empty() {
+                    return Err(ConfigError::invalid("smtp.folder", "must not be empty"));
+                }
+            }
+            TransportKind::Smtp => {
+                if self.host.trim().is_empty() {
+                    return Err(ConfigError::invalid("smtp.host", "must not be empty"));
+                }
+                if self.port == 0 {
+                    return Err(ConfigError::invalid("smtp.port", "must be positive"));
+                }
+                if !(1_000..=600_000).contains(&self.timeout_ms) {
+                    return Err(ConfigError::invalid(
+                        "smtp.timeout_ms",
+                        "must be between 1000 and 600000",
+                    ));
+                }
+                if self.pool_max_size == 0 {
+                    return Err(ConfigError::invalid(
+                        "smtp.pool_max_size",
+                        "must be positive",
+                    ));
+                }
+                if environment == Environment::Production && self.tls == TlsMode::None {
+                    return Err(ConfigError::invalid(
+                        "smtp.tls",
+                        "must be starttls or tls in production",
+                    ));
+                }
+                if !self.username.is_empty() && self.password.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "smtp.password",
+                        "required with smtp.username",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The consumer and its retries (section `delivery`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Unacknowledged jobs in flight (the prefetch), also how many are sent
+    /// at once.
+    pub prefetch: u16,
+    /// Waits before each retry after a transient failure, in milliseconds,
+    /// increasing; the last one repeats. One delay queue per value.
+    pub retry_delays_ms: Vec<u64>,
+    /// Sending attempts before a job that keeps failing transiently is
+    /// parked as FAILED.
+    pub max_attempts: u32,
+    /// The host part of every `Message-ID` (`<job_id@host>`).
+    pub message_id_host: String,
+    /// How long a job being sent is leased to its consumer before another
+    /// copy of it may be sent, in seconds; above the SMTP timeout.
+    pub lease_secs: u32,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            prefetch: 16,
+            retry_delays_ms: vec![5_000, 30_000, 120_000, 600_000, 1_800_000],
+            max_attempts: 12,
+            message_id_host: "usher.localhost".into(),
+            lease_secs: 120,
+        }
+    }
+}
+
+impl Validate for DeliveryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1_000).contains(&self.prefetch) {
+            return Err(ConfigError::invalid(
+                "delivery.prefetch",
+                "must be between 1 and 1000",
+            ));
+        }
+        if self.retry_delays_ms.is_empty()
+            || self.retry_delays_ms.len() > 20
+            || self
+                .retry_delays_ms
+                .iter()
+                .any(|d| !(10..=86_400_000).contains(d))
+        {
+            return Err(ConfigError::invalid(
+                "delivery.retry_delays_ms",
+                "must hold 1 to 20 delays between 10 ms and one day",
+            ));
+        }
+        if self.max_attempts == 0 {
+            return Err(ConfigError::invalid(
+                "delivery.max_attempts",
+                "must be positive",
+            ));
+        }
+        let host_ok = !self.message_id_host.is_empty()
+            && self.message_id_host.len() <= 200
+            && self
+                .message_id_host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'));
+        if !host_ok {
+            return Err(ConfigError::invalid(
+                "delivery.message_id_host",
+                "must be a host name",
+            ));
+        }
+        if self.lease_secs < 10 {
+            return Err(ConfigError::invalid(
+                "delivery.lease_secs",
+                "must be at least 10",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_in_development() {
+        Config::default().validate().expect("valid defaults");
+    }
+
+    #[test]
+    fn production_refuses_plain_smtp() {
+        let smtp = SmtpConfig::default();
+        assert!(smtp.validate_for(Environment::Production).is_err());
+        let tls = SmtpConfig {
+            tls: TlsMode::Starttls,
+            ..SmtpConfig::default()
+        };
+        tls.validate_for(Environment::Production).expect("tls ok");
+    }
+
+    #[test]
+    fn bad_delivery_values_are_refused() {
+        let empty = DeliveryConfig {
+            retry_delays_ms: Vec::new(),
+            ..DeliveryConfig::default()
+        };
+        assert!(empty.validate().is_err());
+        let host = DeliveryConfig {
+            message_id_host: "a b>".into(),
+            ..DeliveryConfig::default()
+        };
+        assert!(host.validate().is_err());
     }
 }

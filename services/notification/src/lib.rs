@@ -1,20 +1,34 @@
-//! usher-notification: the email pipeline: consumes email jobs, renders, sends, records deliveries. `main.rs` only parses arguments; `usher dev` and the
-//! integration tests start the service in-process through [`serve`].
+//! usher-notification: the email pipeline. It consumes email jobs from the
+//! quorum queue `usher.email.send`, renders them (minijinja, English and
+//! French), sends them with lettre (SMTP, or a mail folder for `usher dev`),
+//! records each job in `deliveries` so a redelivered job is never sent twice,
+//! retries transient failures through delay queues, parks permanent ones, and
+//! publishes a `DeliveryResult` per status change through its outbox. It
+//! also serves the account's deliveries and template previews over gRPC.
+//! `main.rs` only parses arguments; `usher dev` and the integration tests
+//! start the service in-process through [`serve`].
 
 pub mod api;
 pub mod config;
+pub mod mailer;
 pub mod migration;
+pub mod pipeline;
+pub mod store;
+pub mod templates;
+pub mod topology;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use usher_kit::{
-    amqp::Amqp,
+    amqp::{Amqp, ConfirmedPublisher},
     authz::Policy,
-    clock::SystemClock,
+    clock::{SharedClock, SystemClock},
     health::{self, Probe},
+    outbox::OutboxRelay,
     runtime::{self, ServiceDatabase},
+    seal::Sealer,
     server::{CallGuard, ServiceServer},
     telemetry,
 };
@@ -37,6 +51,43 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The broker topology of `config` (see [`topology`]).
+pub fn broker_topology(config: &Config) -> usher_kit::amqp::Topology {
+    let delays: Vec<_> = config
+        .delivery
+        .retry_delays_ms
+        .iter()
+        .map(|ms| Duration::from_millis(*ms))
+        .collect();
+    topology::topology(&delays)
+}
+
+/// The email pipeline of `config` on `db` and `amqp`.
+pub fn pipeline(
+    config: &Config,
+    db: sea_orm::DatabaseConnection,
+    amqp: Amqp,
+    templates: Arc<templates::Templates>,
+    clock: SharedClock,
+) -> anyhow::Result<pipeline::Pipeline> {
+    Ok(pipeline::Pipeline {
+        db,
+        publisher: ConfirmedPublisher::new(amqp.clone()),
+        amqp,
+        templates,
+        mailer: mailer::Mailer::from_config(&config.smtp)?,
+        sealer: Sealer::from_config(&config.seal)?,
+        link_base: config.links.base().to_owned(),
+        from: config
+            .smtp
+            .from
+            .parse()
+            .map_err(|_| anyhow::anyhow!("smtp.from is not a mailbox"))?,
+        config: config.delivery.clone(),
+        clock,
+    })
+}
+
 /// Serves on `listener` until `shutdown`.
 pub async fn serve(
     config: Config,
@@ -52,17 +103,45 @@ pub async fn serve(
     )
     .await?;
     let amqp = Amqp::start(config.amqp.clone(), SERVICE);
+    // Exchanges, work, delay and parking queues (re-declared on reconnect).
+    amqp.declare(broker_topology(&config)).await?;
+    let templates = Arc::new(templates::Templates::new()?);
+
+    // Delivery results leave through the outbox, written with each status change.
+    let relay = tokio::spawn(
+        OutboxRelay::new(
+            database.connection.clone(),
+            Arc::new(ConfirmedPublisher::new(amqp.clone())),
+            shutdown.clone(),
+        )
+        .run(),
+    );
+    let consumer = tokio::spawn(
+        Arc::new(pipeline(
+            &config,
+            database.connection.clone(),
+            amqp.clone(),
+            templates.clone(),
+            clock.clone(),
+        )?)
+        .consume(shutdown.clone()),
+    );
 
     let guard = CallGuard::new(
         Policy::from_contracts()?,
         config.assertion.verifier()?,
-        clock,
+        clock.clone(),
     );
     let mut server = ServiceServer::new(SERVICE, &config.server, guard);
     let limit = config.server.max_message_bytes;
     server.add_service(
         notification::notification_service_server::NotificationServiceServer::new(
-            api::NotificationApi,
+            api::NotificationApi::new(
+                database.connection.clone(),
+                templates,
+                config.links.base(),
+                clock,
+            ),
         )
         .max_decoding_message_size(limit),
     );
@@ -76,6 +155,9 @@ pub async fn serve(
     );
     tracing::info!(listen = %config.server.listen, "usher-notification serving");
     let served = server.serve(listener, shutdown).await;
+    // The consumer finishes its in-flight jobs (ack or requeue) first.
+    let _ = consumer.await;
+    let _ = relay.await;
     amqp.close().await;
     served
 }

@@ -9,6 +9,9 @@ pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![usher_kit::outbox::migration()]
+        vec![
+            usher_kit::outbox::migration(),
+            Box::new(crate::store::CreateDeliveries),
+        ]
     }
 }

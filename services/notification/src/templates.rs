@@ -1,0 +1,511 @@
+//! Email templates (minijinja): one file per template and locale under
+//! `templates/`, each with three blocks — `subject`, `text`, `html`.
+//!
+//! Escaping is on by default: every template is rendered with HTML
+//! auto-escaping, and only the `subject` and `text` blocks turn it off
+//! explicitly (they are not HTML). Values are data, never template source, so
+//! `{{ … }}` in a name is printed as is. Before rendering, every
+//! user-supplied value is cleaned ([`clean`]: control and bidi characters
+//! removed, length bounded — no CR/LF can reach the subject or split a text
+//! line) and defanged ([`defang`]: a zero-width space after `.`, `:` and `@`,
+//! so mail clients do not turn a name like `evil.example` into a link, P18).
+//! The only link is the one opened from the job's sealed link, checked
+//! against the public base URL by the caller.
+
+use chrono::{DateTime, Datelike, Timelike, Utc};
+use minijinja::{AutoEscape, Environment, UndefinedBehavior, context};
+use usher_proto::notification::v1::EmailTemplate;
+
+/// Locales with templates; the first is the last fallback.
+pub const LOCALES: [&str; 2] = ["en", "fr"];
+/// Longest user-supplied value rendered, in characters.
+pub const MAX_VALUE_CHARS: usize = 200;
+/// Zero-width space: breaks auto-linking without changing what is read.
+const BREAK: char = '\u{200B}';
+
+const SOURCES: [(&str, &str); 10] = [
+    (
+        "invitation.en",
+        include_str!("../templates/invitation.en.j2"),
+    ),
+    (
+        "invitation.fr",
+        include_str!("../templates/invitation.fr.j2"),
+    ),
+    (
+        "reinvitation.en",
+        include_str!("../templates/reinvitation.en.j2"),
+    ),
+    (
+        "reinvitation.fr",
+        include_str!("../templates/reinvitation.fr.j2"),
+    ),
+    (
+        "password_reset.en",
+        include_str!("../templates/password_reset.en.j2"),
+    ),
+    (
+        "password_reset.fr",
+        include_str!("../templates/password_reset.fr.j2"),
+    ),
+    (
+        "password_changed.en",
+        include_str!("../templates/password_changed.en.j2"),
+    ),
+    (
+        "password_changed.fr",
+        include_str!("../templates/password_changed.fr.j2"),
+    ),
+    (
+        "invitation_accepted.en",
+        include_str!("../templates/invitation_accepted.en.j2"),
+    ),
+    (
+        "invitation_accepted.fr",
+        include_str!("../templates/invitation_accepted.fr.j2"),
+    ),
+];
+
+/// Why an email could not be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// The job names no template we have.
+    #[error("unknown template")]
+    UnknownTemplate,
+    /// The template needs a link and the job has none (or the reverse).
+    #[error("link missing for a template that needs one")]
+    MissingLink,
+    /// A bug in a template.
+    #[error("template error: {0}")]
+    Template(#[from] minijinja::Error),
+}
+
+/// The values a template may use, as the job gives them (cleaned here).
+#[derive(Clone, Debug, Default)]
+pub struct EmailValues {
+    /// Recipient's display name.
+    pub recipient_name: String,
+    /// The account's name.
+    pub account_name: String,
+    /// Who invites.
+    pub inviter_name: String,
+    /// The role offered.
+    pub role_name: String,
+    /// Who joined (INVITATION_ACCEPTED).
+    pub invitee_name: String,
+    /// Their address (INVITATION_ACCEPTED).
+    pub invitee_email: String,
+    /// When the link stops working.
+    pub expire_time: Option<DateTime<Utc>>,
+    /// When the event happened.
+    pub event_time: Option<DateTime<Utc>>,
+    /// The opened, checked link (templates with a token link only).
+    pub link: Option<String>,
+}
+
+/// A rendered email.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderedEmail {
+    /// One line, no control characters.
+    pub subject: String,
+    /// The plain-text body.
+    pub text: String,
+    /// The HTML body.
+    pub html: String,
+    /// The locale rendered.
+    pub locale: &'static str,
+}
+
+/// The compiled templates.
+#[derive(Debug)]
+pub struct Templates {
+    env: Environment<'static>,
+}
+
+/// The file stem of `template`, or `None` for UNSPECIFIED.
+pub fn stem(template: EmailTemplate) -> Option<&'static str> {
+    match template {
+        EmailTemplate::Unspecified => None,
+        EmailTemplate::Invitation => Some("invitation"),
+        EmailTemplate::Reinvitation => Some("reinvitation"),
+        EmailTemplate::PasswordReset => Some("password_reset"),
+        EmailTemplate::PasswordChanged => Some("password_changed"),
+        EmailTemplate::InvitationAccepted => Some("invitation_accepted"),
+    }
+}
+
+/// Whether `template` carries a token link.
+pub fn needs_link(template: EmailTemplate) -> bool {
+    matches!(
+        template,
+        EmailTemplate::Invitation | EmailTemplate::Reinvitation | EmailTemplate::PasswordReset
+    )
+}
+
+/// A supported locale from a tag like `fr`, `fr-CA` or `FR_fr`.
+pub fn supported(tag: &str) -> Option<&'static str> {
+    let primary = tag
+        .trim()
+        .split(['-', '_'])
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    LOCALES.iter().copied().find(|l| *l == primary)
+}
+
+/// The job's locale, else the account's default, else English.
+pub fn resolve_locale(job_locale: &str, account_default: &str) -> &'static str {
+    supported(job_locale)
+        .or_else(|| supported(account_default))
+        .unwrap_or(LOCALES[0])
+}
+
+/// Removes control and invisible formatting characters (CR, LF, NUL, bidi
+/// overrides, zero-width characters), collapses whitespace and bounds the
+/// length.
+pub fn clean(value: &str) -> String {
+    let kept: String = value
+        .chars()
+        .map(|c| {
+            if c.is_control() || c.is_whitespace() {
+                ' '
+            } else {
+                c
+            }
+        })
+        .filter(|c| !is_invisible(*c))
+        .collect();
+    kept.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(MAX_VALUE_CHARS)
+        .collect()
+}
+
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{FFF0}'..='\u{FFFB}')
+}
+
+/// Breaks what mail clients would auto-link (`a.b`, `x://`, `a@b`) with a
+/// zero-width space after `.`, `:` and `@`.
+pub fn defang(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 8);
+    for c in value.chars() {
+        out.push(c);
+        if matches!(c, '.' | ':' | '@' | '/') {
+            out.push(BREAK);
+        }
+    }
+    out
+}
+
+fn name(value: &str) -> String {
+    defang(&clean(value))
+}
+
+const MONTHS_EN: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const MONTHS_FR: [&str; 12] = [
+    "janvier",
+    "février",
+    "mars",
+    "avril",
+    "mai",
+    "juin",
+    "juillet",
+    "août",
+    "septembre",
+    "octobre",
+    "novembre",
+    "décembre",
+];
+
+/// A date and time in words of `locale`, in UTC.
+pub fn format_time(time: DateTime<Utc>, locale: &str) -> String {
+    let month = usize::try_from(time.month0()).unwrap_or(0).min(11);
+    if locale == "fr" {
+        format!(
+            "{} {} {} à {:02}:{:02} UTC",
+            time.day(),
+            MONTHS_FR[month],
+            time.year(),
+            time.hour(),
+            time.minute()
+        )
+    } else {
+        format!(
+            "{} {}, {} at {:02}:{:02} UTC",
+            MONTHS_EN[month],
+            time.day(),
+            time.year(),
+            time.hour(),
+            time.minute()
+        )
+    }
+}
+
+/// One line: control characters and runs of whitespace become one space.
+fn one_line(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Templates {
+    /// Compiles every template; fails only on a bug in a template file.
+    pub fn new() -> Result<Self, minijinja::Error> {
+        let mut env = Environment::new();
+        // Secure default: HTML escaping everywhere; `subject` and `text`
+        // blocks opt out explicitly.
+        env.set_auto_escape_callback(|_| AutoEscape::Html);
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()?,
+        );
+        for (name, source) in SOURCES {
+            env.add_template(name, source)?;
+        }
+        Ok(Self { env })
+    }
+
+    /// Renders `template` in `locale` (already resolved) with `values`.
+    pub fn render(
+        &self,
+        template: EmailTemplate,
+        locale: &'static str,
+        values: &EmailValues,
+    ) -> Result<RenderedEmail, RenderError> {
+        let stem = stem(template).ok_or(RenderError::UnknownTemplate)?;
+        if needs_link(template) != values.link.is_some() {
+            return Err(RenderError::MissingLink);
+        }
+        let when =
+            |time: Option<DateTime<Utc>>| time.map(|t| format_time(t, locale)).unwrap_or_default();
+        let tmpl = self.env.get_template(&format!("{stem}.{locale}"))?;
+        let base = context! {
+            recipient_name => name(&values.recipient_name),
+            account_name => name(&values.account_name),
+            inviter_name => name(&values.inviter_name),
+            role_name => name(&values.role_name),
+            invitee_name => name(&values.invitee_name),
+            invitee_email => clean(&values.invitee_email),
+            expire_time => when(values.expire_time),
+            event_time => when(values.event_time),
+            link => values.link.clone().unwrap_or_default(),
+        };
+        let subject = {
+            let mut state = tmpl.render_captured(context! { subject => "", ..base.clone() })?;
+            one_line(&state.with_state_mut(|s| s.render_block("subject"))?)
+        };
+        let mut captured = tmpl.render_captured(context! { subject => subject.clone(), ..base })?;
+        let text = captured.with_state_mut(|s| s.render_block("text"))?;
+        let html = captured.with_state_mut(|s| s.render_block("html"))?;
+        Ok(RenderedEmail {
+            subject,
+            text: text.trim().to_owned() + "\n",
+            html: html.trim().to_owned() + "\n",
+            locale,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINK: &str = "https://usher.example/invite?token=abc&x=1";
+
+    fn templates() -> Templates {
+        Templates::new().expect("templates compile")
+    }
+
+    fn all() -> [EmailTemplate; 5] {
+        [
+            EmailTemplate::Invitation,
+            EmailTemplate::Reinvitation,
+            EmailTemplate::PasswordReset,
+            EmailTemplate::PasswordChanged,
+            EmailTemplate::InvitationAccepted,
+        ]
+    }
+
+    fn values(template: EmailTemplate) -> EmailValues {
+        let time = DateTime::parse_from_rfc3339("2026-08-03T09:05:00Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        EmailValues {
+            recipient_name: "Ada Lovelace".into(),
+            account_name: "Analytical Engines".into(),
+            inviter_name: "Charles Babbage".into(),
+            role_name: "Admin".into(),
+            invitee_name: "Grace Hopper".into(),
+            invitee_email: "grace@example.org".into(),
+            expire_time: Some(time),
+            event_time: Some(time),
+            link: needs_link(template).then(|| LINK.to_owned()),
+        }
+    }
+
+    #[test]
+    fn locale_falls_back_from_job_to_account_to_english() {
+        assert_eq!(resolve_locale("fr-CA", "en"), "fr");
+        assert_eq!(resolve_locale("", "FR"), "fr");
+        assert_eq!(resolve_locale("de", "fr_FR"), "fr");
+        assert_eq!(resolve_locale("de", "es"), "en");
+        assert_eq!(resolve_locale("", ""), "en");
+    }
+
+    #[test]
+    fn every_template_renders_in_english_and_french() {
+        let templates = templates();
+        for template in all() {
+            let en = templates
+                .render(template, "en", &values(template))
+                .expect("en renders");
+            let fr = templates
+                .render(template, "fr", &values(template))
+                .expect("fr renders");
+            for email in [&en, &fr] {
+                assert!(!email.subject.is_empty(), "{template:?}");
+                assert!(email.subject.contains("Analytical"), "{template:?}");
+                assert!(email.html.contains("Analytical"), "{template:?}");
+                assert!(email.text.contains("Analytical"), "{template:?}");
+                assert!(email.html.starts_with("<!DOCTYPE html>"), "{template:?}");
+                let links = email.html.matches("<a ").count();
+                if needs_link(template) {
+                    assert_eq!(links, 1, "{template:?}");
+                    assert!(email.text.contains(LINK), "{template:?}");
+                    let escaped = minijinja::HtmlEscape(LINK).to_string();
+                    assert!(email.html.contains(&escaped), "{template:?}");
+                    assert!(email.text.contains("2026"), "{template:?}");
+                } else {
+                    assert_eq!(links, 0, "{template:?}");
+                    assert!(!email.text.contains("://"), "{template:?}");
+                }
+            }
+            assert!(en.html.contains("lang=\"en\""));
+            assert!(fr.html.contains("lang=\"fr\""));
+            assert!(en.text.starts_with("Hello"), "{}", en.text);
+            assert!(fr.text.starts_with("Bonjour"), "{}", fr.text);
+            assert_ne!(en.subject, fr.subject);
+        }
+        let fr = templates
+            .render(
+                EmailTemplate::Invitation,
+                "fr",
+                &values(EmailTemplate::Invitation),
+            )
+            .expect("renders");
+        assert!(fr.text.contains("3 août 2026 à 09:05 UTC"), "{}", fr.text);
+        assert!(fr.subject.contains("vous invite"), "{}", fr.subject);
+        let en = templates
+            .render(
+                EmailTemplate::Invitation,
+                "en",
+                &values(EmailTemplate::Invitation),
+            )
+            .expect("renders");
+        assert!(
+            en.text.contains("August 3, 2026 at 09:05 UTC"),
+            "{}",
+            en.text
+        );
+        assert!(
+            en.text.contains("Charles Babbage invited you"),
+            "{}",
+            en.text
+        );
+    }
+
+    #[test]
+    fn hostile_names_are_escaped_and_inert() {
+        let hostile = "<a href=\"https://evil.example\">x</a>\r\nBcc: victim@evil.example\n{{ 7*7 }}{% if true %}T{% endif %} www.evil.example \u{202E}";
+        let templates = templates();
+        for template in all() {
+            for locale in LOCALES {
+                let mut values = values(template);
+                values.recipient_name = hostile.into();
+                values.account_name = hostile.into();
+                values.inviter_name = hostile.into();
+                values.role_name = hostile.into();
+                values.invitee_name = hostile.into();
+                let email = templates
+                    .render(template, locale, &values)
+                    .expect("renders");
+                for part in [&email.subject, &email.text, &email.html] {
+                    assert!(!part.contains("evil.example"), "{template:?} {part}");
+                    assert!(!part.contains("49"), "{template:?} {part}");
+                    assert!(!part.contains('\u{202E}'), "{template:?}");
+                    assert!(part.contains("{{ 7*7 }}"), "{template:?} {part}");
+                }
+                assert!(!email.subject.contains(['\r', '\n']));
+                assert!(!email.text.contains('\r'));
+                assert!(
+                    !email.text.lines().any(|l| l.starts_with("Bcc")),
+                    "{}",
+                    email.text
+                );
+                assert!(!email.html.contains("<a href=\"https:/"), "{}", email.html);
+                assert!(email.html.contains("&lt;a href="), "{}", email.html);
+                let expected_links = usize::from(needs_link(template));
+                assert_eq!(email.html.matches("<a ").count(), expected_links);
+                assert_eq!(email.text.matches("://").count(), expected_links);
+                assert_eq!(
+                    email.html.matches("https:&#x2f;&#x2f;").count(),
+                    expected_links
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_link_is_required_exactly_where_the_template_has_one() {
+        let templates = templates();
+        let mut values = values(EmailTemplate::Invitation);
+        values.link = None;
+        assert!(matches!(
+            templates.render(EmailTemplate::Invitation, "en", &values),
+            Err(RenderError::MissingLink)
+        ));
+        values.link = Some(LINK.into());
+        assert!(matches!(
+            templates.render(EmailTemplate::PasswordChanged, "en", &values),
+            Err(RenderError::MissingLink)
+        ));
+        assert!(matches!(
+            templates.render(EmailTemplate::Unspecified, "en", &values),
+            Err(RenderError::UnknownTemplate)
+        ));
+    }
+
+    #[test]
+    fn clean_bounds_and_flattens() {
+        assert_eq!(clean("  a\r\n\tb \u{0000} c "), "a b c");
+        assert_eq!(clean(&"x".repeat(500)).chars().count(), MAX_VALUE_CHARS);
+        assert_eq!(defang("a.b"), "a.\u{200B}b");
+    }
+}

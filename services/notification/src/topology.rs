@@ -1,0 +1,142 @@
+//! The broker topology of the email pipeline, declared idempotently at start
+//! and on every reconnect (see `docs/notification.md`):
+//!
+//! ```text
+//! usher.email (topic) --email.send--> usher.email.send (quorum, manual acks)
+//!      |                                   | rejected / over the delivery limit
+//!      |                                   v
+//!      |                    usher.email.dead (direct) --parked--> usher.email.parked
+//!      |
+//!      +--email.result.<source>--> the producers' own result queues
+//!
+//! usher.email.retry (direct) --delay.<ms>--> usher.email.delay.<ms>
+//!      (TTL <ms>, dead-lettered back to usher.email / email.send)
+//! ```
+//!
+//! A transient failure republishes the job to the delay queue of its attempt
+//! (increasing delays), whose TTL dead-letters it back to the work queue. A
+//! permanent failure or a malformed job is published to the parking queue
+//! with its reason, then acked. The work queue also dead-letters what it
+//! rejects or what was redelivered too often (the quorum `x-delivery-limit`,
+//! for a job that crashes its consumer), so a poison message ends up parked
+//! too and never blocks the queue. Delay queues are named by their delay, so
+//! changing `delivery.retry_delays_ms` adds queues instead of redeclaring one
+//! with other arguments (which the broker refuses).
+
+use std::time::Duration;
+
+use usher_kit::amqp::{
+    EMAIL_EXCHANGE, EMAIL_SEND_ROUTING_KEY, EVENTS_EXCHANGE, ExchangeType, QueueArgument,
+    QueueSpec, Topology,
+};
+
+/// The work queue of email jobs.
+pub const SEND_QUEUE: &str = "usher.email.send";
+/// The queue of jobs that will never be sent, with their reason.
+pub const PARKED_QUEUE: &str = "usher.email.parked";
+/// The dead-letter exchange of the work queue (routes to the parking queue).
+pub const DEAD_LETTER_EXCHANGE: &str = "usher.email.dead";
+/// Routing key of parked jobs on [`DEAD_LETTER_EXCHANGE`].
+pub const PARKED_ROUTING_KEY: &str = "parked";
+/// The exchange of the delay queues.
+pub const RETRY_EXCHANGE: &str = "usher.email.retry";
+/// AMQP header holding the attempts made so far on a retried job.
+pub const ATTEMPTS_HEADER: &str = "x-usher-attempts";
+/// AMQP header holding why a job was parked.
+pub const PARK_REASON_HEADER: &str = "x-usher-park-reason";
+/// Redeliveries of one job (consumer crashes) before the broker parks it.
+pub const DELIVERY_LIMIT: i64 = 20;
+
+/// Name of the delay queue for `delay`.
+pub fn delay_queue(delay: Duration) -> String {
+    format!("usher.email.delay.{}ms", delay.as_millis())
+}
+
+/// Routing key of the delay queue for `delay` on [`RETRY_EXCHANGE`].
+pub fn delay_routing_key(delay: Duration) -> String {
+    format!("delay.{}ms", delay.as_millis())
+}
+
+/// Routing key of the delivery results for a producer (`invitation`, `identity`).
+pub fn result_routing_key(source: &str) -> String {
+    format!("email.result.{source}")
+}
+
+/// Everything the notification service declares, with one delay queue per
+/// entry of `retry_delays`.
+pub fn topology(retry_delays: &[Duration]) -> Topology {
+    let mut topology = Topology::new()
+        .topic_exchange(EVENTS_EXCHANGE)
+        .topic_exchange(EMAIL_EXCHANGE)
+        .exchange(DEAD_LETTER_EXCHANGE, ExchangeType::Direct)
+        .exchange(RETRY_EXCHANGE, ExchangeType::Direct)
+        .queue(
+            QueueSpec::durable(SEND_QUEUE)
+                .quorum()
+                .with_dead_letter(DEAD_LETTER_EXCHANGE, Some(PARKED_ROUTING_KEY))
+                .with_argument("x-delivery-limit", QueueArgument::Int(DELIVERY_LIMIT)),
+        )
+        .queue(QueueSpec::durable(PARKED_QUEUE).quorum())
+        .bind(SEND_QUEUE, EMAIL_EXCHANGE, EMAIL_SEND_ROUTING_KEY)
+        .bind(PARKED_QUEUE, DEAD_LETTER_EXCHANGE, PARKED_ROUTING_KEY);
+    let mut seen = Vec::new();
+    for delay in retry_delays {
+        if seen.contains(delay) {
+            continue;
+        }
+        seen.push(*delay);
+        let queue = delay_queue(*delay);
+        topology = topology
+            .queue(
+                QueueSpec::durable(&queue)
+                    .quorum()
+                    .with_message_ttl(*delay)
+                    .with_dead_letter(EMAIL_EXCHANGE, Some(EMAIL_SEND_ROUTING_KEY)),
+            )
+            .bind(&queue, RETRY_EXCHANGE, delay_routing_key(*delay));
+    }
+    topology
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_delay_queue_per_distinct_delay() {
+        let delays = [
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        ];
+        let topology = topology(&delays);
+        let names: Vec<_> = topology.queues.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                SEND_QUEUE,
+                PARKED_QUEUE,
+                "usher.email.delay.1000ms",
+                "usher.email.delay.5000ms"
+            ]
+        );
+        let send = &topology.queues[0];
+        assert_eq!(
+            send.arguments.get("x-queue-type"),
+            Some(&QueueArgument::Text("quorum".into()))
+        );
+        assert_eq!(
+            send.arguments.get("x-dead-letter-exchange"),
+            Some(&QueueArgument::Text(DEAD_LETTER_EXCHANGE.into()))
+        );
+        let delay = &topology.queues[2];
+        assert_eq!(
+            delay.arguments.get("x-message-ttl"),
+            Some(&QueueArgument::Int(1_000))
+        );
+        assert_eq!(
+            delay.arguments.get("x-dead-letter-routing-key"),
+            Some(&QueueArgument::Text(EMAIL_SEND_ROUTING_KEY.into()))
+        );
+    }
+}
