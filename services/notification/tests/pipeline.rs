@@ -1,0 +1,457 @@
+//! The email pipeline against the real RabbitMQ and PostgreSQL, with an SMTP
+//! sink that counts lost, duplicated and unexpected emails.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::{BASE_URL, Harness};
+use mail_parser::MessageParser;
+use prost::Message as _;
+use usher_notification::{
+    pipeline::Disposition,
+    topology::{PARKED_QUEUE, SEND_QUEUE},
+};
+use usher_proto::notification::v1::{self as pb, EmailTemplate};
+
+/// Jobs in the volume test; raise it (e.g. `USHER_TEST_EMAIL_JOBS=1000`) for
+/// the full scenario of the issue.
+const DEFAULT_JOBS: usize = 200;
+
+fn jobs_to_send() -> usize {
+    std::env::var("USHER_TEST_EMAIL_JOBS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(DEFAULT_JOBS)
+}
+
+const TEMPLATES: [EmailTemplate; 5] = [
+    EmailTemplate::Invitation,
+    EmailTemplate::Reinvitation,
+    EmailTemplate::PasswordReset,
+    EmailTemplate::PasswordChanged,
+    EmailTemplate::InvitationAccepted,
+];
+
+/// A word every subject of `template` holds in `locale`.
+fn subject_marker(template: EmailTemplate, locale: &str) -> &'static str {
+    match (template, locale) {
+        (EmailTemplate::Invitation, "fr") => "vous invite à rejoindre",
+        (EmailTemplate::Invitation, _) => "invited you to join",
+        (EmailTemplate::Reinvitation, "fr") => "Rappel",
+        (EmailTemplate::Reinvitation, _) => "Reminder",
+        (EmailTemplate::PasswordReset, "fr") => "Choisissez un nouveau mot de passe",
+        (EmailTemplate::PasswordReset, _) => "Choose a new password",
+        (EmailTemplate::PasswordChanged, "fr") => "a été modifié",
+        (EmailTemplate::PasswordChanged, _) => "was changed",
+        (EmailTemplate::InvitationAccepted, "fr") => "a rejoint",
+        (EmailTemplate::InvitationAccepted, _) => "joined",
+        (EmailTemplate::Unspecified, _) => "",
+    }
+}
+
+struct Expected {
+    job: pb::EmailJob,
+    locale: &'static str,
+    link: Option<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_job_yields_exactly_one_email_with_the_right_content() {
+    let harness = Harness::start("volume").await;
+    let total = jobs_to_send();
+    // Locale from the job, else the account's default, else English.
+    let locales: [(&str, &str, &'static str); 4] = [
+        ("en", "", "en"),
+        ("fr", "en", "fr"),
+        ("", "fr-CA", "fr"),
+        ("de", "es", "en"),
+    ];
+    let mut expected = HashMap::new();
+    for i in 0..total {
+        let template = TEMPLATES[i % TEMPLATES.len()];
+        let (job_locale, account_locale, locale) = locales[(i / TEMPLATES.len()) % locales.len()];
+        let mut job = harness.job(template, &format!("user{i}@example.com"), job_locale);
+        job.account_default_locale = account_locale.into();
+        let link =
+            usher_notification::templates::needs_link(template).then(|| harness.link_of(&job));
+        expected.insert(job.recipient_email.clone(), Expected { job, locale, link });
+    }
+    for item in expected.values() {
+        harness.publish(&item.job).await;
+    }
+
+    harness
+        .wait_until(Duration::from_secs(120), "every email", || async {
+            harness.sink.count() >= total
+        })
+        .await;
+    // Every row SENT, every result published; then nothing more arrives.
+    harness
+        .wait_until(Duration::from_secs(30), "every row sent", || async {
+            harness
+                .rows()
+                .await
+                .iter()
+                .filter(|r| r.status == "SENT")
+                .count()
+                == total
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let messages = harness.sink.messages();
+    assert_eq!(
+        messages.len(),
+        total,
+        "no duplicate and no unexpected email"
+    );
+
+    let parser = MessageParser::default();
+    let mut seen = HashMap::new();
+    for received in &messages {
+        assert_eq!(received.to.len(), 1);
+        let recipient = &received.to[0];
+        let item = expected.get(recipient).expect("an expected recipient");
+        *seen.entry(recipient.clone()).or_insert(0) += 1;
+        let template = EmailTemplate::try_from(item.job.template).expect("template");
+        let parsed = parser.parse(&received.data).expect("parses");
+        assert_eq!(
+            parsed.message_id(),
+            Some(format!("{}@mail.usher.test", item.job.job_id).as_str())
+        );
+        let to = parsed.to().and_then(|a| a.first()).expect("to");
+        assert_eq!(to.address(), Some(recipient.as_str()));
+        assert_eq!(to.name(), Some("Ada Lovelace"));
+        let subject = parsed.subject().expect("subject");
+        assert!(
+            subject.contains(subject_marker(template, item.locale)),
+            "{template:?} {} {subject}",
+            item.locale
+        );
+        let text = parsed.body_text(0).expect("text part");
+        let html = parsed.body_html(0).expect("html part");
+        assert!(
+            html.contains(&format!("lang=\"{}\"", item.locale)),
+            "{html}"
+        );
+        match &item.link {
+            Some(link) => {
+                assert!(text.contains(link.as_str()), "{text}");
+                assert_eq!(text.matches(BASE_URL).count(), 1);
+                let escaped = minijinja::HtmlEscape(link).to_string();
+                assert!(html.contains(&escaped), "{html}");
+            }
+            None => assert!(!text.contains("://"), "{text}"),
+        }
+    }
+    assert_eq!(seen.len(), total);
+    assert!(seen.values().all(|n| *n == 1));
+
+    let rows = harness.rows().await;
+    for row in &rows {
+        let item = expected.get(&row.recipient_email).expect("row of a job");
+        assert_eq!(row.id.to_string(), item.job.job_id);
+        assert_eq!(row.attempts, 1);
+        assert_eq!(row.locale, item.locale);
+        assert_eq!(row.message_id, format!("<{}@mail.usher.test>", row.id));
+    }
+    harness
+        .wait_until(Duration::from_secs(30), "every result", || async {
+            harness.queue_len(common::RESULTS_QUEUE).await as usize >= total
+        })
+        .await;
+    let results = harness.results().await;
+    assert_eq!(results.len(), total);
+    assert!(
+        results
+            .iter()
+            .all(|r| r.status == pb::DeliveryStatus::Sent as i32 && r.attempts == 1)
+    );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_redelivered_after_it_was_sent_is_not_sent_again() {
+    let harness = Harness::start("redelivery").await;
+    let job = harness.job(EmailTemplate::Invitation, "once@example.com", "en");
+    harness.publish(&job).await;
+    harness
+        .wait_until(Duration::from_secs(20), "the email", || async {
+            harness.sink.count() == 1
+        })
+        .await;
+    harness
+        .wait_until(Duration::from_secs(10), "the row sent", || async {
+            harness
+                .rows()
+                .await
+                .first()
+                .is_some_and(|r| r.status == "SENT")
+        })
+        .await;
+
+    // The broker redelivers it (a lost ack, an outbox relay that published
+    // twice): acked, not sent.
+    harness.publish(&job).await;
+    harness.publish(&job).await;
+    // The same job handled directly, as a redelivery after a crash would be.
+    assert_eq!(
+        harness.pipeline.handle(&job.encode_to_vec()).await,
+        Disposition::Ack
+    );
+    harness
+        .wait_until(Duration::from_secs(10), "the copies consumed", || async {
+            harness.queue_len(SEND_QUEUE).await == 0
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(harness.sink.count(), 1, "sent once");
+    let rows = harness.rows().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].attempts, 1);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_answering_550_is_parked_and_failed_while_others_are_delivered() {
+    let harness = Harness::start("bounce").await;
+    harness.sink.reject_recipient("bounce@example.com");
+    let bounce = harness.job(EmailTemplate::Invitation, "bounce@example.com", "en");
+    let others: Vec<_> = (0..9)
+        .map(|i| {
+            harness.job(
+                EmailTemplate::Invitation,
+                &format!("ok{i}@example.com"),
+                "en",
+            )
+        })
+        .collect();
+    harness.publish(&others[0]).await;
+    harness.publish(&bounce).await;
+    for job in &others[1..] {
+        harness.publish(job).await;
+    }
+    harness
+        .wait_until(
+            Duration::from_secs(30),
+            "the others delivered and the bounce failed",
+            || async {
+                let rows = harness.rows().await;
+                harness.sink.count() == 9 && rows.iter().any(|r| r.status == "FAILED")
+            },
+        )
+        .await;
+    let rows = harness.rows().await;
+    let failed = rows
+        .iter()
+        .find(|r| r.recipient_email == "bounce@example.com")
+        .expect("bounce row");
+    assert_eq!(failed.status, "FAILED");
+    assert_eq!(failed.attempts, 1, "a permanent failure is not retried");
+    assert!(failed.reason.contains("550"), "{}", failed.reason);
+    assert!(rows.iter().filter(|r| r.status == "SENT").count() == 9);
+    assert!(
+        harness
+            .sink
+            .messages()
+            .iter()
+            .all(|m| m.to[0] != "bounce@example.com")
+    );
+
+    harness
+        .wait_until(Duration::from_secs(10), "the parked job", || async {
+            harness.queue_len(PARKED_QUEUE).await == 1
+        })
+        .await;
+    let parked = harness.drain(PARKED_QUEUE).await;
+    let job = pb::EmailJob::decode(parked[0].0.as_slice()).expect("the job");
+    assert_eq!(job.job_id, bounce.job_id);
+    assert!(parked[0].1.as_deref().is_some_and(|r| r.contains("550")));
+
+    harness
+        .wait_until(Duration::from_secs(10), "every result", || async {
+            harness.queue_len(common::RESULTS_QUEUE).await >= 10
+        })
+        .await;
+    let results = harness.results().await;
+    let result = results
+        .iter()
+        .find(|r| r.job_id == bounce.job_id)
+        .expect("the bounce result");
+    assert_eq!(result.status, pb::DeliveryStatus::Failed as i32);
+    assert!(result.reason.contains("550"));
+    assert_eq!(result.invitation_id, bounce.invitation_id);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_jobs_are_parked_and_the_queue_keeps_flowing() {
+    let harness = Harness::start("malformed").await;
+    // Not protobuf at all.
+    harness
+        .publish_raw(b"\xff\xff\xff not a job".to_vec())
+        .await;
+    // No template.
+    let mut no_template = harness.job(EmailTemplate::Invitation, "a@example.com", "en");
+    no_template.template = 0;
+    harness.publish(&no_template).await;
+    // A link outside the public base URL (a producer tricked into phishing).
+    let mut evil = harness.job(EmailTemplate::Invitation, "b@example.com", "en");
+    evil.sealed_link = harness.sealer.seal(
+        &evil.job_id,
+        "https://usher.test.evil.example/invite?token=x",
+    );
+    harness.publish(&evil).await;
+    // A link sealed for another job.
+    let mut moved = harness.job(EmailTemplate::PasswordReset, "c@example.com", "en");
+    let other = harness.job(EmailTemplate::PasswordReset, "c@example.com", "en");
+    moved.sealed_link = other.sealed_link.clone();
+    harness.publish(&moved).await;
+    // Then a good one.
+    let good = harness.job(EmailTemplate::PasswordChanged, "good@example.com", "fr");
+    harness.publish(&good).await;
+
+    harness
+        .wait_until(Duration::from_secs(20), "the good email", || async {
+            harness.sink.count() == 1
+        })
+        .await;
+    harness
+        .wait_until(Duration::from_secs(10), "four parked jobs", || async {
+            harness.queue_len(PARKED_QUEUE).await == 4
+        })
+        .await;
+    assert_eq!(harness.sink.messages()[0].to, ["good@example.com"]);
+    let parked = harness.drain(PARKED_QUEUE).await;
+    let reasons: Vec<_> = parked.iter().filter_map(|p| p.1.clone()).collect();
+    assert_eq!(reasons.len(), 4);
+    assert!(
+        reasons.iter().all(|r| r.starts_with("malformed job")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("public base url")));
+    let rows = harness.rows().await;
+    let failed: Vec<_> = rows.iter().filter(|r| r.status == "FAILED").collect();
+    assert_eq!(failed.len(), 3, "every identifiable job is recorded FAILED");
+    assert_eq!(harness.queue_len(SEND_QUEUE).await, 0);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_refusing_connections_then_recovering_delivers_everything_once() {
+    let harness = Harness::start_with("outage", |config| {
+        config.delivery.max_attempts = 100;
+    })
+    .await;
+    harness.sink.set_refusing(true);
+    let jobs: Vec<_> = (0..20)
+        .map(|i| {
+            harness.job(
+                EmailTemplate::Invitation,
+                &format!("wait{i}@example.com"),
+                "en",
+            )
+        })
+        .collect();
+    for job in &jobs {
+        harness.publish(job).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(harness.sink.count(), 0);
+    let rows = harness.rows().await;
+    assert_eq!(rows.len(), 20);
+    for row in &rows {
+        assert_eq!(row.status, "QUEUED");
+        assert!(row.attempts >= 1);
+        // Delays of 100, 200, 400, 800 ms: no hot loop.
+        assert!(row.attempts <= 7, "attempts {}", row.attempts);
+        assert!(!row.reason.is_empty());
+    }
+    assert!(harness.sink.refused_connections() > 0);
+
+    harness.sink.set_refusing(false);
+    harness
+        .wait_until(
+            Duration::from_secs(30),
+            "every email after recovery",
+            || async { harness.sink.count() >= 20 },
+        )
+        .await;
+    harness
+        .wait_until(Duration::from_secs(10), "every row sent", || async {
+            harness.rows().await.iter().all(|r| r.status == "SENT")
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let messages = harness.sink.messages();
+    assert_eq!(messages.len(), 20);
+    let mut recipients: Vec<_> = messages.iter().map(|m| m.to[0].clone()).collect();
+    recipients.sort();
+    recipients.dedup();
+    assert_eq!(recipients.len(), 20, "each exactly once");
+    let results = harness.results().await;
+    assert!(
+        results
+            .iter()
+            .any(|r| r.status == pb::DeliveryStatus::Queued as i32)
+    );
+    assert_eq!(
+        results
+            .iter()
+            .filter(|r| r.status == pb::DeliveryStatus::Sent as i32)
+            .count(),
+        20
+    );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_names_render_escaped_with_no_extra_header_or_link() {
+    let harness = Harness::start("hostile").await;
+    let hostile = "Eve <a href=\"https://evil.example/x\">click</a>\r\nBcc: victim@evil.example\r\n\r\n{{ 7*7 }} www.evil.example";
+    let mut job = harness.job(EmailTemplate::Invitation, "target@example.com", "en");
+    job.recipient_name = hostile.into();
+    let variables = job.variables.as_mut().expect("variables");
+    variables.inviter_name = hostile.into();
+    variables.account_name = hostile.into();
+    variables.role_name = hostile.into();
+    let link = harness.link_of(&job);
+    harness.publish(&job).await;
+    harness
+        .wait_until(Duration::from_secs(20), "the email", || async {
+            harness.sink.count() == 1
+        })
+        .await;
+    let received = &harness.sink.messages()[0];
+    assert_eq!(received.to, ["target@example.com"]);
+    let raw = String::from_utf8_lossy(&received.data);
+    let header_block = raw.split("\r\n\r\n").next().expect("headers");
+    for line in header_block.lines() {
+        assert!(
+            !line.to_ascii_lowercase().starts_with("bcc"),
+            "no injected header: {header_block}"
+        );
+    }
+    let parsed = MessageParser::default()
+        .parse(&received.data)
+        .expect("parses");
+    assert!(parsed.bcc().is_none());
+    assert_eq!(parsed.to().map(|a| a.iter().count()), Some(1));
+    let subject = parsed.subject().expect("subject");
+    assert!(!subject.contains('\n') && !subject.contains('\r'));
+    let text = parsed.body_text(0).expect("text");
+    let html = parsed.body_html(0).expect("html");
+    for part in [subject, text.as_ref(), html.as_ref()] {
+        assert!(!part.contains("evil.example"), "{part}");
+        assert!(part.contains("{{ 7*7 }}"), "{part}");
+        assert!(!part.contains("49"), "{part}");
+    }
+    assert_eq!(html.matches("<a ").count(), 1, "{html}");
+    assert!(html.contains("&lt;a href="), "{html}");
+    assert_eq!(text.matches("://").count(), 1, "{text}");
+    assert!(text.contains(&link));
+    assert!(!text.lines().any(|l| l.starts_with("Bcc")), "{text}");
+    harness.stop().await;
+}
