@@ -455,3 +455,97 @@ async fn hostile_names_render_escaped_with_no_extra_header_or_link() {
     assert!(!text.lines().any(|l| l.starts_with("Bcc")), "{text}");
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_topology_is_declared_idempotently_with_quorum_work_and_parking_queues() {
+    let harness = Harness::start("topology").await;
+    // Declared again (a second replica, a restart): accepted as is.
+    harness
+        .amqp
+        .declare(usher_notification::broker_topology(&harness.config))
+        .await
+        .expect("declared twice");
+    let output = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "-p",
+            &harness.vhost,
+            "--no-table-headers",
+            "name",
+            "type",
+        ])
+        .output()
+        .await
+        .expect("rabbitmqctl");
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let kinds: HashMap<_, _> = listing
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+        })
+        .collect();
+    for queue in [
+        SEND_QUEUE,
+        PARKED_QUEUE,
+        "usher.email.delay.100ms",
+        "usher.email.delay.800ms",
+    ] {
+        assert_eq!(
+            kinds.get(queue).map(String::as_str),
+            Some("quorum"),
+            "{listing}"
+        );
+    }
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_transport_writes_one_eml_file_per_job() {
+    let folder = tempfile::tempdir().expect("tempdir");
+    let path = folder.path().to_owned();
+    let harness = Harness::start_with("folder", |config| {
+        config.smtp.transport = usher_notification::config::TransportKind::File;
+        config.smtp.folder = path;
+    })
+    .await;
+    let job = harness.job(EmailTemplate::PasswordReset, "dev@example.com", "fr");
+    let link = harness.link_of(&job);
+    harness.publish(&job).await;
+    let files = || {
+        std::fs::read_dir(folder.path())
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
+                    .map(|e| e.path())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    harness
+        .wait_until(Duration::from_secs(20), "the .eml file", || async {
+            files().len() == 1
+        })
+        .await;
+    harness
+        .wait_until(Duration::from_secs(10), "the row sent", || async {
+            harness
+                .rows()
+                .await
+                .first()
+                .is_some_and(|r| r.status == "SENT")
+        })
+        .await;
+    let raw = std::fs::read(&files()[0]).expect("read");
+    let parsed = MessageParser::default().parse(&raw).expect("parses");
+    assert_eq!(
+        parsed.message_id(),
+        Some(format!("{}@mail.usher.test", job.job_id).as_str())
+    );
+    assert!(parsed.subject().expect("subject").contains("Choisissez"));
+    assert!(parsed.body_text(0).expect("text").contains(&link));
+    assert_eq!(harness.sink.count(), 0);
+    harness.stop().await;
+}
