@@ -239,7 +239,9 @@ async fn a_recipient_answering_550_is_parked_and_failed_while_others_are_deliver
             "the others delivered and the bounce failed",
             || async {
                 let rows = harness.rows().await;
-                harness.sink.count() == 9 && rows.iter().any(|r| r.status == "FAILED")
+                harness.sink.count() == 9
+                    && rows.iter().filter(|r| r.status == "SENT").count() == 9
+                    && rows.iter().any(|r| r.status == "FAILED")
             },
         )
         .await;
@@ -321,6 +323,18 @@ async fn malformed_jobs_are_parked_and_the_queue_keeps_flowing() {
     harness
         .wait_until(Duration::from_secs(10), "four parked jobs", || async {
             harness.queue_len(PARKED_QUEUE).await == 4
+        })
+        .await;
+    // Parking comes before recording: wait for the rows too.
+    harness
+        .wait_until(Duration::from_secs(10), "three failed rows", || async {
+            harness
+                .rows()
+                .await
+                .iter()
+                .filter(|r| r.status == "FAILED")
+                .count()
+                == 3
         })
         .await;
     assert_eq!(harness.sink.messages()[0].to, ["good@example.com"]);
