@@ -77,8 +77,17 @@ async fn dev() -> anyhow::Result<()> {
     spawn(&mut tasks, "usher-invitation", shutdown.clone(), |s| {
         usher_invitation::run(usher_invitation::Config::default(), s)
     });
+    // No SMTP server in dev: emails are written as .eml files to ./usher-mail.
+    let notification = usher_notification::Config {
+        smtp: usher_notification::config::SmtpConfig {
+            transport: usher_notification::config::TransportKind::File,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    tracing::info!(folder = %notification.smtp.folder.display(), "usher dev: emails go to a mail folder");
     spawn(&mut tasks, "usher-notification", shutdown.clone(), |s| {
-        usher_notification::run(usher_notification::Config::default(), s)
+        usher_notification::run(notification, s)
     });
     spawn(&mut tasks, "usher-gateway", shutdown.clone(), |s| {
         usher_gateway::run(usher_gateway::Config::default(), s)

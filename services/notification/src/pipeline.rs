@@ -325,7 +325,8 @@ impl Pipeline {
             invitee_name: variables.invitee_name,
             invitee_email: variables.invitee_email,
             expire_time: time(variables.expire_time),
-            event_time: time(variables.event_time),
+            // The event is the job's cause: its creation time when not given.
+            event_time: time(variables.event_time.or(job.create_time)),
             link,
         };
         self.templates
