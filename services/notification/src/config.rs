@@ -68,6 +68,15 @@ impl Validate for Config {
         self.links.validate_for(self.environment)?;
         self.smtp.validate_for(self.environment)?;
         self.delivery.validate()?;
+        // One send is several SMTP commands, each with its own deadline: the
+        // lease must outlast them, or a slow send would be taken over by a
+        // duplicate copy of its job.
+        if u64::from(self.delivery.lease_secs) * 1_000 < 4 * self.smtp.timeout_ms {
+            return Err(ConfigError::invalid(
+                "delivery.lease_secs",
+                "must be at least 4 × smtp.timeout_ms",
+            ));
+        }
         self.assertion.validate_for(self.environment)
     }
 }
@@ -288,6 +297,15 @@ mod tests {
     #[test]
     fn defaults_are_valid_in_development() {
         Config::default().validate().expect("valid defaults");
+    }
+
+    #[test]
+    fn the_lease_must_outlast_a_send() {
+        let mut config = Config::default();
+        config.delivery.lease_secs = 60;
+        assert!(config.validate().is_err());
+        config.smtp.timeout_ms = 15_000;
+        config.validate().expect("60 s covers 4 × 15 s");
     }
 
     #[test]

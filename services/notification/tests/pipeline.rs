@@ -563,3 +563,92 @@ async fn the_file_transport_writes_one_eml_file_per_job() {
     assert_eq!(harness.sink.count(), 0);
     harness.stop().await;
 }
+
+/// The broker-side pid of the connection whose name holds `name`.
+async fn connection_pid(name: &str) -> Option<String> {
+    let output = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_connections",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .await
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find(|line| line.contains(name))
+        .and_then(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_connection_lost_mid_stream_loses_and_duplicates_nothing() {
+    let harness = Harness::start("reconnect").await;
+    let jobs: Vec<_> = (0..60)
+        .map(|i| {
+            harness.job(
+                EmailTemplate::PasswordChanged,
+                &format!("r{i}@example.com"),
+                "en",
+            )
+        })
+        .collect();
+    for job in &jobs {
+        harness.publish(job).await;
+    }
+    harness
+        .wait_until(Duration::from_secs(20), "some emails", || async {
+            harness.sink.count() >= 5
+        })
+        .await;
+    // Kill the connection while jobs are in flight: unacked jobs come back,
+    // and those already sent are recognised instead of sent again.
+    let mut pid = None;
+    for _ in 0..20 {
+        pid = connection_pid("test-reconnect").await;
+        if pid.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = pid.expect("the test connection is listed");
+    let closed = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "close_connection",
+            &pid,
+            "notification reconnect test",
+        ])
+        .status()
+        .await
+        .expect("rabbitmqctl");
+    assert!(closed.success());
+
+    harness
+        .wait_until(Duration::from_secs(60), "every email", || async {
+            harness.sink.count() >= 60
+                && harness
+                    .rows()
+                    .await
+                    .iter()
+                    .filter(|r| r.status == "SENT")
+                    .count()
+                    == 60
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut recipients: Vec<_> = harness
+        .sink
+        .messages()
+        .iter()
+        .map(|m| m.to[0].clone())
+        .collect();
+    assert_eq!(recipients.len(), 60, "no duplicate");
+    recipients.sort();
+    recipients.dedup();
+    assert_eq!(recipients.len(), 60, "no loss");
+    harness.stop().await;
+}
