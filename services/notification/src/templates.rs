@@ -502,6 +502,26 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_name_stays_on_one_line_and_inert(name in "\\PC{0,80}[\r\n\u{202E}<>\"'&{}%#.:/@]{0,20}\\PC{0,80}") {
+            let cleaned = clean(&name);
+            proptest::prop_assert!(cleaned.chars().count() <= MAX_VALUE_CHARS);
+            proptest::prop_assert!(!cleaned.chars().any(|c| c.is_control() || is_invisible(c)));
+            let templates = templates();
+            let mut values = values(EmailTemplate::Invitation);
+            values.inviter_name = name.clone();
+            values.account_name = name;
+            let email = templates
+                .render(EmailTemplate::Invitation, "en", &values)
+                .expect("renders");
+            proptest::prop_assert!(!email.subject.chars().any(char::is_control));
+            proptest::prop_assert_eq!(email.html.matches("<a ").count(), 1);
+            proptest::prop_assert_eq!(email.text.matches("://").count(), 1);
+            proptest::prop_assert!(!email.html.contains("<script"));
+        }
+    }
+
     #[test]
     fn clean_bounds_and_flattens() {
         assert_eq!(clean("  a\r\n\tb \u{0000} c "), "a b c");
