@@ -15,8 +15,10 @@
 //!    SENT; or QUEUED with the reason and a copy to the delay queue of this
 //!    attempt (transient failure); or FAILED and parked (5xx, or transient
 //!    failures beyond `delivery.max_attempts`).
-//! 5. Ack. A step that fails on our side (database or broker down) nacks the
-//!    job back to the queue after a pause instead.
+//! 5. Ack. When a step fails on our side (database down), the job goes back
+//!    through the first delay queue instead (a nack only when the broker
+//!    refuses that too): quorum queues count every nack toward their
+//!    delivery limit, and our outage must not park good jobs.
 //!
 //! The one window left is a crash after the SMTP server accepted the email
 //! and before step 4 committed: the job is then sent again once its lease
@@ -161,14 +163,31 @@ impl Pipeline {
         let outcome = match self.handle(&delivery.data).await {
             Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
             Disposition::Requeue(why) => {
-                tracing::warn!(reason = %why, "email job put back");
-                tokio::time::sleep(REQUEUE_PAUSE).await;
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
+                tracing::warn!(reason = %why, "email job deferred");
+                // Through a delay queue rather than a nack: a quorum queue
+                // counts every return toward its delivery limit, and an
+                // outage on our side must not park good jobs.
+                let message_id = delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                match self
+                    .publish_delayed(&delivery.data, &message_id, self.delays()[0])
                     .await
+                {
+                    Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+                    Err(_) => {
+                        tokio::time::sleep(REQUEUE_PAUSE).await;
+                        delivery
+                            .nack(BasicNackOptions {
+                                requeue: true,
+                                ..Default::default()
+                            })
+                            .await
+                    }
+                }
             }
         };
         if let Err(error) = outcome {
@@ -208,7 +227,7 @@ impl Pipeline {
             }
             Ok(Claim::Busy) => {
                 let delay = self.delays()[0];
-                return match self.publish_retry(data, &row, delay).await {
+                return match self.publish_delayed(data, &row.id.to_string(), delay).await {
                     Ok(()) => Disposition::Ack,
                     Err(why) => Disposition::Requeue(why),
                 };
@@ -277,7 +296,10 @@ impl Pipeline {
                 let index = usize::try_from(attempts.saturating_sub(1))
                     .unwrap_or(usize::MAX)
                     .min(delays.len() - 1);
-                match self.publish_retry(data, &row, delays[index]).await {
+                match self
+                    .publish_delayed(data, &row.id.to_string(), delays[index])
+                    .await
+                {
                     Ok(()) => Disposition::Ack,
                     Err(why) => Disposition::Requeue(why),
                 }
@@ -410,20 +432,23 @@ impl Pipeline {
             .map_err(|error| format!("parking: {error}"))
     }
 
-    async fn publish_retry(
+    /// Puts a copy of the job in the delay queue of `delay`.
+    async fn publish_delayed(
         &self,
         data: &[u8],
-        row: &NewDelivery,
+        message_id: &str,
         delay: Duration,
     ) -> Result<(), String> {
-        let message = OutgoingMessage::new(
+        let mut message = OutgoingMessage::new(
             RETRY_EXCHANGE,
             delay_routing_key(delay),
             EMAIL_JOB_TYPE,
             data.to_vec(),
-        )
-        .with_message_id(row.id.to_string())
-        .with_content_type(PROTOBUF_CONTENT_TYPE);
+        );
+        if !message_id.is_empty() {
+            message = message.with_message_id(message_id);
+        }
+        let message = message.with_content_type(PROTOBUF_CONTENT_TYPE);
         self.publisher
             .publish(&message)
             .await

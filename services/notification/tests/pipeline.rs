@@ -652,3 +652,53 @@ async fn a_broker_connection_lost_mid_stream_loses_and_duplicates_nothing() {
     assert_eq!(recipients.len(), 60, "no loss");
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_defers_jobs_without_parking_them() {
+    use sea_orm::ConnectionTrait;
+    let harness = Harness::start("db-outage").await;
+    // The deliveries table vanishes: every claim fails on our side.
+    harness
+        .db
+        .execute_unprepared("ALTER TABLE deliveries RENAME TO deliveries_offline")
+        .await
+        .expect("rename");
+    let jobs: Vec<_> = (0..5)
+        .map(|i| {
+            harness.job(
+                EmailTemplate::PasswordChanged,
+                &format!("d{i}@example.com"),
+                "en",
+            )
+        })
+        .collect();
+    for job in &jobs {
+        harness.publish(job).await;
+    }
+    // 12 s of outage is more than 20 returns even at one per 500 ms, the
+    // quorum queue's delivery limit: nacking would have parked the jobs;
+    // deferring through the delay queue counts no return.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(harness.sink.count(), 0);
+    assert_eq!(harness.queue_len(PARKED_QUEUE).await, 0, "nothing parked");
+    harness
+        .db
+        .execute_unprepared("ALTER TABLE deliveries_offline RENAME TO deliveries")
+        .await
+        .expect("rename back");
+    harness
+        .wait_until(Duration::from_secs(20), "every email", || async {
+            harness
+                .rows()
+                .await
+                .iter()
+                .filter(|r| r.status == "SENT")
+                .count()
+                == 5
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(harness.sink.count(), 5);
+    assert_eq!(harness.queue_len(PARKED_QUEUE).await, 0);
+    harness.stop().await;
+}
