@@ -14,4 +14,9 @@ mod health;
 mod identity;
 mod invitation;
 mod limits;
+mod notification;
 mod proxy;
+// The SMTP sink of the notification crate's tests, shared rather than copied.
+#[allow(dead_code)]
+#[path = "../../../services/notification/tests/common/smtp_sink.rs"]
+mod smtp_sink;
