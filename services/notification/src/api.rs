@@ -196,12 +196,12 @@ impl NotificationApi {
     }
 
     /// PreviewEmail for `caller`: sample data, nothing sent.
-    pub fn preview(
+    pub async fn preview(
         &self,
         caller: &Principal,
         request: &pb::PreviewEmailRequest,
     ) -> ApiResult<pb::PreviewEmailResponse> {
-        caller.account()?;
+        let account_id = caller.account()?;
         let template = pb::EmailTemplate::try_from(request.template)
             .ok()
             .filter(|t| *t != pb::EmailTemplate::Unspecified)
@@ -214,9 +214,13 @@ impl NotificationApi {
         {
             return Err(ApiError::invalid("locale", "is not a locale tag"));
         }
-        // The account's default locale lives in identity; without it the
-        // fallback is English.
-        let locale = templates::resolve_locale(tag, "");
+        // The account's default locale lives in identity; the newest job of
+        // the account carries it, else the fallback is English.
+        let account_locale = match templates::supported(tag) {
+            Some(_) => None,
+            None => store::account_locale(&self.db, account_id).await?,
+        };
+        let locale = templates::resolve_locale(tag, account_locale.as_deref().unwrap_or(""));
         let now = self.clock.now();
         let path = if template == pb::EmailTemplate::PasswordReset {
             "reset"
@@ -329,6 +333,8 @@ impl pb::notification_service_server::NotificationService for NotificationApi {
         request: Request<pb::PreviewEmailRequest>,
     ) -> Result<Response<pb::PreviewEmailResponse>, Status> {
         let caller = principal(&request)?;
-        Ok(Response::new(self.preview(&caller, request.get_ref())?))
+        Ok(Response::new(
+            self.preview(&caller, request.get_ref()).await?,
+        ))
     }
 }

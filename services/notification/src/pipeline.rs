@@ -494,6 +494,9 @@ fn checked(job: &pb::EmailJob) -> Result<NewDelivery, Rejected> {
         invitation_id: job.invitation_id.clone(),
         user_id: job.user_id.clone(),
         token_version: job.token_version,
+        account_locale: templates::supported(&job.account_default_locale)
+            .unwrap_or_default()
+            .to_owned(),
     };
     let reason = if template == pb::EmailTemplate::Unspecified {
         Some("malformed job: template unspecified")

@@ -84,6 +84,7 @@ pub mod delivery {
         pub recipient_email: String,
         pub recipient_name: String,
         pub locale: String,
+        pub account_locale: String,
         pub status: String,
         pub reason: String,
         pub attempts: i32,
@@ -115,6 +116,7 @@ enum Deliveries {
     RecipientEmail,
     RecipientName,
     Locale,
+    AccountLocale,
     Status,
     Reason,
     Attempts,
@@ -153,6 +155,9 @@ impl MigrationTrait for CreateDeliveries {
                     .col(string_len(Deliveries::RecipientEmail, 254))
                     .col(string_len(Deliveries::RecipientName, 800))
                     .col(string_len(Deliveries::Locale, 16))
+                    // The account's default locale as the job gave it
+                    // (PreviewEmail's fallback).
+                    .col(string_len(Deliveries::AccountLocale, 16))
                     .col(string_len(Deliveries::Status, 16))
                     .col(text(Deliveries::Reason))
                     .col(integer(Deliveries::Attempts))
@@ -226,6 +231,8 @@ pub struct NewDelivery {
     pub user_id: String,
     /// Correlation: token version.
     pub token_version: i64,
+    /// The account's default locale, as a supported locale or empty.
+    pub account_locale: String,
 }
 
 impl NewDelivery {
@@ -238,6 +245,7 @@ impl NewDelivery {
             recipient_email: Set(self.recipient_email.chars().take(254).collect()),
             recipient_name: Set(self.recipient_name.chars().take(200).collect()),
             locale: Set(String::new()),
+            account_locale: Set(self.account_locale.chars().take(16).collect()),
             status: Set(status.as_str().to_owned()),
             reason: Set(sanitize_reason(reason)),
             attempts: Set(0),
@@ -431,6 +439,22 @@ pub fn result_message(row: &delivery::Model) -> OutgoingMessage {
     )
     .with_content_type(PROTOBUF_CONTENT_TYPE)
     .broadcast()
+}
+
+/// The account's default locale from its newest delivery that gave one.
+pub async fn account_locale<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+) -> Result<Option<String>, DbErr> {
+    use sea_orm::{QueryOrder, QuerySelect};
+    Ok(Entity::find()
+        .filter(Column::AccountId.eq(account_id))
+        .filter(Column::AccountLocale.ne(""))
+        .order_by_desc(Column::CreateTime)
+        .limit(1)
+        .one(db)
+        .await?
+        .map(|row| row.account_locale))
 }
 
 /// One row by id, within `account_id` only.

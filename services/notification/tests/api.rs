@@ -43,6 +43,7 @@ fn row(account: Uuid, template: pb::EmailTemplate, email: &str) -> NewDelivery {
         invitation_id: Uuid::new_v4().to_string(),
         user_id: Uuid::new_v4().to_string(),
         token_version: 1,
+        account_locale: "fr".into(),
     }
 }
 
@@ -307,6 +308,7 @@ async fn previews_render_every_template_in_both_locales_and_send_nothing() {
                         locale: asked.into(),
                     },
                 )
+                .await
                 .expect("preview");
             assert_eq!(preview.locale, expected);
             assert!(!preview.subject.is_empty());
@@ -316,8 +318,32 @@ async fn previews_render_every_template_in_both_locales_and_send_nothing() {
             }
         }
     }
+    // Once a job told the account's default locale, it is the fallback.
+    let account = caller.account_id.expect("account");
+    store::claim(
+        &db,
+        &row(account, pb::EmailTemplate::Invitation, "x@example.com"),
+        SystemClock.now(),
+        Duration::seconds(30),
+    )
+    .await
+    .expect("claim");
+    for (asked, expected) in [("", "fr"), ("de", "fr"), ("en", "en")] {
+        let preview = api
+            .preview(
+                &caller,
+                &pb::PreviewEmailRequest {
+                    template: pb::EmailTemplate::PasswordChanged as i32,
+                    locale: asked.into(),
+                },
+            )
+            .await
+            .expect("preview");
+        assert_eq!(preview.locale, expected, "{asked:?}");
+    }
     let error = api
         .preview(&caller, &pb::PreviewEmailRequest::default())
+        .await
         .expect_err("template required");
     assert_eq!(field(&error), "template");
     let error = api
@@ -328,6 +354,7 @@ async fn previews_render_every_template_in_both_locales_and_send_nothing() {
                 locale: "fr\r\nX".into(),
             },
         )
+        .await
         .expect_err("bad locale");
     assert_eq!(field(&error), "locale");
     assert!(
