@@ -13,6 +13,7 @@ mod harness;
 mod health;
 mod identity;
 mod invitation;
+mod journey;
 mod limits;
 mod notification;
 mod proxy;

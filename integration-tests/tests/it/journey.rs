@@ -1,0 +1,232 @@
+//! The whole product, every binary: an admin invites through the gateway,
+//! the notification service emails the invitee through SMTP, the invitee
+//! opens the link from that email on the gateway's page and accepts, the
+//! inviter is emailed, and the invitation shows its email delivered.
+
+use std::time::Duration;
+
+use mail_parser::MessageParser;
+use tonic_health::pb::health_check_response::ServingStatus;
+use usher_kit::principal::{Principal, PrincipalKind};
+use usher_proto::{
+    identity::v1::{
+        CreateAccountRequest, ListRolesRequest, SignInRequest,
+        account_service_client::AccountServiceClient, auth_service_client::AuthServiceClient,
+        role_service_client::RoleServiceClient, sign_in_request::Login,
+    },
+    invitation::v1::{self as pb, invitation_service_client::InvitationServiceClient},
+    notification::v1::DeliveryStatus,
+};
+
+use crate::{
+    harness::{Isolation, POSTGRES, Service, http, service_env, signed_request},
+    invitation::bearer,
+    smtp_sink::SmtpSink,
+};
+
+/// The public address links point to (a load balancer in production).
+const BASE_URL: &str = "https://usher.journey.example";
+
+/// Waits until `sink` holds a message to `address`; returns its text part.
+async fn email_to(sink: &SmtpSink, address: &str) -> String {
+    for _ in 0..300 {
+        if let Some(received) = sink.messages().into_iter().find(|m| m.to == [address]) {
+            let parsed = MessageParser::default()
+                .parse(&received.data)
+                .expect("a parsable email");
+            return parsed.body_text(0).expect("a text part").into_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no email to {address}");
+}
+
+#[tokio::test]
+async fn invited_by_email_accepted_on_the_page_and_delivery_reported() {
+    let sink = SmtpSink::start().await;
+    let mut isolation = Isolation::new();
+    let identity = Service::start(
+        "usher-identity",
+        &service_env(&mut isolation, "identity", POSTGRES),
+    );
+    let mut invitation_env = service_env(&mut isolation, "invitation", POSTGRES);
+    invitation_env.extend([
+        ("USHER_IDENTITY__URL", format!("http://{}", identity.grpc)),
+        ("USHER_LINKS__PUBLIC_BASE_URL", BASE_URL.to_owned()),
+    ]);
+    let invitation = Service::start("usher-invitation", &invitation_env);
+    let mut notification_env = service_env(&mut isolation, "notification", POSTGRES);
+    notification_env.extend([
+        ("USHER_SMTP__PORT", sink.port.to_string()),
+        ("USHER_LINKS__PUBLIC_BASE_URL", BASE_URL.to_owned()),
+    ]);
+    let notification = Service::start("usher-notification", &notification_env);
+    let gateway = Service::start(
+        "usher-gateway",
+        &[
+            ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
+            (
+                "USHER_UPSTREAMS__IDENTITY",
+                format!("http://{}", identity.grpc),
+            ),
+            (
+                "USHER_UPSTREAMS__INVITATION",
+                format!("http://{}", invitation.grpc),
+            ),
+            (
+                "USHER_UPSTREAMS__NOTIFICATION",
+                format!("http://{}", notification.grpc),
+            ),
+        ],
+    );
+    for (service, name) in [
+        (&identity, "usher.identity.v1.AuthService"),
+        (&invitation, "usher.invitation.v1.InvitationService"),
+        (&notification, "usher.notification.v1.NotificationService"),
+    ] {
+        service
+            .wait_for(name, ServingStatus::Serving, Duration::from_secs(60))
+            .await;
+    }
+    gateway
+        .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
+        .await;
+
+    let platform = Principal {
+        kind: PrincipalKind::Platform,
+        credential_id: Some("it-platform".into()),
+        ..Principal::anonymous()
+    };
+    let slug = format!("journey-{}", isolation.id);
+    AccountServiceClient::new(identity.channel())
+        .create_account(signed_request(
+            "/usher.identity.v1.AccountService/CreateAccount",
+            &platform,
+            CreateAccountRequest {
+                name: "Journey Co".into(),
+                slug: slug.clone(),
+                owner_email: "owner@journey.example".into(),
+                owner_display_name: "Jo Owner".into(),
+                owner_password: "correct horse battery".into(),
+                seat_limit: 5,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("account");
+    let mut auth = AuthServiceClient::new(gateway.channel());
+    let admin = auth
+        .sign_in(SignInRequest {
+            account_slug: slug.clone(),
+            login: Some(Login::Email("owner@journey.example".into())),
+            password: "correct horse battery".into(),
+        })
+        .await
+        .expect("owner signs in")
+        .into_inner()
+        .session
+        .expect("session")
+        .access_token;
+    let user_role = RoleServiceClient::new(gateway.channel())
+        .list_roles(bearer(&admin, ListRolesRequest::default()))
+        .await
+        .expect("roles")
+        .into_inner()
+        .roles
+        .into_iter()
+        .find(|r| r.name == "User")
+        .expect("User role")
+        .id;
+
+    // The admin invites; the invitee gets an email naming inviter and
+    // account, with a link on the public base URL.
+    let mut invitations = InvitationServiceClient::new(gateway.channel());
+    let created = invitations
+        .create_invitations(bearer(
+            &admin,
+            pb::CreateInvitationsRequest {
+                raw_text: "Ivy Journey <ivy@journey.example>".into(),
+                role_id: user_role,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("created")
+        .into_inner();
+    assert_eq!(created.invited_count, 1, "{created:?}");
+    let id = created.results[0]
+        .invitation
+        .clone()
+        .expect("invitation")
+        .id;
+    let text = email_to(&sink, "ivy@journey.example").await;
+    assert!(text.contains("Jo Owner"), "{text}");
+    assert!(text.contains("Journey Co"), "{text}");
+    let prefix = format!("{BASE_URL}/invite?token=");
+    let start = text.find(&prefix).expect("a link") + prefix.len();
+    let token: String = text[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect();
+    assert_eq!(token.len(), 43, "{text}");
+
+    // The delivery shows on the invitation.
+    let mut delivered = false;
+    for _ in 0..100 {
+        let shown = invitations
+            .get_invitation(bearer(
+                &admin,
+                pb::GetInvitationRequest {
+                    invitation_id: id.clone(),
+                },
+            ))
+            .await
+            .expect("get")
+            .into_inner()
+            .invitation
+            .expect("invitation");
+        if shown.latest_delivery.expect("delivery").status() == DeliveryStatus::Sent {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(delivered, "the invitation shows its email SENT");
+
+    // The link, opened on the gateway (where the base URL's load balancer
+    // would send it): the page, then accept.
+    let (status, _, page) =
+        http(&gateway, "GET", &format!("/invite?token={token}"), &[], b"").await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&page).contains("Jo Owner invited you to join Journey Co."));
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    form.append_pair("token", &token)
+        .append_pair("lang", "en")
+        .append_pair("action", "accept")
+        .append_pair("display_name", "Ivy Journey")
+        .append_pair("password", "a long enough passphrase");
+    let (status, _, page) = http(
+        &gateway,
+        "POST",
+        "/invite",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        form.finish().as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&page));
+    auth.sign_in(SignInRequest {
+        account_slug: slug,
+        login: Some(Login::Email("ivy@journey.example".into())),
+        password: "a long enough passphrase".into(),
+    })
+    .await
+    .expect("the new member signs in");
+
+    // The inviter is told.
+    let told = email_to(&sink, "owner@journey.example").await;
+    assert!(
+        told.contains("Ivy Journey") || told.contains("ivy@journey.example"),
+        "{told}"
+    );
+    assert_eq!(sink.count(), 2, "one email each, no duplicates");
+}
