@@ -830,3 +830,57 @@ async fn list_searches_filters_and_pages() {
     assert_eq!(status.code(), Code::InvalidArgument);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn with_redis_down_links_answer_unavailable_never_unusable() {
+    let h = Harness::start().await;
+    let account = h.account(10).await;
+    h.invite(&account, &["ann@acme.example"]).await.unwrap();
+    let token = h.token_for("ann@acme.example").await;
+    // The same service, its Redis now a port where nothing listens.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let down = usher_kit::redis::Redis::connect(&usher_kit::config::RedisConfig {
+        url: usher_kit::config::Secret::new(format!("redis://127.0.0.1:{port}")),
+        command_timeout_ms: 300,
+        ..usher_kit::config::RedisConfig::default()
+    })
+    .unwrap();
+    let mut config = usher_invitation::Config::default();
+    config.identity.url = format!("http://{}", h.identity_addr);
+    let api = usher_invitation::api::InvitationApi::new(std::sync::Arc::new(
+        usher_invitation::state(&config, h.db.clone(), down, h.clock.clone()).unwrap(),
+    ));
+    let started = std::time::Instant::now();
+    let preview = api
+        .preview_invitation(public(pb::PreviewInvitationRequest {
+            token: token.clone(),
+        }))
+        .await
+        .expect_err("no Redis");
+    let accepted = api
+        .accept_invitation(public(accept(&token)))
+        .await
+        .expect_err("no Redis");
+    let created = api
+        .create_invitations(request(
+            &account.admin,
+            create_request(&account, &["bob@acme.example"]),
+        ))
+        .await
+        .expect_err("no Redis");
+    for status in [&preview, &accepted, &created] {
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    // Nothing was half-created, and with Redis back the link still works.
+    assert_eq!(count(&h, "SELECT count(*) AS n FROM invitations").await, 1);
+    h.api
+        .accept_invitation(public(accept(&token)))
+        .await
+        .expect("the link works again");
+    let again = h.invite(&account, &["bob@acme.example"]).await.unwrap();
+    assert_eq!(verdicts(&again), [pb::InviteeVerdict::Invited]);
+    h.stop().await;
+}
