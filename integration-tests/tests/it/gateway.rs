@@ -406,7 +406,7 @@ async fn public_calls_are_rate_limited_per_ip_by_the_gateway() {
 
 /// Runs `usher platform-keys create` with identity's environment and returns
 /// the printed secret.
-fn create_platform_key(identity_env: &[(&str, String)], name: &str) -> String {
+pub fn create_platform_key(identity_env: &[(&str, String)], name: &str) -> String {
     let output = std::process::Command::new(binary("usher"))
         .args(["platform-keys", "create", "--name", name])
         .env_clear()

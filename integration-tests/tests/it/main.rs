@@ -6,6 +6,7 @@
 // The whole crate is test code: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod access;
 mod browser;
 mod gateway;
 mod grpc_web;
