@@ -22,15 +22,11 @@ use tonic::{
     transport::Channel,
 };
 use tonic_health::pb::health_check_response::ServingStatus;
-use usher_kit::{
-    authz::Policy,
-    principal::{Principal, PrincipalKind},
-};
+use usher_kit::authz::Policy;
 use usher_proto::{
     auth::v1::Access,
     identity::v1::{
-        CreateAccountRequest, CreateApiKeyRequest, CreateTeamRequest, CreateUserRequest,
-        ListRolesRequest, SignInRequest, account_service_client::AccountServiceClient,
+        CreateApiKeyRequest, CreateTeamRequest, CreateUserRequest, ListRolesRequest, SignInRequest,
         auth_service_client::AuthServiceClient, role_service_client::RoleServiceClient,
         sign_in_request::Login, team_service_client::TeamServiceClient,
         user_service_client::UserServiceClient,
@@ -42,8 +38,9 @@ use usher_proto::{
 
 use crate::{
     gateway::create_platform_key,
-    harness::{Isolation, POSTGRES, Service, service_env, signed_request},
-    invitation::bearer,
+    harness::{
+        Isolation, OWNER_PASSWORD, POSTGRES, Service, bearer, create_account, service_env, sign_in,
+    },
 };
 
 /// Raw protobuf bytes in and out: any RPC, without its generated types.
@@ -187,43 +184,13 @@ async fn every_rpc_answers_each_kind_of_caller_as_its_rule_says() {
     let channel = gateway.channel();
 
     // Two accounts, their owners signed in; a plain member of the first.
-    let platform = Principal {
-        kind: PrincipalKind::Platform,
-        credential_id: Some("it-platform".into()),
-        ..Principal::anonymous()
-    };
     let mut auth = AuthServiceClient::new(channel.clone());
     let mut owners = Vec::new();
     for name in ["first", "second"] {
         let slug = format!("{name}-{}", isolation.id);
-        AccountServiceClient::new(identity.channel())
-            .create_account(signed_request(
-                "/usher.identity.v1.AccountService/CreateAccount",
-                &platform,
-                CreateAccountRequest {
-                    name: name.into(),
-                    slug: slug.clone(),
-                    owner_email: format!("owner@{name}.example"),
-                    owner_display_name: "Owner".into(),
-                    owner_password: "correct horse battery".into(),
-                    seat_limit: 10,
-                    ..Default::default()
-                },
-            ))
-            .await
-            .expect("account");
-        let token = auth
-            .sign_in(SignInRequest {
-                account_slug: slug.clone(),
-                login: Some(Login::Email(format!("owner@{name}.example"))),
-                password: "correct horse battery".into(),
-            })
-            .await
-            .expect("owner signs in")
-            .into_inner()
-            .session
-            .expect("session")
-            .access_token;
+        let owner = format!("owner@{name}.example");
+        create_account(&identity, &slug, name, &owner, "Owner", 10).await;
+        let token = sign_in(&gateway, &slug, Login::Email(owner), OWNER_PASSWORD).await;
         owners.push((slug, token));
     }
     let (slug, admin) = owners[0].clone();

@@ -13,8 +13,8 @@ use usher_proto::{
 };
 
 use crate::{
-    harness::free_port,
-    invitation::{DAY, Setup, bearer, next_job, setup, token_of},
+    harness::{bearer, free_port},
+    invitation::{DAY, Setup, next_job, setup, token_of},
 };
 
 /// chromedriver on a free port, killed when dropped.

@@ -21,17 +21,7 @@ use usher_proto::identity::{
     },
 };
 
-use crate::harness::{Isolation, POSTGRES, Service, binary, service_env, signed_request};
-
-/// `message` with `authorization: Bearer <token>`.
-fn bearer<T>(token: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {token}")).expect("ascii"),
-    );
-    request
-}
+use crate::harness::{Isolation, POSTGRES, Service, bearer, binary, service_env, signed_request};
 
 #[tokio::test]
 async fn the_gateway_authenticates_authorizes_and_forwards() {

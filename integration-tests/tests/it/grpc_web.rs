@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use prost::Message;
 use tonic_health::pb::health_check_response::ServingStatus;
-use usher_kit::principal::{Principal, PrincipalKind};
 use usher_proto::identity::v1::{
-    CreateAccountRequest, GetCurrentUserRequest, GetCurrentUserResponse, SignInRequest,
-    SignInResponse, account_service_client::AccountServiceClient, sign_in_request::Login,
+    GetCurrentUserRequest, GetCurrentUserResponse, SignInRequest, SignInResponse,
+    sign_in_request::Login,
 };
 
-use crate::harness::{Isolation, POSTGRES, Service, header, http, service_env, signed_request};
+use crate::harness::{
+    Isolation, OWNER_PASSWORD, POSTGRES, Service, create_account, header, http, service_env,
+};
 
 const APP: &str = "https://app.example.com";
 
@@ -96,28 +97,16 @@ async fn browsers_call_through_grpc_web_under_the_same_rules() {
     gateway
         .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
         .await;
-    let platform = Principal {
-        kind: PrincipalKind::Platform,
-        credential_id: Some("it-platform".into()),
-        ..Principal::anonymous()
-    };
     let slug = format!("web-{}", isolation.id);
-    AccountServiceClient::new(identity.channel())
-        .create_account(signed_request(
-            "/usher.identity.v1.AccountService/CreateAccount",
-            &platform,
-            CreateAccountRequest {
-                name: "Web Co".into(),
-                slug: slug.clone(),
-                owner_email: "owner@web.example".into(),
-                owner_display_name: "Wendy Web".into(),
-                owner_password: "correct horse battery".into(),
-                seat_limit: 5,
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("account");
+    create_account(
+        &identity,
+        &slug,
+        "Web Co",
+        "owner@web.example",
+        "Wendy Web",
+        5,
+    )
+    .await;
 
     // The browser's preflight from an allowed origin, and from another.
     let preflight = |origin: &'static str| {
@@ -151,7 +140,7 @@ async fn browsers_call_through_grpc_web_under_the_same_rules() {
     let sign_in = SignInRequest {
         account_slug: slug,
         login: Some(Login::Email("owner@web.example".into())),
-        password: "correct horse battery".into(),
+        password: OWNER_PASSWORD.into(),
     };
     let (status, headers, message, trailers) = call(
         &gateway,

@@ -412,3 +412,94 @@ pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
         .find(|(n, _)| n == name)
         .map_or("", |(_, v)| v.as_str())
 }
+
+/// The password every test account's owner is created with.
+pub const OWNER_PASSWORD: &str = "correct horse battery";
+
+/// The embedding platform's back end, as identity sees it.
+pub fn platform() -> usher_kit::principal::Principal {
+    use usher_kit::principal::{Principal, PrincipalKind};
+    Principal {
+        kind: PrincipalKind::Platform,
+        credential_id: Some("it-platform".into()),
+        ..Principal::anonymous()
+    }
+}
+
+/// Creates an account straight at identity, as the platform would, owned by
+/// `owner_email` (named `owner_name`, password [`OWNER_PASSWORD`]).
+pub async fn create_account(
+    identity: &Service,
+    slug: &str,
+    name: &str,
+    owner_email: &str,
+    owner_name: &str,
+    seats: i32,
+) {
+    use usher_proto::identity::v1::{
+        CreateAccountRequest, account_service_client::AccountServiceClient,
+    };
+    AccountServiceClient::new(identity.channel())
+        .create_account(signed_request(
+            "/usher.identity.v1.AccountService/CreateAccount",
+            &platform(),
+            CreateAccountRequest {
+                name: name.into(),
+                slug: slug.into(),
+                owner_email: owner_email.into(),
+                owner_display_name: owner_name.into(),
+                owner_password: OWNER_PASSWORD.into(),
+                seat_limit: seats,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("account created");
+}
+
+/// Signs in through the gateway; returns the access token.
+pub async fn sign_in(
+    gateway: &Service,
+    slug: &str,
+    login: usher_proto::identity::v1::sign_in_request::Login,
+    password: &str,
+) -> String {
+    use usher_proto::identity::v1::{SignInRequest, auth_service_client::AuthServiceClient};
+    AuthServiceClient::new(gateway.channel())
+        .sign_in(SignInRequest {
+            account_slug: slug.into(),
+            login: Some(login),
+            password: password.into(),
+        })
+        .await
+        .expect("signed in")
+        .into_inner()
+        .session
+        .expect("session")
+        .access_token
+}
+
+/// `message` with `authorization: Bearer <token>`.
+pub fn bearer<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        tonic::metadata::MetadataValue::try_from(format!("Bearer {token}")).expect("ascii"),
+    );
+    request
+}
+
+/// The id of the account's role named `name`, listed through the gateway.
+pub async fn role_id(gateway: &Service, token: &str, name: &str) -> String {
+    use usher_proto::identity::v1::{ListRolesRequest, role_service_client::RoleServiceClient};
+    RoleServiceClient::new(gateway.channel())
+        .list_roles(bearer(token, ListRolesRequest::default()))
+        .await
+        .expect("roles")
+        .into_inner()
+        .roles
+        .into_iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("no role {name}"))
+        .id
+}

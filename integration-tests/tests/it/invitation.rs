@@ -8,34 +8,22 @@
 use std::time::Duration;
 
 use prost::Message;
-use tonic::{Request, metadata::MetadataValue};
 use tonic_health::pb::health_check_response::ServingStatus;
 use usher_kit::{
     amqp::{Amqp, EMAIL_EXCHANGE, EVENTS_EXCHANGE, OutgoingMessage, QueueSpec, Topology},
     config::{AmqpConfig, Secret},
-    principal::{Principal, PrincipalKind},
     seal::{SealConfig, Sealer},
 };
 use usher_proto::{
-    identity::v1::{
-        CreateAccountRequest, ListRolesRequest, SignInRequest,
-        account_service_client::AccountServiceClient, auth_service_client::AuthServiceClient,
-        role_service_client::RoleServiceClient, sign_in_request::Login,
-    },
+    identity::v1::{SignInRequest, auth_service_client::AuthServiceClient, sign_in_request::Login},
     invitation::v1::{self as pb, invitation_service_client::InvitationServiceClient},
     notification::v1::{DeliveryResult, DeliveryStatus, EmailJob, EmailTemplate},
 };
 
-use crate::harness::{Isolation, POSTGRES, Service, header, http, service_env, signed_request};
-
-pub fn bearer<T>(token: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {token}")).expect("ascii"),
-    );
-    request
-}
+use crate::harness::{
+    Isolation, OWNER_PASSWORD, POSTGRES, Service, bearer, create_account, header, http, role_id,
+    service_env, sign_in,
+};
 
 /// The next message on `queue`, waiting up to 15 s.
 async fn next(amqp: &Amqp, queue: &str) -> lapin::message::BasicGetMessage {
@@ -159,51 +147,24 @@ pub async fn setup(lifetime_secs: u32) -> Setup {
     .expect("bind");
 
     // An account, made by a platform at identity; its owner signs in at the gateway.
-    let platform = Principal {
-        kind: PrincipalKind::Platform,
-        credential_id: Some("it-platform".into()),
-        ..Principal::anonymous()
-    };
     let slug = format!("inv-{}", isolation.id);
-    AccountServiceClient::new(identity.channel())
-        .create_account(signed_request(
-            "/usher.identity.v1.AccountService/CreateAccount",
-            &platform,
-            CreateAccountRequest {
-                name: "Invite Co".into(),
-                slug: slug.clone(),
-                owner_email: "owner@invite.example".into(),
-                owner_display_name: "Oona Owner".into(),
-                owner_password: "correct horse battery".into(),
-                seat_limit: 10,
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("account");
-    let mut auth = AuthServiceClient::new(gateway.channel());
-    let admin = auth
-        .sign_in(SignInRequest {
-            account_slug: slug.clone(),
-            login: Some(Login::Email("owner@invite.example".into())),
-            password: "correct horse battery".into(),
-        })
-        .await
-        .expect("owner signs in")
-        .into_inner()
-        .session
-        .expect("session")
-        .access_token;
-    let user_role = RoleServiceClient::new(gateway.channel())
-        .list_roles(bearer(&admin, ListRolesRequest::default()))
-        .await
-        .expect("roles")
-        .into_inner()
-        .roles
-        .into_iter()
-        .find(|r| r.name == "User")
-        .expect("User role")
-        .id;
+    create_account(
+        &identity,
+        &slug,
+        "Invite Co",
+        "owner@invite.example",
+        "Oona Owner",
+        10,
+    )
+    .await;
+    let admin = sign_in(
+        &gateway,
+        &slug,
+        Login::Email("owner@invite.example".into()),
+        OWNER_PASSWORD,
+    )
+    .await;
+    let user_role = role_id(&gateway, &admin, "User").await;
     Setup {
         _isolation: isolation,
         _identity: identity,

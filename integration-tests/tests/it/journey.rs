@@ -7,20 +7,17 @@ use std::time::Duration;
 
 use mail_parser::MessageParser;
 use tonic_health::pb::health_check_response::ServingStatus;
-use usher_kit::principal::{Principal, PrincipalKind};
 use usher_proto::{
-    identity::v1::{
-        CreateAccountRequest, ListRolesRequest, SignInRequest,
-        account_service_client::AccountServiceClient, auth_service_client::AuthServiceClient,
-        role_service_client::RoleServiceClient, sign_in_request::Login,
-    },
+    identity::v1::{SignInRequest, auth_service_client::AuthServiceClient, sign_in_request::Login},
     invitation::v1::{self as pb, invitation_service_client::InvitationServiceClient},
     notification::v1::DeliveryStatus,
 };
 
 use crate::{
-    harness::{Isolation, POSTGRES, Service, http, service_env, signed_request},
-    invitation::bearer,
+    harness::{
+        Isolation, OWNER_PASSWORD, POSTGRES, Service, bearer, create_account, http, role_id,
+        service_env, sign_in,
+    },
     smtp_sink::SmtpSink,
 };
 
@@ -92,51 +89,25 @@ async fn invited_by_email_accepted_on_the_page_and_delivery_reported() {
         .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
         .await;
 
-    let platform = Principal {
-        kind: PrincipalKind::Platform,
-        credential_id: Some("it-platform".into()),
-        ..Principal::anonymous()
-    };
     let slug = format!("journey-{}", isolation.id);
-    AccountServiceClient::new(identity.channel())
-        .create_account(signed_request(
-            "/usher.identity.v1.AccountService/CreateAccount",
-            &platform,
-            CreateAccountRequest {
-                name: "Journey Co".into(),
-                slug: slug.clone(),
-                owner_email: "owner@journey.example".into(),
-                owner_display_name: "Jo Owner".into(),
-                owner_password: "correct horse battery".into(),
-                seat_limit: 5,
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("account");
+    create_account(
+        &identity,
+        &slug,
+        "Journey Co",
+        "owner@journey.example",
+        "Jo Owner",
+        5,
+    )
+    .await;
     let mut auth = AuthServiceClient::new(gateway.channel());
-    let admin = auth
-        .sign_in(SignInRequest {
-            account_slug: slug.clone(),
-            login: Some(Login::Email("owner@journey.example".into())),
-            password: "correct horse battery".into(),
-        })
-        .await
-        .expect("owner signs in")
-        .into_inner()
-        .session
-        .expect("session")
-        .access_token;
-    let user_role = RoleServiceClient::new(gateway.channel())
-        .list_roles(bearer(&admin, ListRolesRequest::default()))
-        .await
-        .expect("roles")
-        .into_inner()
-        .roles
-        .into_iter()
-        .find(|r| r.name == "User")
-        .expect("User role")
-        .id;
+    let admin = sign_in(
+        &gateway,
+        &slug,
+        Login::Email("owner@journey.example".into()),
+        OWNER_PASSWORD,
+    )
+    .await;
+    let user_role = role_id(&gateway, &admin, "User").await;
 
     // The admin invites; the invitee gets an email naming inviter and
     // account, with a link on the public base URL.
