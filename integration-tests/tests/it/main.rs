@@ -8,6 +8,7 @@
 
 mod access;
 mod browser;
+mod faults;
 mod gateway;
 mod grpc_web;
 mod harness;
