@@ -240,6 +240,17 @@ impl Harness {
         .map(tonic::Response::into_inner)
     }
 
+    /// The `n` column of the one row `sql` returns.
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.db
+            .query_one_raw(Statement::from_string(self.db.get_database_backend(), sql))
+            .await
+            .expect("query")
+            .expect("row")
+            .try_get("", "n")
+            .expect("n")
+    }
+
     /// Every Redis key of the test, without its prefix.
     pub async fn redis_keys(&self) -> Vec<String> {
         let mut conn = self.redis.connection();
