@@ -72,6 +72,7 @@ impl Driver {
 /// Fills the open invitation form and submits it; returns the next page's
 /// heading.
 async fn accept(browser: &Client, name: &str, password: &str) -> String {
+    let form_heading = text_once(browser, "h1", |_| true).await;
     let field = browser
         .find(Locator::Id("display_name"))
         .await
@@ -92,14 +93,22 @@ async fn accept(browser: &Client, name: &str, password: &str) -> String {
         .click()
         .await
         .expect("submit");
-    browser
-        .wait()
-        .for_element(Locator::Css("h1"))
-        .await
-        .expect("the next page")
-        .text()
-        .await
-        .expect("heading")
+    text_once(browser, "h1", |heading| heading != form_heading).await
+}
+
+/// The text of the first `css` element once `ready` accepts it: the page
+/// after a click may still be the old one for a moment (or gone mid-read).
+async fn text_once(browser: &Client, css: &str, ready: impl Fn(&str) -> bool) -> String {
+    for _ in 0..100 {
+        if let Ok(element) = browser.find(Locator::Css(css)).await
+            && let Ok(text) = element.text().await
+            && ready(&text)
+        {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no {css} as expected on {:?}", browser.current_url().await);
 }
 
 #[tokio::test]
@@ -164,14 +173,7 @@ async fn a_browser_accepts_an_invitation_in_english_and_in_french() {
         .click()
         .await
         .expect("to French");
-    let lead = browser
-        .wait()
-        .for_element(Locator::Css("p.lead"))
-        .await
-        .expect("lead")
-        .text()
-        .await
-        .expect("text");
+    let lead = text_once(&browser, "p.lead", |lead| lead.contains("vous invite")).await;
     assert_eq!(lead, "Oona Owner vous invite à rejoindre Invite Co.");
     let heading = accept(
         &browser,
