@@ -1574,6 +1574,8 @@ pub(crate) mod tests {
             "k",
             vec![0, 1, 2, 255],
         )
+        // A fixed id: a random one could itself contain "255".
+        .with_message_id("message-1")
         .with_header("ce-id", "1");
         let json = serde_json::to_string(&message).expect("serialize");
         assert!(json.contains("\"AAEC/w==\""), "{json}");
