@@ -459,8 +459,9 @@ async fn hostile_names_render_escaped_with_no_extra_header_or_link() {
     let html = parsed.body_html(0).expect("html");
     for part in [subject, text.as_ref(), html.as_ref()] {
         assert!(!part.contains("evil.example"), "{part}");
+        // Shown literally, so never evaluated (the random token in the link
+        // may itself contain "49", so that is not what to look for).
         assert!(part.contains("{{ 7*7 }}"), "{part}");
-        assert!(!part.contains("49"), "{part}");
     }
     assert_eq!(html.matches("<a ").count(), 1, "{html}");
     assert!(html.contains("&lt;a href="), "{html}");
