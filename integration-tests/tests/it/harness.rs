@@ -576,3 +576,13 @@ impl Drop for TcpProxy {
         self.accept.abort();
     }
 }
+
+/// The `ErrorInfo` reason of a refusal, or empty.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+        .unwrap_or_default()
+}

@@ -22,76 +22,151 @@ use crate::{
 };
 
 /// The public address links point to (a load balancer in production).
-const BASE_URL: &str = "https://usher.journey.example";
+pub const BASE_URL: &str = "https://usher.journey.example";
 
-/// Waits until `sink` holds a message to `address`; returns its text part.
-async fn email_to(sink: &SmtpSink, address: &str) -> String {
-    for _ in 0..300 {
-        if let Some(received) = sink.messages().into_iter().find(|m| m.to == [address]) {
-            let parsed = MessageParser::default()
-                .parse(&received.data)
-                .expect("a parsable email");
-            return parsed.body_text(0).expect("a text part").into_owned();
+/// Every binary with an SMTP sink, links on [`BASE_URL`].
+pub struct MailStack {
+    pub sink: SmtpSink,
+    /// The identity service's environment (for `usher platform-keys create`).
+    pub identity_env: Vec<(&'static str, String)>,
+    pub identity: Service,
+    /// Running for the stack's lifetime (the tests reach it through the gateway).
+    #[allow(dead_code)]
+    pub invitation: Service,
+    /// Running for the stack's lifetime (the tests reach it through the gateway).
+    #[allow(dead_code)]
+    pub notification: Service,
+    pub gateway: Service,
+    /// Dropped after the processes.
+    pub isolation: Isolation,
+}
+
+impl MailStack {
+    /// Starts everything and waits until it serves.
+    pub async fn start() -> Self {
+        let sink = SmtpSink::start().await;
+        let mut isolation = Isolation::new();
+        let mut identity_env = service_env(&mut isolation, "identity", POSTGRES);
+        identity_env.push(("USHER_LINKS__PUBLIC_BASE_URL", BASE_URL.to_owned()));
+        let identity = Service::start("usher-identity", &identity_env);
+        let mut invitation_env = service_env(&mut isolation, "invitation", POSTGRES);
+        invitation_env.extend([
+            ("USHER_IDENTITY__URL", format!("http://{}", identity.grpc)),
+            ("USHER_LINKS__PUBLIC_BASE_URL", BASE_URL.to_owned()),
+            // A journey reinvites at once; the cool-down has tests of its own.
+            ("USHER_INVITATIONS__RESEND_COOLDOWN_SECS", "0".to_owned()),
+        ]);
+        let invitation = Service::start("usher-invitation", &invitation_env);
+        let mut notification_env = service_env(&mut isolation, "notification", POSTGRES);
+        notification_env.extend([
+            ("USHER_SMTP__PORT", sink.port.to_string()),
+            ("USHER_LINKS__PUBLIC_BASE_URL", BASE_URL.to_owned()),
+        ]);
+        let notification = Service::start("usher-notification", &notification_env);
+        let gateway = Service::start(
+            "usher-gateway",
+            &[
+                ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
+                (
+                    "USHER_UPSTREAMS__IDENTITY",
+                    format!("http://{}", identity.grpc),
+                ),
+                (
+                    "USHER_UPSTREAMS__INVITATION",
+                    format!("http://{}", invitation.grpc),
+                ),
+                (
+                    "USHER_UPSTREAMS__NOTIFICATION",
+                    format!("http://{}", notification.grpc),
+                ),
+            ],
+        );
+        for (service, name) in [
+            (&identity, "usher.identity.v1.AuthService"),
+            (&invitation, "usher.invitation.v1.InvitationService"),
+            (&notification, "usher.notification.v1.NotificationService"),
+        ] {
+            service
+                .wait_for(name, ServingStatus::Serving, Duration::from_secs(60))
+                .await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        gateway
+            .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
+            .await;
+        Self {
+            sink,
+            identity_env,
+            identity,
+            invitation,
+            notification,
+            gateway,
+            isolation,
+        }
     }
-    panic!("no email to {address}");
+
+    /// Waits until `count` emails to `address` arrived; returns them in
+    /// order of arrival as (subject, text part).
+    pub async fn emails_to(&self, address: &str, count: usize) -> Vec<(String, String)> {
+        for _ in 0..300 {
+            let received: Vec<_> = self
+                .sink
+                .messages()
+                .into_iter()
+                .filter(|m| m.to == [address])
+                .collect();
+            if received.len() >= count {
+                return received
+                    .iter()
+                    .map(|m| {
+                        let parsed = MessageParser::default()
+                            .parse(&m.data)
+                            .expect("a parsable email");
+                        (
+                            parsed.subject().unwrap_or_default().to_owned(),
+                            parsed.body_text(0).expect("a text part").into_owned(),
+                        )
+                    })
+                    .collect();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("fewer than {count} emails to {address}");
+    }
+
+    /// The text of the first email to `address`.
+    pub async fn email_to(&self, address: &str) -> String {
+        self.emails_to(address, 1).await.remove(0).1
+    }
+}
+
+/// The token of the link to `path` (`/invite`, `/reset`) in an email's text.
+pub fn link_token(text: &str, path: &str) -> String {
+    let prefix = format!("{BASE_URL}{path}?token=");
+    let start = text
+        .find(&prefix)
+        .unwrap_or_else(|| panic!("a link to {path} in {text}"))
+        + prefix.len();
+    let token: String = text[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect();
+    assert_eq!(token.len(), 43, "{text}");
+    token
 }
 
 #[tokio::test]
 async fn invited_by_email_accepted_on_the_page_and_delivery_reported() {
-    let sink = SmtpSink::start().await;
-    let mut isolation = Isolation::new();
-    let identity = Service::start(
-        "usher-identity",
-        &service_env(&mut isolation, "identity", POSTGRES),
-    );
-    let mut invitation_env = service_env(&mut isolation, "invitation", POSTGRES);
-    invitation_env.extend([
-        ("USHER_IDENTITY__URL", format!("http://{}", identity.grpc)),
-        ("USHER_LINKS__PUBLIC_BASE_URL", BASE_URL.to_owned()),
-    ]);
-    let invitation = Service::start("usher-invitation", &invitation_env);
-    let mut notification_env = service_env(&mut isolation, "notification", POSTGRES);
-    notification_env.extend([
-        ("USHER_SMTP__PORT", sink.port.to_string()),
-        ("USHER_LINKS__PUBLIC_BASE_URL", BASE_URL.to_owned()),
-    ]);
-    let notification = Service::start("usher-notification", &notification_env);
-    let gateway = Service::start(
-        "usher-gateway",
-        &[
-            ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
-            (
-                "USHER_UPSTREAMS__IDENTITY",
-                format!("http://{}", identity.grpc),
-            ),
-            (
-                "USHER_UPSTREAMS__INVITATION",
-                format!("http://{}", invitation.grpc),
-            ),
-            (
-                "USHER_UPSTREAMS__NOTIFICATION",
-                format!("http://{}", notification.grpc),
-            ),
-        ],
-    );
-    for (service, name) in [
-        (&identity, "usher.identity.v1.AuthService"),
-        (&invitation, "usher.invitation.v1.InvitationService"),
-        (&notification, "usher.notification.v1.NotificationService"),
-    ] {
-        service
-            .wait_for(name, ServingStatus::Serving, Duration::from_secs(60))
-            .await;
-    }
-    gateway
-        .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
-        .await;
-
+    let stack = MailStack::start().await;
+    let MailStack {
+        sink,
+        identity,
+        gateway,
+        isolation,
+        ..
+    } = &stack;
     let slug = format!("journey-{}", isolation.id);
     create_account(
-        &identity,
+        identity,
         &slug,
         "Journey Co",
         "owner@journey.example",
@@ -101,13 +176,13 @@ async fn invited_by_email_accepted_on_the_page_and_delivery_reported() {
     .await;
     let mut auth = AuthServiceClient::new(gateway.channel());
     let admin = sign_in(
-        &gateway,
+        gateway,
         &slug,
         Login::Email("owner@journey.example".into()),
         OWNER_PASSWORD,
     )
     .await;
-    let user_role = role_id(&gateway, &admin, "User").await;
+    let user_role = role_id(gateway, &admin, "User").await;
 
     // The admin invites; the invitee gets an email naming inviter and
     // account, with a link on the public base URL.
@@ -130,16 +205,10 @@ async fn invited_by_email_accepted_on_the_page_and_delivery_reported() {
         .clone()
         .expect("invitation")
         .id;
-    let text = email_to(&sink, "ivy@journey.example").await;
+    let text = stack.email_to("ivy@journey.example").await;
     assert!(text.contains("Jo Owner"), "{text}");
     assert!(text.contains("Journey Co"), "{text}");
-    let prefix = format!("{BASE_URL}/invite?token=");
-    let start = text.find(&prefix).expect("a link") + prefix.len();
-    let token: String = text[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .collect();
-    assert_eq!(token.len(), 43, "{text}");
+    let token = link_token(&text, "/invite");
 
     // The delivery shows on the invitation.
     let mut delivered = false;
@@ -166,8 +235,7 @@ async fn invited_by_email_accepted_on_the_page_and_delivery_reported() {
 
     // The link, opened on the gateway (where the base URL's load balancer
     // would send it): the page, then accept.
-    let (status, _, page) =
-        http(&gateway, "GET", &format!("/invite?token={token}"), &[], b"").await;
+    let (status, _, page) = http(gateway, "GET", &format!("/invite?token={token}"), &[], b"").await;
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&page).contains("Jo Owner invited you to join Journey Co."));
     let mut form = url::form_urlencoded::Serializer::new(String::new());
@@ -177,7 +245,7 @@ async fn invited_by_email_accepted_on_the_page_and_delivery_reported() {
         .append_pair("display_name", "Ivy Journey")
         .append_pair("password", "a long enough passphrase");
     let (status, _, page) = http(
-        &gateway,
+        gateway,
         "POST",
         "/invite",
         &[("content-type", "application/x-www-form-urlencoded")],
@@ -194,7 +262,7 @@ async fn invited_by_email_accepted_on_the_page_and_delivery_reported() {
     .expect("the new member signs in");
 
     // The inviter is told.
-    let told = email_to(&sink, "owner@journey.example").await;
+    let told = stack.email_to("owner@journey.example").await;
     assert!(
         told.contains("Ivy Journey") || told.contains("ivy@journey.example"),
         "{told}"

@@ -7,6 +7,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod access;
+mod account_journey;
 mod browser;
 mod faults;
 mod gateway;
