@@ -125,7 +125,7 @@ pub struct Service {
     pub grpc: SocketAddr,
     /// Its metrics address.
     pub metrics: SocketAddr,
-    child: std::sync::Mutex<Child>,
+    child: std::sync::Mutex<Option<Child>>,
 }
 
 impl Service {
@@ -133,6 +133,20 @@ impl Service {
     pub fn start(name: &'static str, env: &[(&str, String)]) -> Self {
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self::start_at(name, grpc, metrics, env)
+    }
+
+    /// Starts the same binary again on the same ports (after [`Self::terminate`]).
+    pub fn restart(&self, env: &[(&str, String)]) -> Self {
+        Self::start_at(self.name, self.grpc, self.metrics, env)
+    }
+
+    fn start_at(
+        name: &'static str,
+        grpc: SocketAddr,
+        metrics: SocketAddr,
+        env: &[(&str, String)],
+    ) -> Self {
         let log = std::env::var("USHER_IT_LOG").unwrap_or_else(|_| "warn".into());
         let mut command = Command::new(binary(name));
         command
@@ -152,7 +166,7 @@ impl Service {
             name,
             grpc,
             metrics,
-            child: std::sync::Mutex::new(child),
+            child: std::sync::Mutex::new(Some(child)),
         }
     }
 
@@ -185,7 +199,13 @@ impl Service {
             if now == Some(status) {
                 return;
             }
-            if let Ok(Some(exit)) = self.child.lock().expect("child").try_wait() {
+            let exited = self
+                .child
+                .lock()
+                .expect("child")
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            if let Some(exit) = exited {
                 panic!("{} exited with {exit} (its log is above)", self.name);
             }
             assert!(
@@ -198,8 +218,13 @@ impl Service {
     }
 
     /// Sends SIGTERM and waits for the process to exit.
-    pub async fn terminate(self) -> std::process::ExitStatus {
-        let mut child = self.child.into_inner().expect("child");
+    pub async fn terminate(&self) -> std::process::ExitStatus {
+        let mut child = self
+            .child
+            .lock()
+            .expect("child")
+            .take()
+            .expect("still running");
         if let Some(pid) = child.id() {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &pid.to_string()])

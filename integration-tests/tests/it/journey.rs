@@ -30,13 +30,12 @@ pub struct MailStack {
     /// The identity service's environment (for `usher platform-keys create`).
     pub identity_env: Vec<(&'static str, String)>,
     pub identity: Service,
-    /// Running for the stack's lifetime (the tests reach it through the gateway).
-    #[allow(dead_code)]
     pub invitation: Service,
-    /// Running for the stack's lifetime (the tests reach it through the gateway).
-    #[allow(dead_code)]
+    pub invitation_env: Vec<(&'static str, String)>,
     pub notification: Service,
+    pub notification_env: Vec<(&'static str, String)>,
     pub gateway: Service,
+    pub gateway_env: Vec<(&'static str, String)>,
     /// Dropped after the processes.
     pub isolation: Isolation,
 }
@@ -44,6 +43,11 @@ pub struct MailStack {
 impl MailStack {
     /// Starts everything and waits until it serves.
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// [`Self::start`] with more settings for the gateway.
+    pub async fn start_with(gateway_extra: &[(&'static str, &str)]) -> Self {
         let sink = SmtpSink::start().await;
         let mut isolation = Isolation::new();
         let mut identity_env = service_env(&mut isolation, "identity", POSTGRES);
@@ -63,24 +67,23 @@ impl MailStack {
             ("USHER_LINKS__PUBLIC_BASE_URL", BASE_URL.to_owned()),
         ]);
         let notification = Service::start("usher-notification", &notification_env);
-        let gateway = Service::start(
-            "usher-gateway",
-            &[
-                ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
-                (
-                    "USHER_UPSTREAMS__IDENTITY",
-                    format!("http://{}", identity.grpc),
-                ),
-                (
-                    "USHER_UPSTREAMS__INVITATION",
-                    format!("http://{}", invitation.grpc),
-                ),
-                (
-                    "USHER_UPSTREAMS__NOTIFICATION",
-                    format!("http://{}", notification.grpc),
-                ),
-            ],
-        );
+        let mut gateway_env = vec![
+            ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
+            (
+                "USHER_UPSTREAMS__IDENTITY",
+                format!("http://{}", identity.grpc),
+            ),
+            (
+                "USHER_UPSTREAMS__INVITATION",
+                format!("http://{}", invitation.grpc),
+            ),
+            (
+                "USHER_UPSTREAMS__NOTIFICATION",
+                format!("http://{}", notification.grpc),
+            ),
+        ];
+        gateway_env.extend(gateway_extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        let gateway = Service::start("usher-gateway", &gateway_env);
         for (service, name) in [
             (&identity, "usher.identity.v1.AuthService"),
             (&invitation, "usher.invitation.v1.InvitationService"),
@@ -98,8 +101,11 @@ impl MailStack {
             identity_env,
             identity,
             invitation,
+            invitation_env,
             notification,
+            notification_env,
             gateway,
+            gateway_env,
             isolation,
         }
     }
