@@ -1,7 +1,6 @@
-//! Dependencies failing under the real binaries. The invitation service
-//! reaches RabbitMQ and its PostgreSQL database through proxies of the
-//! test's own, cut and restored; the machine's servers keep running for every
-//! other test.
+//! Dependencies failing under the real binaries. The services reach
+//! RabbitMQ, PostgreSQL and Redis through proxies of the test's own, cut and
+//! restored; the machine's servers keep running for every other test.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -14,14 +13,20 @@ use usher_kit::{
     config::{AmqpConfig, Secret},
 };
 use usher_proto::{
-    identity::v1::sign_in_request::Login,
+    identity::v1::{
+        GetCurrentUserRequest, SignInRequest, auth_service_client::AuthServiceClient,
+        sign_in_request::Login,
+    },
     invitation::v1::{self as pb, invitation_service_client::InvitationServiceClient},
     notification::v1::EmailJob,
 };
 
-use crate::harness::{
-    Isolation, OWNER_PASSWORD, POSTGRES, RABBITMQ_HOST, Service, TcpProxy, bearer, create_account,
-    role_id, service_env, sign_in,
+use crate::{
+    harness::{
+        Isolation, OWNER_PASSWORD, POSTGRES, RABBITMQ_HOST, REDIS, Service, TcpProxy, bearer,
+        create_account, http, role_id, service_env, sign_in,
+    },
+    invitation::token_of,
 };
 
 /// Invitations created while the broker is away (the figure).
@@ -41,6 +46,8 @@ struct Faults {
     gateway: Service,
     broker: TcpProxy,
     database: TcpProxy,
+    /// The invitation service's Redis (its link tokens).
+    redis: TcpProxy,
     amqp: Amqp,
     db: DatabaseConnection,
     admin: String,
@@ -56,6 +63,7 @@ impl Faults {
         );
         let broker = TcpProxy::start(RABBITMQ_HOST).await;
         let database = TcpProxy::start(POSTGRES).await;
+        let redis = TcpProxy::start(REDIS).await;
         let mut invitation_env = service_env(
             &mut isolation,
             "invitation",
@@ -70,6 +78,10 @@ impl Faults {
                     "amqp://guest:guest@127.0.0.1:{}/{}",
                     broker.port, isolation.vhost
                 ),
+            ),
+            (
+                "USHER_REDIS__URL",
+                format!("redis://127.0.0.1:{}", redis.port),
             ),
         ]);
         let invitation = Service::start("usher-invitation", &invitation_env);
@@ -151,6 +163,7 @@ impl Faults {
             gateway,
             broker,
             database,
+            redis,
             amqp,
             db,
             admin,
@@ -195,8 +208,8 @@ impl Faults {
     }
 
     /// Drains the email queue until `expected` distinct jobs arrived and the
-    /// outbox is empty; returns job id → recipient and the deliveries seen.
-    async fn emails(&self, expected: usize) -> (HashMap<String, String>, usize) {
+    /// outbox is empty; returns the jobs by id and the deliveries seen.
+    async fn emails(&self, expected: usize) -> (HashMap<String, EmailJob>, usize) {
         let channel = self.amqp.channel().await.expect("channel");
         let mut jobs = HashMap::new();
         let mut deliveries = 0;
@@ -211,7 +224,7 @@ impl Faults {
             {
                 deliveries += 1;
                 let job = EmailJob::decode(message.delivery.data.as_slice()).expect("an email job");
-                jobs.insert(job.job_id, job.recipient_email);
+                jobs.insert(job.job_id.clone(), job);
             }
             if jobs.len() >= expected && self.outbox_size().await == 0 {
                 break;
@@ -225,13 +238,13 @@ impl Faults {
         self.db.close().await.expect("close");
         self.amqp.close().await;
         drop((self.identity, self.invitation, self.gateway));
-        drop((self.broker, self.database, self.isolation));
+        drop((self.broker, self.database, self.redis, self.isolation));
     }
 }
 
 /// Every recipient appears once among `jobs`, and there are `n` of them.
-fn once_each(jobs: &HashMap<String, String>, n: usize) {
-    let mut recipients: Vec<&String> = jobs.values().collect();
+fn once_each(jobs: &HashMap<String, EmailJob>, n: usize) {
+    let mut recipients: Vec<&String> = jobs.values().map(|j| &j.recipient_email).collect();
     recipients.sort();
     recipients.dedup();
     assert_eq!(jobs.len(), n, "one email job per invitation");
@@ -342,4 +355,207 @@ async fn without_its_database_the_service_says_so_fails_fast_and_recovers() {
     }
     assert_eq!(recovered, Some(3), "the same invitations after recovery");
     stack.stop().await;
+}
+
+#[tokio::test]
+async fn without_redis_create_and_accept_are_unavailable_never_invalid() {
+    let stack = Faults::start(100).await;
+    let created = stack.invite(2).await.expect("created");
+    assert_eq!(created.invited_count, 2);
+    let (jobs, _) = stack.emails(2).await;
+    assert_eq!(jobs.len(), 2);
+    // The links of both invitees, as their emails carry them.
+    let tokens: Vec<String> = jobs.values().map(token_of).collect();
+    let accept = |token: String| {
+        let gateway = stack.gateway.channel();
+        async move {
+            InvitationServiceClient::new(gateway)
+                .accept_invitation(pb::AcceptInvitationRequest {
+                    token,
+                    display_name: "Person".into(),
+                    password: "a long enough passphrase".into(),
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    let preview = |token: String| {
+        let gateway = stack.gateway.channel();
+        async move {
+            InvitationServiceClient::new(gateway)
+                .preview_invitation(pb::PreviewInvitationRequest { token })
+                .await
+        }
+    };
+
+    stack.redis.cut();
+    stack
+        .invitation()
+        .wait_for(
+            INVITATION,
+            ServingStatus::NotServing,
+            Duration::from_secs(10),
+        )
+        .await;
+    // Creating: refused as unavailable, and nothing is half made.
+    let refused = InvitationServiceClient::new(stack.gateway.channel())
+        .create_invitations(bearer(
+            &stack.admin,
+            pb::CreateInvitationsRequest {
+                raw_text: "late@faults.example".into(),
+                role_id: stack.user_role.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("no token store");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    // Accepting and previewing a good link: unavailable, never "not usable".
+    for result in [
+        accept(tokens[0].clone()).await.map(|_| ()),
+        preview(tokens[0].clone()).await.map(|_| ()),
+    ] {
+        let status = result.expect_err("no token store");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    // The page says so too (503), rather than calling the link broken.
+    let (status, _, _) = http(
+        &stack.gateway,
+        "GET",
+        &format!("/invite?token={}", tokens[0]),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 503);
+    let listed = InvitationServiceClient::new(stack.gateway.channel())
+        .list_invitations(bearer(&stack.admin, pb::ListInvitationsRequest::default()))
+        .await
+        .expect("listing needs no Redis")
+        .into_inner();
+    assert_eq!(listed.total_size, 2, "no invitation without a usable token");
+
+    // Redis returns: within seconds everything works again, and the links
+    // handed out before the outage still do.
+    stack.redis.restore();
+    let back = std::time::Instant::now();
+    let recreated = loop {
+        match InvitationServiceClient::new(stack.gateway.channel())
+            .create_invitations(bearer(
+                &stack.admin,
+                pb::CreateInvitationsRequest {
+                    raw_text: "late@faults.example".into(),
+                    role_id: stack.user_role.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+        {
+            Ok(answer) => break answer.into_inner(),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(
+                    back.elapsed() < Duration::from_secs(15),
+                    "recovered within seconds"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(recreated.invited_count, 1, "{recreated:?}");
+    accept(tokens[0].clone()).await.expect("the old link works");
+    preview(tokens[1].clone())
+        .await
+        .expect("the other link too");
+    let (jobs, _) = stack.emails(1).await;
+    let late = jobs
+        .values()
+        .filter(|j| j.recipient_email == "late@faults.example")
+        .count();
+    assert_eq!(late, 1, "the late invitee is emailed once: {jobs:?}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn without_redis_the_gateway_and_identity_say_unavailable_not_unauthenticated() {
+    let mut isolation = Isolation::new();
+    let redis = TcpProxy::start(REDIS).await;
+    let redis_url = (
+        "USHER_REDIS__URL",
+        format!("redis://127.0.0.1:{}", redis.port),
+    );
+    let mut identity_env = service_env(&mut isolation, "identity", POSTGRES);
+    identity_env.push(redis_url.clone());
+    let identity = Service::start("usher-identity", &identity_env);
+    let gateway = Service::start(
+        "usher-gateway",
+        &[
+            ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
+            redis_url,
+            (
+                "USHER_UPSTREAMS__IDENTITY",
+                format!("http://{}", identity.grpc),
+            ),
+        ],
+    );
+    identity
+        .wait_for(
+            "usher.identity.v1.AuthService",
+            ServingStatus::Serving,
+            Duration::from_secs(60),
+        )
+        .await;
+    gateway
+        .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
+        .await;
+    let slug = format!("redis-{}", isolation.id);
+    create_account(
+        &identity,
+        &slug,
+        "Redis Co",
+        "owner@redis.example",
+        "Owner",
+        5,
+    )
+    .await;
+    let session = sign_in(
+        &gateway,
+        &slug,
+        Login::Email("owner@redis.example".into()),
+        OWNER_PASSWORD,
+    )
+    .await;
+    let whoami = || async {
+        AuthServiceClient::new(gateway.channel())
+            .get_current_user(bearer(&session, GetCurrentUserRequest::default()))
+            .await
+    };
+    let sign_in_again = || async {
+        AuthServiceClient::new(gateway.channel())
+            .sign_in(SignInRequest {
+                account_slug: slug.clone(),
+                login: Some(Login::Email("owner@redis.example".into())),
+                password: OWNER_PASSWORD.into(),
+            })
+            .await
+    };
+    whoami().await.expect("signed in");
+
+    redis.cut();
+    // A session that cannot be looked up is not a bad session.
+    let status = whoami().await.expect_err("sessions unreadable");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let status = sign_in_again().await.expect_err("sessions unwritable");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    redis.restore();
+    let back = std::time::Instant::now();
+    while whoami().await.is_err() {
+        assert!(
+            back.elapsed() < Duration::from_secs(15),
+            "recovered within seconds"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sign_in_again().await.expect("signs in again");
 }

@@ -16,6 +16,8 @@ use tonic_health::pb::{
 
 /// The local servers the tests use (see `deploy/local/services.sh`).
 pub const POSTGRES: &str = "127.0.0.1:5432";
+/// The shared Redis.
+pub const REDIS: &str = "127.0.0.1:6379";
 /// The shared RabbitMQ.
 pub const RABBITMQ_HOST: &str = "127.0.0.1:5672";
 
