@@ -371,11 +371,30 @@ impl From<ApiError> for Status {
     }
 }
 
+/// Whether `status` was raised by this side's transport — a refused,
+/// reset or broken HTTP/2 stream or connection (tonic reports a stream
+/// refused by a peer's graceful shutdown as INTERNAL) — rather than
+/// answered by the peer.
+fn transport_failure(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.is::<h2::Error>() || error.is::<hyper::Error>() || error.is::<std::io::Error>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
 /// An error answered by another Usher service, passed on: its reason and
-/// field violations are kept; a service that cannot be reached (or does not
-/// answer in time) is UNAVAILABLE; anything unexpected is INTERNAL here.
+/// field violations are kept; a service that cannot be reached, does not
+/// answer in time or whose connection breaks is UNAVAILABLE; anything
+/// unexpected is INTERNAL here.
 impl From<Status> for ApiError {
     fn from(status: Status) -> Self {
+        if transport_failure(&status) {
+            return Self::Unavailable(format!("upstream connection: {}", status.message()));
+        }
         match status.code() {
             Code::Unavailable
             | Code::DeadlineExceeded
@@ -474,6 +493,21 @@ mod tests {
         assert_eq!(ApiError::from(down).reason(), Reason::Unavailable);
         let odd = Status::unknown("??");
         assert_eq!(ApiError::from(odd).reason(), Reason::Internal);
+    }
+
+    #[test]
+    fn a_stream_broken_by_the_transport_is_unavailable_not_internal() {
+        // What tonic makes of a stream refused by the peer's GOAWAY.
+        let refused = Status::from_error(Box::new(h2::Error::from(h2::Reason::NO_ERROR)));
+        assert_eq!(refused.code(), Code::Internal, "tonic's own mapping");
+        assert_eq!(ApiError::from(refused).reason(), Reason::Unavailable);
+        let reset = Status::from_error(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert_eq!(ApiError::from(reset).reason(), Reason::Unavailable);
+        // An INTERNAL the peer answered stays INTERNAL.
+        let answered = Status::internal("bug upstream");
+        assert_eq!(ApiError::from(answered).reason(), Reason::Internal);
     }
 
     #[test]
