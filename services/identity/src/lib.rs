@@ -95,7 +95,7 @@ pub async fn serve(
         Arc::new(ConfirmedPublisher::new(amqp.clone())),
         shutdown.clone(),
     );
-    tokio::spawn(relay.run());
+    database.spawn_when_ready(relay.run());
 
     let guard = CallGuard::new(
         Policy::from_contracts()?,

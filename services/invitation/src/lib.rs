@@ -111,7 +111,8 @@ pub async fn serve(
         redis.clone(),
         clock.clone(),
     )?);
-    tokio::spawn(
+    // Background work on the database starts once its schema is there.
+    database.spawn_when_ready(
         OutboxRelay::new(
             database.connection.clone(),
             Arc::new(ConfirmedPublisher::new(amqp.clone())),
@@ -120,14 +121,14 @@ pub async fn serve(
         .run(),
     );
     if config.invitations.expiry_sweep_secs > 0 {
-        tokio::spawn(expiry::run(
+        database.spawn_when_ready(expiry::run(
             database.connection.clone(),
             clock.clone(),
             Duration::from_secs(u64::from(config.invitations.expiry_sweep_secs)),
             shutdown.clone(),
         ));
     }
-    tokio::spawn(results::consume(
+    database.spawn_when_ready(results::consume(
         amqp.clone(),
         database.connection.clone(),
         clock.clone(),

@@ -2,18 +2,11 @@
 //! migrations (retried in the background so a service starts while PostgreSQL
 //! is down), and the readiness probe that goes with it.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use sea_orm::DatabaseConnection;
 use sea_orm_migration::MigratorTrait;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{config::DatabaseConfig, db, health::Probe};
@@ -30,7 +23,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 pub struct ServiceDatabase {
     /// The pool.
     pub connection: DatabaseConnection,
-    schema_ready: Arc<AtomicBool>,
+    schema_ready: watch::Receiver<bool>,
 }
 
 impl ServiceDatabase {
@@ -43,22 +36,28 @@ impl ServiceDatabase {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         let connection = db::connect(config).await?;
-        let schema_ready = Arc::new(AtomicBool::new(false));
-        let ready = schema_ready.clone();
+        let (ready, schema_ready) = watch::channel(false);
         let config = config.clone();
         let pool = connection.clone();
         tokio::spawn(async move {
             loop {
-                let outcome = if config.migrate_on_start {
-                    db::migrate::<M>(&config).await.map(|()| true)
-                } else {
-                    M::get_pending_migrations(&pool)
-                        .await
-                        .map(|pending| pending.is_empty())
+                let attempt = async {
+                    if config.migrate_on_start {
+                        db::migrate::<M>(&config).await.map(|()| true)
+                    } else {
+                        M::get_pending_migrations(&pool)
+                            .await
+                            .map(|pending| pending.is_empty())
+                    }
+                };
+                // A stop does not wait for an attempt on an unreachable server.
+                let outcome = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    outcome = attempt => outcome,
                 };
                 match outcome {
                     Ok(true) => {
-                        ready.store(true, Ordering::Release);
+                        ready.send_replace(true);
                         tracing::info!("database schema up to date");
                         return;
                     }
@@ -79,7 +78,23 @@ impl ServiceDatabase {
 
     /// Whether migrations are applied.
     pub fn schema_ready(&self) -> bool {
-        self.schema_ready.load(Ordering::Acquire)
+        *self.schema_ready.borrow()
+    }
+
+    /// Spawns `task` once the schema is up to date, so background work on
+    /// the database (outbox relays, consumers, sweeps) does not start —
+    /// and warn — while the database is still being created. If the
+    /// service stops first, `task` never runs.
+    pub fn spawn_when_ready<F>(&self, task: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let mut ready = self.schema_ready.clone();
+        tokio::spawn(async move {
+            if ready.wait_for(|ready| *ready).await.is_ok() {
+                task.await;
+            }
+        })
     }
 
     /// Readiness: schema applied and the database answering.
@@ -89,5 +104,86 @@ impl ServiceDatabase {
             let this = this.clone();
             async move { this.schema_ready() && db::ping(&this.connection).await }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+
+    use sea_orm::ConnectionTrait;
+    use sea_orm_migration::MigrationTrait;
+
+    use super::*;
+    use crate::config::Secret;
+
+    struct NoMigrations;
+
+    impl MigratorTrait for NoMigrations {
+        fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+            Vec::new()
+        }
+    }
+
+    #[tokio::test]
+    async fn background_work_starts_once_the_database_exists() {
+        // A database that does not exist yet: the service creates it.
+        let name = format!("usher_kit_rt_{}", uuid::Uuid::new_v4().simple());
+        let shutdown = CancellationToken::new();
+        let database = ServiceDatabase::start::<NoMigrations>(
+            &DatabaseConfig::local(&name),
+            Duration::from_millis(50),
+            shutdown.clone(),
+        )
+        .await
+        .expect("pool");
+        let probe = database.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        database
+            .spawn_when_ready(async move {
+                let _ = tx.send(probe.schema_ready());
+            })
+            .await
+            .expect("task");
+        assert_eq!(rx.await, Ok(true), "it ran, and only with the schema ready");
+        shutdown.cancel();
+        database.connection.close().await.expect("close");
+        let admin = crate::db::connect(&DatabaseConfig::local("postgres"))
+            .await
+            .expect("admin");
+        admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .await
+            .expect("dropped");
+    }
+
+    #[tokio::test]
+    async fn background_work_never_starts_if_the_service_stops_first() {
+        let shutdown = CancellationToken::new();
+        let unreachable = DatabaseConfig {
+            url: Secret::new("postgres://postgres@127.0.0.1:1/nowhere"),
+            connect_timeout_ms: 100,
+            ..DatabaseConfig::local("nowhere")
+        };
+        let database = ServiceDatabase::start::<NoMigrations>(
+            &unreachable,
+            Duration::from_millis(50),
+            shutdown.clone(),
+        )
+        .await
+        .expect("a lazy pool");
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = ran.clone();
+        let task = database.spawn_when_ready(async move { flag.store(true, Ordering::SeqCst) });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("ends with the service")
+            .expect("task");
+        assert!(!ran.load(Ordering::SeqCst));
     }
 }

@@ -107,8 +107,9 @@ pub async fn serve(
     amqp.declare(broker_topology(&config)).await?;
     let templates = Arc::new(templates::Templates::new()?);
 
-    // Delivery results leave through the outbox, written with each status change.
-    let relay = tokio::spawn(
+    // Delivery results leave through the outbox, written with each status
+    // change; both start once the database's schema is there.
+    let relay = database.spawn_when_ready(
         OutboxRelay::new(
             database.connection.clone(),
             Arc::new(ConfirmedPublisher::new(amqp.clone())),
@@ -116,7 +117,7 @@ pub async fn serve(
         )
         .run(),
     );
-    let consumer = tokio::spawn(
+    let consumer = database.spawn_when_ready(
         Arc::new(pipeline(
             &config,
             database.connection.clone(),
