@@ -456,6 +456,9 @@ pub trait SessionStore: Send + Sync + fmt::Debug {
         refresh_token: &'a str,
     ) -> BoxFuture<'a, Result<IssuedSession, SessionError>>;
 
+    /// The live session with this id (for its expiry), if it has not ended.
+    fn get(&self, session_id: Uuid) -> BoxFuture<'_, ApiResult<Option<SessionRecord>>>;
+
     /// Ends a session (sign-out); `false` when there was none.
     fn revoke(&self, session_id: Uuid) -> BoxFuture<'_, ApiResult<bool>>;
 
@@ -1077,6 +1080,12 @@ impl SessionStore for RedisSessionStore {
         self.do_refresh(refresh_token).boxed()
     }
 
+    fn get(&self, session_id: Uuid) -> BoxFuture<'_, ApiResult<Option<SessionRecord>>> {
+        // The record's key lives as long as the session (idle or absolute
+        // timeout, whichever comes first).
+        self.record(session_id).boxed()
+    }
+
     fn revoke(&self, session_id: Uuid) -> BoxFuture<'_, ApiResult<bool>> {
         self.do_revoke(session_id).boxed()
     }
@@ -1347,6 +1356,12 @@ impl SessionStore for MemorySessionStore {
         async move { result }.boxed()
     }
 
+    fn get(&self, session_id: Uuid) -> BoxFuture<'_, ApiResult<Option<SessionRecord>>> {
+        let now = self.rules.clock.now();
+        let record = self.state().live_session(now, session_id).cloned();
+        async move { Ok(record) }.boxed()
+    }
+
     fn revoke(&self, session_id: Uuid) -> BoxFuture<'_, ApiResult<bool>> {
         let removed = self.do_revoke(session_id);
         async move { Ok(removed) }.boxed()
@@ -1546,6 +1561,7 @@ mod tests {
                     idle_timeout_ends_unrefreshed_session => SessionConfig::default(),
                     absolute_timeout_caps_refresh => short_config(),
                     revoke_ends_one_session => SessionConfig::default(),
+                    a_live_session_is_found_by_id => SessionConfig::default(),
                     revoke_user_ends_all_sessions_of_user => SessionConfig::default(),
                     principal_snapshots_are_versioned => SessionConfig::default(),
                     api_key_snapshots_resolve_to_principals => SessionConfig::default(),
@@ -1833,6 +1849,17 @@ mod tests {
             assert!(resolve(h, &second.access_token).await.is_some());
             assert!(!h.store.revoke(first.record.id).await.expect("revoke"));
             assert!(!h.store.revoke(Uuid::new_v4()).await.expect("revoke"));
+        }
+
+        pub(super) async fn a_live_session_is_found_by_id(h: &Harness) {
+            let signed_in = sign_in(h, Uuid::new_v4()).await;
+            let id = signed_in.record.id;
+            let found = h.store.get(id).await.expect("get").expect("live");
+            assert_eq!(found.absolute_expiry, signed_in.record.absolute_expiry);
+            assert_eq!(found.user_id, signed_in.record.user_id);
+            assert!(h.store.revoke(id).await.expect("revoke"));
+            assert_eq!(h.store.get(id).await.expect("get"), None);
+            assert_eq!(h.store.get(Uuid::new_v4()).await.expect("get"), None);
         }
 
         pub(super) async fn revoke_user_ends_all_sessions_of_user(h: &Harness) {

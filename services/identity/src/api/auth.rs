@@ -669,9 +669,12 @@ impl IdentityApi {
                     .unwrap_or_default();
                 response.user = Some(user_view(db, &current).await?);
                 response.session_id = session_id.to_string();
-                // The absolute expiry lives in the session record, which the
-                // session store does not look up by id (it is in the Session
-                // returned at sign-in).
+                response.session_expire_time = self
+                    .state
+                    .sessions
+                    .get(session_id)
+                    .await?
+                    .map(|record| usher_kit::convert::timestamp(record.absolute_expiry));
             }
             PrincipalKind::ApiKey => {
                 let key_id = principal
@@ -2792,6 +2795,11 @@ mod tests {
         assert_eq!(me.account.expect("account").slug, t.slug);
         assert_eq!(me.permissions, ["users.read"]);
         assert_eq!(me.session_id, session.id);
+        assert!(me.session_expire_time.is_some());
+        assert_eq!(
+            me.session_expire_time, session.expire_time,
+            "the absolute end"
+        );
         assert!(me.api_key_id.is_empty());
         assert_eq!(me.password_policy.expect("policy").min_length, 8);
 
