@@ -7,8 +7,9 @@
 //!
 //! Requests are empty (every field at its default) except for the
 //! cross-account round: there, every top-level id field naming a user, role,
-//! team, invitation or API key is set to one of the first account's, and the
-//! second account's admin must never succeed.
+//! team, invitation or API key — and every bulk call's id list — is set to
+//! the first account's, and the second account's admin must never succeed
+//! (a bulk call must answer every item as failed).
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -83,6 +84,20 @@ impl Decoder for Raw {
 
 /// The status code of `path` called with `body` and `token`.
 async fn call(channel: &Channel, path: &str, token: Option<&str>, body: Vec<u8>) -> Code {
+    answer(channel, path, token, body)
+        .await
+        .err()
+        .unwrap_or(Code::Ok)
+}
+
+/// The answer of `path` called with `body` and `token`: its bytes, or the
+/// refusal's code.
+async fn answer(
+    channel: &Channel,
+    path: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, Code> {
     let mut grpc = Grpc::new(channel.clone());
     grpc.ready().await.expect("gateway ready");
     let mut request = Request::new(body);
@@ -94,10 +109,10 @@ async fn call(channel: &Channel, path: &str, token: Option<&str>, body: Vec<u8>)
         );
     }
     let path = http::uri::PathAndQuery::try_from(path).expect("path");
-    match grpc.unary(request, path, Raw).await {
-        Ok(_) => Code::Ok,
-        Err(status) => status.code(),
-    }
+    grpc.unary(request, path, Raw)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|status| status.code())
 }
 
 /// The codes the gateway answers itself when it refuses a call.
@@ -339,6 +354,7 @@ async fn every_rpc_answers_each_kind_of_caller_as_its_rule_says() {
     let mut problems = Vec::new();
     let mut calls = 0;
     let mut cross_checked = 0;
+    let mut bulk_checked = 0;
     for rule in rules {
         for caller in [
             Caller::Anonymous,
@@ -391,20 +407,29 @@ async fn every_rpc_answers_each_kind_of_caller_as_its_rule_says() {
         {
             continue;
         }
-        let Some(input) = pool
+        let Some(method) = pool
             .get_service_by_name(&rule.service)
             .and_then(|s| s.methods().find(|m| m.name() == rule.method))
-            .map(|m| m.input())
         else {
             continue;
         };
+        let input = method.input();
         let mut message = DynamicMessage::new(input.clone());
         let mut named = false;
         for field in input.fields() {
-            if let Some(id) = first_ids.get(field.name())
-                && !field.is_list()
-            {
-                message.set_field(&field, Value::String(id.clone()));
+            // `user_id`, or a bulk call's `user_ids`.
+            let singular = field.name().strip_suffix('s').unwrap_or(field.name());
+            let id = if field.is_list() {
+                first_ids
+                    .get(singular)
+                    .map(|id| Value::List(vec![Value::String(id.clone())]))
+            } else {
+                first_ids
+                    .get(field.name())
+                    .map(|id| Value::String(id.clone()))
+            };
+            if let Some(id) = id {
+                message.set_field(&field, id);
                 named = true;
             }
         }
@@ -412,14 +437,35 @@ async fn every_rpc_answers_each_kind_of_caller_as_its_rule_says() {
             continue;
         }
         cross_checked += 1;
-        let code = call(
+        let answered = answer(
             &channel,
             &rule.path,
             Some(&other_admin),
             message.encode_to_vec(),
         )
         .await;
-        if code == Code::Ok {
+        let code = answered.as_ref().err().copied().unwrap_or(Code::Ok);
+        // A bulk call answers OK with a result per item: every item must
+        // have failed.
+        let output = method.output();
+        let bulk_failed_all = output.get_field_by_name("failed_count").map(|failed| {
+            let response =
+                DynamicMessage::decode(output.clone(), answered.as_deref().unwrap_or_default())
+                    .expect("a response");
+            let count = |field: &prost_reflect::FieldDescriptor| {
+                response.get_field(field).as_i32().unwrap_or_default()
+            };
+            let succeeded: i32 = output
+                .fields()
+                .filter(|f| f.name().ends_with("_count") && f.name() != "failed_count")
+                .map(|f| count(&f))
+                .sum();
+            count(&failed) >= 1 && succeeded == 0
+        });
+        if code == Code::Ok && bulk_failed_all.is_some() {
+            bulk_checked += 1;
+        }
+        if code == Code::Ok && bulk_failed_all != Some(true) {
             problems.push(format!(
                 "{}: the second account's admin succeeded on the first account's ids",
                 rule.path
@@ -442,5 +488,9 @@ async fn every_rpc_answers_each_kind_of_caller_as_its_rule_says() {
     assert!(
         cross_checked >= 10,
         "cross-account checks ran ({cross_checked})"
+    );
+    assert!(
+        bulk_checked >= 3,
+        "bulk calls answered per item ({bulk_checked})"
     );
 }
