@@ -221,17 +221,32 @@ impl Service {
 
     /// Sends SIGTERM and waits for the process to exit.
     pub async fn terminate(&self) -> std::process::ExitStatus {
+        self.signal_term();
+        self.exit().await
+    }
+
+    /// Sends SIGTERM (see [`Self::exit`]).
+    pub fn signal_term(&self) {
+        let pid = self
+            .child
+            .lock()
+            .expect("child")
+            .as_ref()
+            .and_then(Child::id)
+            .expect("still running");
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+
+    /// Waits for the process to exit.
+    pub async fn exit(&self) -> std::process::ExitStatus {
         let mut child = self
             .child
             .lock()
             .expect("child")
             .take()
             .expect("still running");
-        if let Some(pid) = child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
         tokio::time::timeout(Duration::from_secs(30), child.wait())
             .await
             .expect("exits within 30 s")

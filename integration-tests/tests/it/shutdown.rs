@@ -1,5 +1,5 @@
-//! SIGTERM on each service while it is under load (RELIABILITY.md): calls in
-//! flight when the signal arrives complete, later ones are refused with
+//! SIGTERM on each service while it is under load (RELIABILITY.md): health
+//! says `NOT_SERVING` first, calls in flight when the signal arrives complete, later ones are refused with
 //! `UNAVAILABLE` (never half done), the process exits cleanly, and after a
 //! restart on the same address nothing is lost — every invitation the
 //! caller was told about exists and is emailed exactly once, every session
@@ -16,7 +16,9 @@ use std::{
 };
 
 use tonic::Code;
-use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use usher_proto::{
     identity::v1::{
         GetCurrentUserRequest, ListUsersRequest, SignInRequest,
@@ -134,8 +136,31 @@ async fn terminate_under_load(
     health_name: &str,
 ) -> Instant {
     load.succeed(40, Duration::from_secs(60)).await;
+    // Health is watched (a stream) from before the signal: it must say
+    // NOT_SERVING before the server goes away.
+    let mut health = HealthClient::new(service.channel())
+        .watch(HealthCheckRequest {
+            service: health_name.to_owned(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = health.message().await.expect("status").expect("status");
+    assert_eq!(first.status(), ServingStatus::Serving);
     let signalled = Instant::now();
-    let exit = service.terminate().await;
+    service.signal_term();
+    let flipped = tokio::time::timeout(Duration::from_secs(10), health.message())
+        .await
+        .expect("health changes at once")
+        .expect("a status, not a broken stream")
+        .expect("a status");
+    assert_eq!(
+        flipped.status(),
+        ServingStatus::NotServing,
+        "health flips first"
+    );
+    drop(health);
+    let exit = service.exit().await;
     assert!(exit.success(), "{} exits cleanly: {exit:?}", service.name);
     *service = service.restart(env);
     service
