@@ -61,6 +61,10 @@ impl Probe {
     }
 }
 
+/// How long dependencies may take to come up at start before it is logged
+/// as a warning.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Probes every `interval` until `shutdown`, setting `services` to `SERVING`
 /// when all probes pass and `NOT_SERVING` otherwise.
 pub fn watch(
@@ -70,9 +74,33 @@ pub fn watch(
     interval: Duration,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
+    watch_with_patience(
+        reporter,
+        services,
+        probes,
+        interval,
+        STARTUP_PATIENCE,
+        shutdown,
+    )
+}
+
+fn watch_with_patience(
+    reporter: HealthReporter,
+    services: Vec<String>,
+    probes: Vec<Probe>,
+    interval: Duration,
+    patience: Duration,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     let probes = Arc::new(probes);
     tokio::spawn(async move {
         let mut last: Option<bool> = None;
+        // Dependencies are usually still coming up at start (the database
+        // being created, the broker connecting): that is news only if it
+        // lasts.
+        let started = tokio::time::Instant::now();
+        let mut slow_start_reported = false;
+        let mut ever_healthy = false;
         loop {
             let mut failing = Vec::new();
             for probe in probes.iter() {
@@ -88,10 +116,21 @@ pub fn watch(
             if shutdown.is_cancelled() {
                 return;
             }
+            if last.is_none() && !healthy {
+                tracing::info!(failing = ?failing, "starting: waiting for dependencies");
+            } else if !ever_healthy
+                && !healthy
+                && !slow_start_reported
+                && started.elapsed() >= patience
+            {
+                slow_start_reported = true;
+                tracing::warn!(failing = ?failing, "dependency unreachable since start, not serving");
+            }
             if last != Some(healthy) {
                 if healthy {
+                    ever_healthy = true;
                     tracing::info!("dependencies reachable, serving");
-                } else {
+                } else if last.is_some() {
                     tracing::warn!(failing = ?failing, "dependency unreachable, not serving");
                 }
                 let status = if healthy {
@@ -111,4 +150,103 @@ pub fn watch(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use std::sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    };
+
+    use tracing::Level;
+    use tracing_subscriber::{Layer, layer::SubscriberExt};
+
+    use super::*;
+
+    /// Records each event's level and message.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<(Level, String)>>>);
+
+    impl<S: tracing::Subscriber> Layer<S> for Recorder {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    if field.name() == "message" {
+                        self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            self.0
+                .lock()
+                .expect("lock")
+                .push((*event.metadata().level(), message.0));
+        }
+    }
+
+    impl Recorder {
+        fn warnings(&self) -> Vec<String> {
+            self.0
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|(level, _)| *level == Level::WARN)
+                .map(|(_, message)| message.clone())
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_start_is_quiet_until_patience_runs_out_then_outages_warn() {
+        let recorder = Recorder::default();
+        let _guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(recorder.clone()));
+        let up = Arc::new(AtomicBool::new(false));
+        let flag = up.clone();
+        let probe = Probe::new("database", move || {
+            let flag = flag.clone();
+            async move { flag.load(Ordering::SeqCst) }
+        });
+        let (reporter, _) = tonic_health::server::health_reporter();
+        let shutdown = CancellationToken::new();
+        let task = watch_with_patience(
+            reporter,
+            vec!["svc".into()],
+            vec![probe],
+            Duration::from_millis(20),
+            Duration::from_secs(2),
+            shutdown.clone(),
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(recorder.warnings().is_empty(), "starting is not a warning");
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        assert_eq!(
+            recorder.warnings(),
+            ["dependency unreachable since start, not serving"],
+            "once, when it lasts"
+        );
+        up.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        up.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            recorder.warnings().last().map(String::as_str),
+            Some("dependency unreachable, not serving"),
+            "an outage after serving warns at once"
+        );
+        assert_eq!(recorder.warnings().len(), 2);
+        shutdown.cancel();
+        task.await.expect("watch ends");
+    }
 }
