@@ -13,9 +13,20 @@ binary's `Config`. The settings are read from:
     ConfigMaps referenced by `envFrom` of every container running an Usher
     binary (Deployments and Jobs).
 
-Usage: check-settings.py [--manifests FILE]...   (from the repository root)
+With --run-check-config BIN_DIR, every Usher service of the compose file and
+every container of the manifests given with --check-config-manifests is also
+started as `<binary> check-config`
+with its full environment (ConfigMap, inline values, and made-up values for
+its secret keys): the binary itself then loads and validates the settings,
+production rules included.
+
+Usage: check-settings.py [--manifests FILE]... [--run-check-config BIN_DIR
+       --check-config-manifests FILE...]
 Exit status 1 and a list of the unknown settings when any is found.
 """
+import base64
+import os
+import subprocess
 import argparse
 import pathlib
 import re
@@ -146,10 +157,80 @@ def manifest_settings(path):
                         yield where, binary, name
 
 
+def dummy_secret(key):
+    """A made-up value of the right form for a secret key of the chart."""
+    if key.endswith("database-url"):
+        return "postgres://usher:password@postgres.example.internal:5432/" + key.split("-")[0]
+    if key == "redis-url":
+        return "rediss://:password@redis.example.internal:6379"
+    if key == "amqp-url":
+        return "amqps://usher:password@rabbitmq.example.internal:5671/usher"
+    if key == "smtp-password":
+        return "password"
+    # token-hmac-key, seal-key, *-signing-key: 32 random bytes in base64.
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+def container_envs(path):
+    """(where, binary, env dict) of every Usher container in the manifests."""
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+    configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in docs if d.get("kind") == "ConfigMap"}
+    for doc in docs:
+        if doc.get("kind") not in ("Deployment", "Job"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        for container in pod.get("initContainers", []) + pod.get("containers", []):
+            binary = binary_of((container.get("command") or []) + (container.get("args") or []))
+            if not binary:
+                continue
+            env = {}
+            for source in container.get("envFrom") or []:
+                if "configMapRef" in source:
+                    env.update(configmaps.get(source["configMapRef"]["name"], {}))
+            for var in container.get("env") or []:
+                if "value" in var:
+                    env[var["name"]] = str(var["value"])
+                elif "secretKeyRef" in var.get("valueFrom", {}):
+                    env[var["name"]] = dummy_secret(var["valueFrom"]["secretKeyRef"]["key"])
+            yield f"{path.name}: {doc['kind']} {doc['metadata']['name']}/{container['name']}", binary, env
+
+
+def compose_envs(path):
+    """(where, binary, env dict) of every Usher service of the compose file."""
+    doc = yaml.safe_load(path.read_text())
+    for service, spec in (doc.get("services") or {}).items():
+        binary = binary_of(spec.get("command"))
+        if binary:
+            env = {k: str(v) for k, v in (spec.get("environment") or {}).items()}
+            yield f"{path.name}: service {service}", binary, env
+
+
+def run_check_config(bin_dir, manifests, compose):
+    """Runs `<binary> check-config` for every container; returns failures."""
+    failures, count = [], 0
+    sources = [compose_envs(compose)] + [container_envs(path) for path in manifests]
+    for source in sources:
+        for where, binary, env in source:
+            count += 1
+            env = dict(env, PATH=os.environ.get("PATH", "/usr/bin:/bin"))
+            result = subprocess.run(
+                [str(pathlib.Path(bin_dir) / binary), "check-config"],
+                env=env, capture_output=True, text=True, cwd="/", timeout=60,
+            )
+            if result.returncode != 0:
+                failures.append(
+                    f"{where}: {binary} check-config refused it: {result.stderr.strip()}"
+                )
+    print(f"check-config: {count} containers, {len(failures)} refused")
+    return failures
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifests", action="append", default=[], type=pathlib.Path)
     parser.add_argument("--compose", default=ROOT / "deploy" / "docker-compose.yml", type=pathlib.Path)
+    parser.add_argument("--run-check-config", metavar="BIN_DIR")
+    parser.add_argument("--check-config-manifests", action="append", default=[], type=pathlib.Path)
     args = parser.parse_args()
 
     bad, count = [], 0
@@ -159,9 +240,11 @@ def main():
             count += 1
             if binary is None or not name.startswith("USHER_") or not known(binary, name):
                 bad.append(f"{where}: {name} is not a setting of {binary}")
+    print(f"settings: {count} checked, {len(bad)} unknown")
+    if args.run_check_config:
+        bad += run_check_config(args.run_check_config, args.check_config_manifests, args.compose)
     for line in bad:
         print(line, file=sys.stderr)
-    print(f"settings: {count} checked, {len(bad)} unknown")
     sys.exit(1 if bad else 0)
 
 
