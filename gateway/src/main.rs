@@ -1,4 +1,4 @@
-//! `usher-gateway [serve|migrate|check-config] [--config FILE]`.
+//! `usher-gateway [serve|migrate|check-config|health] [--config FILE]`.
 
 use std::process::ExitCode;
 

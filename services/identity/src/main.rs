@@ -1,4 +1,4 @@
-//! `usher-identity [serve|migrate|check-config] [--config FILE]`.
+//! `usher-identity [serve|migrate|check-config|health] [--config FILE]`.
 
 use std::process::ExitCode;
 

@@ -1,4 +1,4 @@
-//! `usher-invitation [serve|migrate|check-config] [--config FILE]`.
+//! `usher-invitation [serve|migrate|check-config|health] [--config FILE]`.
 
 use std::process::ExitCode;
 

@@ -1,7 +1,8 @@
-//! The command line every service binary shares: `serve` (the default) and
-//! `migrate`, with `--config FILE` (or `USHER_CONFIG`).
+//! The command line every service binary shares: `serve` (the default),
+//! `migrate`, `check-config` and `health`, with `--config FILE` (or
+//! `USHER_CONFIG`).
 
-use std::{future::Future, path::PathBuf, process::ExitCode};
+use std::{future::Future, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use serde::{Serialize, de::DeserializeOwned};
@@ -30,7 +31,7 @@ pub struct ServiceArgs {
 }
 
 /// What a service binary does.
-#[derive(Clone, Copy, Debug, Subcommand, PartialEq, Eq)]
+#[derive(Clone, Debug, Subcommand, PartialEq, Eq)]
 pub enum ServiceCommand {
     /// Serve gRPC until SIGTERM (the default).
     Serve,
@@ -38,6 +39,37 @@ pub enum ServiceCommand {
     Migrate,
     /// Load and validate the configuration, print it (secrets redacted) and exit.
     CheckConfig,
+    /// Ask a running server's gRPC health service and exit 0 only when the
+    /// name is SERVING: a container health check that needs no shell. Reads
+    /// no configuration.
+    Health(HealthArgs),
+}
+
+/// Arguments of `health`.
+#[derive(Clone, Debug, clap::Args, PartialEq, Eq)]
+pub struct HealthArgs {
+    /// The server's gRPC address, e.g. `http://127.0.0.1:50061`.
+    #[arg(long)]
+    pub address: String,
+    /// The service name to ask about: empty (the default) is liveness, a
+    /// service name such as `usher.identity.v1.UserService` is readiness.
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// How long to wait for the answer, in milliseconds.
+    #[arg(long, default_value_t = 3_000)]
+    pub timeout_ms: u64,
+}
+
+/// Runs `health`: exit 0 when SERVING, 1 (with the reason on stderr) otherwise.
+pub async fn health(args: &HealthArgs) -> ExitCode {
+    let timeout = Duration::from_millis(args.timeout_ms.max(1));
+    match crate::health::check(&args.address, &args.service, timeout).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Parses the arguments, loads the configuration, installs logging and runs
@@ -51,6 +83,9 @@ where
     MF: Future<Output = anyhow::Result<()>>,
 {
     let args = ServiceArgs::parse();
+    if let Some(ServiceCommand::Health(health_args)) = &args.command {
+        return health(health_args).await;
+    }
     let config: C = match config::load(args.config.as_deref()) {
         Ok(config) => config,
         Err(err) => {
@@ -66,6 +101,8 @@ where
             eprintln!("{config:#?}");
             Ok(())
         }
+        // Answered above, before any configuration is read.
+        ServiceCommand::Health(_) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -73,5 +110,55 @@ where
             tracing::error!(error = format!("{err:#}"), "exiting on error");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn health_takes_an_address_and_an_optional_service() {
+        let args = ServiceArgs::try_parse_from([
+            "usher-identity",
+            "health",
+            "--address",
+            "http://127.0.0.1:50061",
+            "--service",
+            "usher.identity.v1.UserService",
+        ])
+        .expect("parses");
+        assert_eq!(
+            args.command,
+            Some(ServiceCommand::Health(HealthArgs {
+                address: "http://127.0.0.1:50061".into(),
+                service: "usher.identity.v1.UserService".into(),
+                timeout_ms: 3_000,
+            }))
+        );
+        let liveness =
+            ServiceArgs::try_parse_from(["usher-gateway", "health", "--address", "http://x:1"])
+                .expect("parses");
+        assert!(matches!(
+            liveness.command,
+            Some(ServiceCommand::Health(HealthArgs { ref service, .. })) if service.is_empty()
+        ));
+        assert!(ServiceArgs::try_parse_from(["usher-gateway", "health"]).is_err());
+    }
+
+    #[tokio::test]
+    async fn health_fails_when_nothing_answers() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        let code = health(&HealthArgs {
+            address: format!("http://127.0.0.1:{port}"),
+            service: String::new(),
+            timeout_ms: 1_000,
+        })
+        .await;
+        assert_eq!(code, ExitCode::FAILURE);
     }
 }

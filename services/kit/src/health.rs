@@ -152,6 +152,177 @@ fn watch_with_patience(
     })
 }
 
+/// Why [`check`] did not find the service `SERVING`.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The address is not a valid gRPC endpoint URL.
+    #[error("bad address {address:?}: {message}")]
+    Address {
+        /// The address given.
+        address: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// No answer within the deadline, or the connection failed.
+    #[error("no answer from {address}: {message}")]
+    Unreachable {
+        /// The address asked.
+        address: String,
+        /// The transport error or the timeout.
+        message: String,
+    },
+    /// The server answered with an error (e.g. `NOT_FOUND` for a name it
+    /// does not serve).
+    #[error("health check of {service:?} failed: {status}")]
+    Refused {
+        /// The service name asked about.
+        service: String,
+        /// The gRPC status answered.
+        status: tonic::Status,
+    },
+    /// The server answered with a status other than `SERVING`.
+    #[error("{service:?} is {status}")]
+    NotServing {
+        /// The service name asked about.
+        service: String,
+        /// The status answered, e.g. `NOT_SERVING`.
+        status: &'static str,
+    },
+}
+
+/// Asks the `grpc.health.v1.Health` service at `address` (e.g.
+/// `http://127.0.0.1:50061`) for the status of `service` (`""` is liveness),
+/// within `timeout`. `Ok` only when it answers `SERVING`. This is what the
+/// binaries' `health` subcommand runs, so containers can be probed without a
+/// shell or an extra tool.
+pub async fn check(address: &str, service: &str, timeout: Duration) -> Result<(), CheckError> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let endpoint = tonic::transport::Endpoint::from_shared(address.to_owned())
+        .map_err(|e| CheckError::Address {
+            address: address.to_owned(),
+            message: e.to_string(),
+        })?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let unreachable = |message: String| CheckError::Unreachable {
+        address: address.to_owned(),
+        message,
+    };
+    let ask = async {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| unreachable(format!("{e:#}")))?;
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .map_err(|status| CheckError::Refused {
+                service: service.to_owned(),
+                status,
+            })
+    };
+    let answer = tokio::time::timeout(timeout, ask)
+        .await
+        .map_err(|_| unreachable(format!("timed out after {timeout:?}")))??;
+    let status = answer.into_inner().status();
+    if status == tonic_health::pb::health_check_response::ServingStatus::Serving {
+        Ok(())
+    } else {
+        Err(CheckError::NotServing {
+            service: service.to_owned(),
+            status: status.as_str_name(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A health server on a free loopback port with `ready` NOT_SERVING and
+    /// liveness SERVING; returns its address.
+    async fn health_server(shutdown: CancellationToken) -> String {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("ready", ServingStatus::NotServing)
+            .await;
+        reporter
+            .set_service_status("up", ServingStatus::Serving)
+            .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let _keep = reporter;
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    shutdown.cancelled_owned(),
+                )
+                .await
+                .expect("serve");
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn check_passes_only_for_serving_names() {
+        let shutdown = CancellationToken::new();
+        let address = health_server(shutdown.clone()).await;
+        let timeout = Duration::from_secs(5);
+
+        check(&address, "", timeout)
+            .await
+            .expect("liveness serving");
+        check(&address, "up", timeout).await.expect("up serving");
+
+        let err = check(&address, "ready", timeout)
+            .await
+            .expect_err("not serving");
+        assert!(matches!(err, CheckError::NotServing { .. }), "{err:?}");
+        assert!(err.to_string().contains("NOT_SERVING"), "{err}");
+
+        let err = check(&address, "no.such.Service", timeout)
+            .await
+            .expect_err("unknown name");
+        match err {
+            CheckError::Refused { status, .. } => {
+                assert_eq!(status.code(), tonic::Code::NotFound);
+            }
+            other => panic!("expected Refused, got {other:?}"),
+        }
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn check_reports_an_unreachable_server_and_a_bad_address() {
+        // A port that was free a moment ago: nothing listens there.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        let err = check(
+            &format!("http://127.0.0.1:{port}"),
+            "",
+            Duration::from_secs(2),
+        )
+        .await
+        .expect_err("nothing listens");
+        assert!(matches!(err, CheckError::Unreachable { .. }), "{err:?}");
+
+        let err = check("not a url", "", Duration::from_secs(1))
+            .await
+            .expect_err("bad address");
+        assert!(matches!(err, CheckError::Address { .. }), "{err:?}");
+    }
+}
+
 #[cfg(test)]
 mod watch_tests {
     use std::sync::{

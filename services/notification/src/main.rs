@@ -1,4 +1,4 @@
-//! `usher-notification [serve|migrate|check-config] [--config FILE]`.
+//! `usher-notification [serve|migrate|check-config|health] [--config FILE]`.
 
 use std::process::ExitCode;
 
