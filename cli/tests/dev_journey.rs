@@ -328,6 +328,49 @@ async fn a_newcomer_invites_and_the_invitee_joins_through_usher_dev() {
         "{shown}"
     );
 
+    // A CSV file, and a list longer than one call (1,000 entries), as dry
+    // runs: every entry gets its verdict.
+    let csv = dir.path().join("team.csv");
+    std::fs::write(&csv, "Name,Email\nCarla Csv,carla@example.com\n").expect("csv");
+    let from_csv = usher(
+        dir.path(),
+        &[
+            "invite",
+            "--from-file",
+            csv.to_str().expect("utf-8 path"),
+            "--dry-run",
+            "--json",
+        ],
+        "",
+    )
+    .await;
+    assert!(from_csv.status.success(), "{}", text(&from_csv.stderr));
+    let from_csv: serde_json::Value = serde_json::from_slice(&from_csv.stdout).expect("JSON");
+    assert_eq!(from_csv["dry_run"], true);
+    assert_eq!(from_csv["results"][0]["email"], "carla@example.com");
+    assert_eq!(from_csv["results"][0]["display_name"], "Carla Csv");
+    assert_eq!(from_csv["results"][0]["verdict"], "INVITEE_VERDICT_INVITED");
+    let many: String = (0..1_001).map(|i| format!("p{i}@example.com\n")).collect();
+    let list = dir.path().join("many.txt");
+    std::fs::write(&list, many).expect("list");
+    let bulk = usher(
+        dir.path(),
+        &[
+            "invite",
+            "--from-file",
+            list.to_str().expect("utf-8 path"),
+            "--dry-run",
+            "--json",
+        ],
+        "",
+    )
+    .await;
+    assert!(bulk.status.success(), "{}", text(&bulk.stderr));
+    let bulk: serde_json::Value = serde_json::from_slice(&bulk.stdout).expect("JSON");
+    let results = bulk["results"].as_array().expect("results");
+    assert_eq!(results.len(), 1_001, "two calls, every entry judged");
+    assert_eq!(results[1_000]["input"], "p1000@example.com");
+
     // The link, read from the mail folder (and announced by usher dev).
     let link = link_in_mail_folder(&dir.path().join("mail"), "ivy@example.com", &gateway).await;
     for _ in 0..100 {
