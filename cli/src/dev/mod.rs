@@ -274,10 +274,7 @@ type Tasks = tokio::task::JoinSet<(&'static str, anyhow::Result<()>)>;
 
 /// Runs everything until Ctrl-C (or SIGTERM).
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    usher_kit::telemetry::init_logging(&TelemetryConfig {
-        log_filter: args.log.clone(),
-        log_format: LogFormat::Text,
-    });
+    init_logging(&args.log);
     let gateway_listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (use --listen)", args.listen))?;
@@ -383,6 +380,21 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
     }
     failure.map_or(Ok(()), Err)
+}
+
+/// Logs go to stderr, so stdout carries only what `usher dev` has to say
+/// (the banner, the emails).
+fn init_logging(filter: &str) {
+    use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt, util::SubscriberInitExt};
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("warn"));
+    let layer = fmt::layer().compact().with_writer(std::io::stderr);
+    // Already installed (never, in this binary): keep it.
+    drop(
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(layer)
+            .try_init(),
+    );
 }
 
 fn banner(
