@@ -88,14 +88,11 @@ struct Dev {
 }
 
 impl Dev {
-    fn start(iso: &Isolation, dir: &Path) -> Self {
+    fn start(iso: &Isolation, dir: &Path, database_url: &str) -> Self {
         let mut child = Command::new(USHER)
             .arg("dev")
             .args(["--listen", "127.0.0.1:0"])
-            .args([
-                "--database-url",
-                &format!("postgres://postgres@127.0.0.1:5432/{}", iso.database_base()),
-            ])
+            .args(["--database-url", database_url])
             .args(["--redis-prefix", &format!("cli-it:{}:", iso.id)])
             .args([
                 "--amqp-url",
@@ -237,7 +234,25 @@ async fn link_in_mail_folder(folder: &Path, to: &str, gateway: &str) -> String {
 async fn a_newcomer_invites_and_the_invitee_joins_through_usher_dev() {
     let iso = Isolation::new();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut dev = Dev::start(&iso, dir.path());
+    let database_url = format!("postgres://postgres@127.0.0.1:5432/{}", iso.database_base());
+    journey(&iso, dir.path(), &database_url).await;
+}
+
+/// The same journey with the services' databases in SQLite files.
+#[tokio::test]
+async fn the_journey_works_on_sqlite_too() {
+    let iso = Isolation::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let database_url = format!("sqlite://{}", dir.path().join("dev.db").display());
+    journey(&iso, dir.path(), &database_url).await;
+    for service in ["identity", "invitation", "notification"] {
+        let file = dir.path().join(format!("dev_{service}.db"));
+        assert!(file.exists(), "{} holds {service}'s data", file.display());
+    }
+}
+
+async fn journey(iso: &Isolation, dir: &Path, database_url: &str) {
+    let mut dev = Dev::start(iso, dir, database_url);
     let (gateway, account, email, password) = dev.ready().await;
     assert!(gateway.starts_with("http://127.0.0.1:"), "{gateway}");
     assert_eq!(account, "demo");
@@ -245,7 +260,7 @@ async fn a_newcomer_invites_and_the_invitee_joins_through_usher_dev() {
     // Sign in with the printed credentials; the session lands in a private
     // config file.
     let login = usher(
-        dir.path(),
+        dir,
         &[
             "login",
             "--gateway",
@@ -263,14 +278,14 @@ async fn a_newcomer_invites_and_the_invitee_joins_through_usher_dev() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("config.toml"))
+        let mode = std::fs::metadata(dir.join("config.toml"))
             .expect("config file written")
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
     let wrong = usher(
-        dir.path(),
+        dir,
         &[
             "login",
             "--gateway",
@@ -295,7 +310,7 @@ async fn a_newcomer_invites_and_the_invitee_joins_through_usher_dev() {
 
     // Invite three, one of them invalid: each verdict is shown.
     let invite = usher(
-        dir.path(),
+        dir,
         &[
             "invite",
             "ivy@example.com",
@@ -330,10 +345,10 @@ async fn a_newcomer_invites_and_the_invitee_joins_through_usher_dev() {
 
     // A CSV file, and a list longer than one call (1,000 entries), as dry
     // runs: every entry gets its verdict.
-    let csv = dir.path().join("team.csv");
+    let csv = dir.join("team.csv");
     std::fs::write(&csv, "Name,Email\nCarla Csv,carla@example.com\n").expect("csv");
     let from_csv = usher(
-        dir.path(),
+        dir,
         &[
             "invite",
             "--from-file",
@@ -351,10 +366,10 @@ async fn a_newcomer_invites_and_the_invitee_joins_through_usher_dev() {
     assert_eq!(from_csv["results"][0]["display_name"], "Carla Csv");
     assert_eq!(from_csv["results"][0]["verdict"], "INVITEE_VERDICT_INVITED");
     let many: String = (0..1_001).map(|i| format!("p{i}@example.com\n")).collect();
-    let list = dir.path().join("many.txt");
+    let list = dir.join("many.txt");
     std::fs::write(&list, many).expect("list");
     let bulk = usher(
-        dir.path(),
+        dir,
         &[
             "invite",
             "--from-file",
@@ -372,7 +387,7 @@ async fn a_newcomer_invites_and_the_invitee_joins_through_usher_dev() {
     assert_eq!(results[1_000]["input"], "p1000@example.com");
 
     // The link, read from the mail folder (and announced by usher dev).
-    let link = link_in_mail_folder(&dir.path().join("mail"), "ivy@example.com", &gateway).await;
+    let link = link_in_mail_folder(&dir.join("mail"), "ivy@example.com", &gateway).await;
     for _ in 0..100 {
         if dev.printed(&link) {
             break;
@@ -405,7 +420,7 @@ async fn a_newcomer_invites_and_the_invitee_joins_through_usher_dev() {
     assert_eq!(accepted.account_slug, account);
 
     // The new member is ACTIVE, in the table and in the JSON.
-    let table = usher(dir.path(), &["users", "list"], "").await;
+    let table = usher(dir, &["users", "list"], "").await;
     assert!(table.status.success(), "{}", text(&table.stderr));
     let table = text(&table.stdout);
     let ivy = table
@@ -418,7 +433,7 @@ async fn a_newcomer_invites_and_the_invitee_joins_through_usher_dev() {
         "{ivy}"
     );
 
-    let json = usher(dir.path(), &["users", "list", "--json"], "").await;
+    let json = usher(dir, &["users", "list", "--json"], "").await;
     assert!(json.status.success(), "{}", text(&json.stderr));
     let listed: serde_json::Value =
         serde_json::from_slice(&json.stdout).expect("--json prints JSON");
@@ -437,7 +452,7 @@ async fn a_newcomer_invites_and_the_invitee_joins_through_usher_dev() {
     assert_eq!(listed["total_size"], 3);
 
     // A refused call shows the reason and fails.
-    let refused = usher(dir.path(), &["users", "deactivate", &email], "").await;
+    let refused = usher(dir, &["users", "deactivate", &email], "").await;
     assert!(!refused.status.success());
     assert!(
         text(&refused.stderr).contains("reason: OWNER_PROTECTED"),
@@ -447,7 +462,7 @@ async fn a_newcomer_invites_and_the_invitee_joins_through_usher_dev() {
 
     // A restart prints the same credentials: no second account.
     dev.stop().await;
-    let mut again = Dev::start(&iso, dir.path());
+    let mut again = Dev::start(iso, dir, database_url);
     let (_, account_again, email_again, password_again) = again.ready().await;
     assert_eq!(
         (account_again, email_again, password_again),

@@ -4,8 +4,8 @@
 //! - The gateway listens on `--listen` (127.0.0.1:8080); the services on free
 //!   loopback ports chosen at start, known only to this process.
 //! - Backends: the local PostgreSQL (one database per service, named after
-//!   `--database-url`), Redis and RabbitMQ. Every URL is a flag, so several
-//!   `usher dev` can run side by side, isolated.
+//!   `--database-url`) or SQLite files, Redis and RabbitMQ. Every URL is a
+//!   flag, so several `usher dev` can run side by side, isolated.
 //! - Emails are written to `--mail-dir` (or sent to `--smtp-url`), and each
 //!   one is announced on stdout with its recipient and link ([`mail`]).
 //! - On first start a demo account is created and its owner's credentials
@@ -42,9 +42,10 @@ pub struct DevArgs {
     /// The address links in emails point to; default: the gateway's.
     #[arg(long, env = "USHER_DEV_PUBLIC_URL")]
     pub public_url: Option<String>,
-    /// PostgreSQL: the services use the databases `<name>_identity`,
-    /// `<name>_invitation` and `<name>_notification`, where `<name>` is this
-    /// URL's database (created when missing).
+    /// The services' databases, created when missing: PostgreSQL
+    /// (`postgres://…/<name>` → databases `<name>_identity`,
+    /// `<name>_invitation`, `<name>_notification`) or SQLite files
+    /// (`sqlite://usher-dev.db` → `usher-dev_identity.db`, …).
     #[arg(
         long,
         env = "USHER_DEV_DATABASE_URL",
@@ -102,6 +103,12 @@ impl DevArgs {
 /// The database URL of `service`: the base URL's database name, `_`, and
 /// the service's name (`…/usher` → `…/usher_identity`).
 pub fn service_database_url(base: &str, service: &str) -> anyhow::Result<String> {
+    if let Some(path) = base
+        .strip_prefix("sqlite://")
+        .or_else(|| base.strip_prefix("sqlite:"))
+    {
+        return sqlite_service_url(path, service);
+    }
     let mut url = url::Url::parse(base)
         .with_context(|| "--database-url must be a URL like postgres://user@host:5432/usher")?;
     if !matches!(url.scheme(), "postgres" | "postgresql") {
@@ -118,6 +125,26 @@ pub fn service_database_url(base: &str, service: &str) -> anyhow::Result<String>
     let database = format!("{name}_{service}");
     url.set_path(&format!("/{database}"));
     Ok(url.into())
+}
+
+/// The SQLite file of `service` next to `path` (`dev.db` → `dev_identity.db`),
+/// created when missing.
+fn sqlite_service_url(path: &str, service: &str) -> anyhow::Result<String> {
+    let path = path.split('?').next().unwrap_or_default();
+    if path.is_empty() || path.ends_with('/') {
+        anyhow::bail!("--database-url sqlite: must name a file, e.g. sqlite://usher-dev.db");
+    }
+    let file = std::path::Path::new(path);
+    let stem = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .context("--database-url sqlite: must name a file")?;
+    let name = match file.extension().and_then(|e| e.to_str()) {
+        Some(ext) => format!("{stem}_{service}.{ext}"),
+        None => format!("{stem}_{service}"),
+    };
+    let service_file = file.with_file_name(name);
+    Ok(format!("sqlite://{}?mode=rwc", service_file.display()))
 }
 
 /// The notification service's transport for `--smtp-url`, or the mail
@@ -496,6 +523,15 @@ mod tests {
             service_database_url("postgres://db:5432", "invitation").expect("url"),
             "postgres://db:5432/usher_invitation"
         );
+        assert_eq!(
+            service_database_url("sqlite://data/usher-dev.db", "identity").expect("url"),
+            "sqlite://data/usher-dev_identity.db?mode=rwc"
+        );
+        assert_eq!(
+            service_database_url("sqlite:/tmp/dev?mode=rwc", "invitation").expect("url"),
+            "sqlite:///tmp/dev_invitation?mode=rwc"
+        );
+        assert!(service_database_url("sqlite://data/", "identity").is_err());
         assert!(service_database_url("mysql://db/usher", "identity").is_err());
         assert!(service_database_url("postgres://db/a/b", "identity").is_err());
     }
