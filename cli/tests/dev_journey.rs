@@ -460,6 +460,37 @@ async fn journey(iso: &Isolation, dir: &Path, database_url: &str) {
         text(&refused.stderr)
     );
 
+    // An access token the gateway refuses is replaced through the refresh
+    // token, and the new one saved.
+    let config_path = dir.join("config.toml");
+    let saved = std::fs::read_to_string(&config_path).expect("config");
+    let access_line = saved
+        .lines()
+        .find(|l| l.starts_with("access_token"))
+        .expect("an access token is saved")
+        .to_owned();
+    std::fs::write(
+        &config_path,
+        saved.replace(&access_line, "access_token = \"no-longer-valid\""),
+    )
+    .expect("config");
+    let refreshed = usher(dir, &["whoami"], "").await;
+    assert!(refreshed.status.success(), "{}", text(&refreshed.stderr));
+    assert!(text(&refreshed.stdout).contains(&email));
+    let saved = std::fs::read_to_string(&config_path).expect("config");
+    assert!(!saved.contains("no-longer-valid"), "the new token is saved");
+
+    // Signing out forgets the session.
+    let logout = usher(dir, &["logout"], "").await;
+    assert!(logout.status.success(), "{}", text(&logout.stderr));
+    let after = usher(dir, &["users", "list"], "").await;
+    assert!(!after.status.success());
+    assert!(
+        text(&after.stderr).contains("not signed in"),
+        "{}",
+        text(&after.stderr)
+    );
+
     // A restart prints the same credentials: no second account.
     dev.stop().await;
     let mut again = Dev::start(iso, dir, database_url);
