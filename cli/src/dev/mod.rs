@@ -358,7 +358,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Some(joined) = tasks.join_next() => {
             let (name, result) = joined?;
             shutdown.cancel();
+            if result.is_ok() {
+                // A service ends cleanly only when asked to: Ctrl-C (or
+                // SIGTERM) before everything was up.
+                while tasks.join_next().await.is_some() {}
+                return Ok(());
+            }
             let error = result.err().unwrap_or_else(|| anyhow::anyhow!("stopped"));
+            while tasks.join_next().await.is_some() {}
             return Err(error.context(format!("{name} stopped while starting")));
         }
     };
