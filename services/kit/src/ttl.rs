@@ -1,14 +1,15 @@
-//! Keys with a time to live: what invitation tokens and the hourly quota
+//! Keys with a time to live: what invitation tokens, quotas and rate limits
 //! need from Redis, behind one trait with two implementations.
 //!
 //! - [`RedisTtlStore`]: the real one (`SET … PX`, `GET`, `DEL`, `INCRBY` +
-//!   `PEXPIRE` in `MULTI`), keys under the deployment's prefix.
+//!   `PEXPIRE [NX]` in `MULTI`), keys under the deployment's prefix.
 //! - [`MemoryTtlStore`]: in the process, for `usher dev` without Redis
 //!   (ARCHITECTURE.md, "`usher dev` — the embedded default"). Time comes
 //!   from a [`Clock`], so tests move it instead of sleeping.
 //!
 //! Both pass the same [`conformance`] suite: a key lives until its TTL and
-//! not a moment longer, is gone once deleted, and counters add atomically.
+//! not a moment longer, is gone once deleted, counters add atomically, and a
+//! fixed window keeps the end its first hit gave it.
 
 use std::{
     collections::HashMap,
@@ -54,6 +55,17 @@ pub trait TtlStore: Send + Sync + fmt::Debug {
     /// missing or expired), sets the key's TTL to `ttl`, and returns the new
     /// value, atomically.
     fn add<'a>(&'a self, key: &'a str, by: i64, ttl: Duration) -> BoxFuture<'a, ApiResult<i64>>;
+
+    /// Adds `by` to the counter at `key` like [`add`](Self::add), but sets
+    /// the TTL only when the key is new (a fixed window, as rate limits
+    /// count: `INCRBY` + `PEXPIRE … NX`). Returns the new value and the time
+    /// the window has left.
+    fn add_in_window<'a>(
+        &'a self,
+        key: &'a str,
+        by: i64,
+        window: Duration,
+    ) -> BoxFuture<'a, ApiResult<(i64, Duration)>>;
 
     /// The time `key` has left; `None` when it is missing or expired.
     fn ttl<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ApiResult<Option<Duration>>>;
@@ -149,6 +161,33 @@ impl TtlStore for RedisTtlStore {
         .boxed()
     }
 
+    fn add_in_window<'a>(
+        &'a self,
+        key: &'a str,
+        by: i64,
+        window: Duration,
+    ) -> BoxFuture<'a, ApiResult<(i64, Duration)>> {
+        async move {
+            let key = self.key(key);
+            let window = millis(window).max(1);
+            let mut conn = self.redis.connection();
+            let (value, left): (i64, i64) = redis::pipe()
+                .atomic()
+                .incr(&key, by)
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(window)
+                .arg("NX")
+                .ignore()
+                .pttl(&key)
+                .query_async(&mut conn)
+                .await?;
+            let left = u64::try_from(left).unwrap_or(0);
+            Ok((value, Duration::from_millis(left)))
+        }
+        .boxed()
+    }
+
     fn ttl<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ApiResult<Option<Duration>>> {
         async move {
             let mut conn = self.redis.connection();
@@ -194,6 +233,39 @@ impl MemoryTtlStore {
             .ok()
             .and_then(|ttl| now.checked_add_signed(ttl))
             .unwrap_or(DateTime::<Utc>::MAX_UTC)
+    }
+
+    /// Adds `by` to the counter at `key`; its TTL becomes `ttl` when `renew`
+    /// or when the key is new. Returns the value and the time left.
+    fn add_counter(
+        &self,
+        key: &str,
+        by: i64,
+        ttl: Duration,
+        renew: bool,
+    ) -> ApiResult<(i64, Duration)> {
+        self.with_keys(|keys, now| {
+            let (current, expires) = match keys.live(key, now) {
+                Some((value, expires)) => (
+                    value.parse::<i64>().map_err(|_| {
+                        ApiError::Internal(anyhow::anyhow!("key {key} does not hold an integer"))
+                    })?,
+                    Some(*expires),
+                ),
+                None => (0, None),
+            };
+            let value = current.checked_add(by).ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!("counter {key} would overflow"))
+            })?;
+            let expires = match expires {
+                Some(expires) if !renew => expires,
+                _ => self.expiry(now, ttl.max(Duration::from_millis(1))),
+            };
+            keys.map
+                .insert(key.to_owned(), (value.to_string(), expires));
+            keys.sweep(now);
+            Ok((value, (expires - now).to_std().unwrap_or_default()))
+        })
     }
 
     fn with_keys<T>(&self, f: impl FnOnce(&mut MemoryKeys, DateTime<Utc>) -> T) -> T {
@@ -255,23 +327,17 @@ impl TtlStore for MemoryTtlStore {
     }
 
     fn add<'a>(&'a self, key: &'a str, by: i64, ttl: Duration) -> BoxFuture<'a, ApiResult<i64>> {
-        let result = self.with_keys(|keys, now| {
-            let current = match keys.live(key, now) {
-                Some((value, _)) => value.parse::<i64>().map_err(|_| {
-                    ApiError::Internal(anyhow::anyhow!("key {key} does not hold an integer"))
-                })?,
-                None => 0,
-            };
-            let value = current.checked_add(by).ok_or_else(|| {
-                ApiError::Internal(anyhow::anyhow!("counter {key} would overflow"))
-            })?;
-            let expires = self.expiry(now, ttl.max(Duration::from_millis(1)));
-            keys.map
-                .insert(key.to_owned(), (value.to_string(), expires));
-            keys.sweep(now);
-            Ok(value)
-        });
+        let result = self.add_counter(key, by, ttl, true).map(|(value, _)| value);
         futures::future::ready(result).boxed()
+    }
+
+    fn add_in_window<'a>(
+        &'a self,
+        key: &'a str,
+        by: i64,
+        window: Duration,
+    ) -> BoxFuture<'a, ApiResult<(i64, Duration)>> {
+        futures::future::ready(self.add_counter(key, by, window, false)).boxed()
     }
 
     fn ttl<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ApiResult<Option<Duration>>> {
@@ -310,6 +376,35 @@ pub mod conformance {
         values_live_until_deleted(store).await;
         keys_expire_with_their_ttl(store, &wait).await;
         counters_add_and_expire(store, &wait).await;
+        windows_keep_their_first_ttl(store, &wait).await;
+    }
+
+    async fn windows_keep_their_first_ttl<S, W, F>(store: &S, wait: &W)
+    where
+        S: TtlStore + ?Sized,
+        W: Fn(Duration) -> F,
+        F: Future<Output = ()>,
+    {
+        // Generous margins: with Redis the waits are real sleeps, which
+        // may run late on a busy machine.
+        let window = Duration::from_secs(3);
+        let first = store.add_in_window("w:n", 1, window).await.ok();
+        assert!(
+            first.is_some_and(|(n, left)| n == 1 && left <= window && !left.is_zero()),
+            "a new window: {first:?}"
+        );
+        wait(Duration::from_secs(1)).await;
+        let second = store.add_in_window("w:n", 1, window).await.ok();
+        assert!(
+            second.is_some_and(|(n, left)| n == 2 && left <= Duration::from_secs(2)),
+            "a later hit keeps the window's end: {second:?}"
+        );
+        wait(Duration::from_millis(2_500)).await;
+        let next = store.add_in_window("w:n", 1, window).await.ok();
+        assert!(
+            next.is_some_and(|(n, left)| n == 1 && left > Duration::from_secs(2)),
+            "the next window starts from zero: {next:?}"
+        );
     }
 
     async fn values_live_until_deleted<S: TtlStore + ?Sized>(store: &S) {
