@@ -22,14 +22,14 @@ use crate::{
 #[derive(Debug, Clone, clap::Args)]
 pub struct GlobalArgs {
     /// The gateway's URL (default: the profile's, else http://127.0.0.1:8080).
-    #[arg(long, global = true, env = "USHER_GATEWAY")]
+    #[arg(long, global = true, env = "USHER_CLI_GATEWAY")]
     pub gateway: Option<String>,
     /// The profile of the config file to use.
-    #[arg(long, global = true, env = "USHER_PROFILE", default_value = DEFAULT_PROFILE)]
+    #[arg(long, global = true, env = "USHER_CLI_PROFILE", default_value = DEFAULT_PROFILE)]
     pub profile: String,
     /// A bearer credential (account API key or access token) to use instead
     /// of the profile's session.
-    #[arg(long, global = true, env = "USHER_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "USHER_CLI_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Print the API's responses as JSON instead of tables.
     #[arg(long, global = true)]

@@ -1,7 +1,7 @@
 //! The CLI's config file: named profiles, each a gateway and the session
 //! `usher login` stored for it.
 //!
-//! The file is `$USHER_CONFIG_FILE`, else `$XDG_CONFIG_HOME/usher/config.toml`,
+//! The file is `$USHER_CLI_CONFIG_FILE`, else `$XDG_CONFIG_HOME/usher/config.toml`,
 //! else `~/.config/usher/config.toml`. It holds bearer tokens, so it is
 //! written with mode 0600 (its folder 0700), through a temporary file renamed
 //! over the old one so a crash never leaves half a file.
@@ -54,7 +54,7 @@ impl Profile {
 /// Where the config file lives, from the environment given as a lookup.
 pub fn default_path(env: impl Fn(&str) -> Option<String>) -> anyhow::Result<PathBuf> {
     let set = |name: &str| env(name).filter(|v| !v.is_empty());
-    if let Some(file) = set("USHER_CONFIG_FILE") {
+    if let Some(file) = set("USHER_CLI_CONFIG_FILE") {
         return Ok(PathBuf::from(file));
     }
     if let Some(dir) = set("XDG_CONFIG_HOME") {
@@ -66,7 +66,7 @@ pub fn default_path(env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Path
             .join("usher")
             .join("config.toml"));
     }
-    anyhow::bail!("no config file location: set USHER_CONFIG_FILE, XDG_CONFIG_HOME or HOME")
+    anyhow::bail!("no config file location: set USHER_CLI_CONFIG_FILE, XDG_CONFIG_HOME or HOME")
 }
 
 /// The config file at `path`, empty when it does not exist.
@@ -150,7 +150,10 @@ mod tests {
 
     #[test]
     fn the_path_follows_the_environment() {
-        let explicit = default_path(env(&[("USHER_CONFIG_FILE", "/x/c.toml"), ("HOME", "/h")]));
+        let explicit = default_path(env(&[
+            ("USHER_CLI_CONFIG_FILE", "/x/c.toml"),
+            ("HOME", "/h"),
+        ]));
         assert_eq!(explicit.expect("path"), PathBuf::from("/x/c.toml"));
         let xdg = default_path(env(&[("XDG_CONFIG_HOME", "/cfg"), ("HOME", "/h")]));
         assert_eq!(xdg.expect("path"), PathBuf::from("/cfg/usher/config.toml"));

@@ -27,7 +27,7 @@ pub enum AccountsCommand {
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
     /// The platform API key's secret.
-    #[arg(long, env = "USHER_PLATFORM_KEY", hide_env_values = true)]
+    #[arg(long, env = "USHER_CLI_PLATFORM_KEY", hide_env_values = true)]
     pub platform_key: String,
     /// The account's name.
     #[arg(long)]

@@ -20,7 +20,7 @@ use crate::{
 #[derive(Debug, clap::Args)]
 pub struct LoginArgs {
     /// The account's slug.
-    #[arg(long, env = "USHER_ACCOUNT")]
+    #[arg(long, env = "USHER_CLI_ACCOUNT")]
     pub account: String,
     /// The email to sign in with.
     #[arg(
