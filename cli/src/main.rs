@@ -1,33 +1,81 @@
 //! `usher`: the operator and admin command line.
 //!
-//! `usher dev` runs the three services and the gateway in one process on
-//! their default ports. The embedded backends (SQLite, an in-process token
-//! store and queue) arrive with the `usher dev` issue; until then it uses the
-//! local PostgreSQL, Redis and RabbitMQ that `deploy/local/services.sh` starts.
+//! - `usher dev` runs the three services and the gateway in one process
+//!   (see [`dev`]).
+//! - The other commands are clients of any gateway: `login` stores a session
+//!   in a profile of the config file, and `invite`, `users`, `invitations`,
+//!   `roles`, `teams`, `audit` and `accounts` call the public API with it.
+//!   Results are tables, or the API's JSON with `--json`; a failed call shows
+//!   the gRPC code, the reason and the fields at fault, and exits with 1.
+//! - `usher platform-keys create` works on identity's database directly.
 
-mod platform_keys;
+mod client;
+mod commands;
+mod config;
+mod dev;
+mod error;
+mod output;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
-use usher_kit::config::{LogFormat, TelemetryConfig};
+
+use crate::{
+    client::{Client, GlobalArgs},
+    commands::{
+        accounts::AccountsCommand, audit::AuditArgs, directory::TeamsCommand,
+        invitations::InvitationsCommand, invite::InviteArgs, login::LoginArgs, users::UsersCommand,
+    },
+};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "usher",
     version,
-    about = "Usher: invitations and user management"
+    about = "Usher: invitations and user management",
+    after_help = "Start with `usher dev`, then `usher login` in another terminal. See docs/cli.md."
 )]
 struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run every service and the gateway in this process (gateway on :8080).
-    Dev,
+    /// Run every service and the gateway in this process, with a demo account.
+    Dev(dev::DevArgs),
+    /// Sign in and store the session in a profile.
+    Login(LoginArgs),
+    /// Sign out and forget the profile's session.
+    Logout {
+        /// Revoke every session of the user, not only this one.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show who the current credential belongs to.
+    Whoami,
+    /// Invite people by email.
+    Invite(InviteArgs),
+    /// List, search, show, update, deactivate, reactivate and delete users.
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// List, resend, revoke and delete invitations.
+    #[command(subcommand)]
+    Invitations(InvitationsCommand),
+    /// List the account's roles.
+    Roles,
+    /// List or create teams.
+    Teams {
+        #[command(subcommand)]
+        command: Option<TeamsCommand>,
+    },
+    /// Read the account's audit log.
+    Audit(AuditArgs),
+    /// Accounts, with a platform API key.
+    #[command(subcommand)]
+    Accounts(AccountsCommand),
     /// Platform API keys (for the embedding platform's back end).
     #[command(subcommand)]
     PlatformKeys(PlatformKeys),
@@ -49,75 +97,103 @@ enum PlatformKeys {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Dev => dev().await,
-        Command::PlatformKeys(PlatformKeys::Create { name, config }) => {
-            platform_keys::create(config.as_deref(), &name).await
-        }
-    };
-    match result {
+    match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("usher: {err:#}");
+            output::note(format!("usher: {err:#}"));
             ExitCode::FAILURE
         }
     }
 }
 
-async fn dev() -> anyhow::Result<()> {
-    usher_kit::telemetry::init_logging(&TelemetryConfig {
-        log_filter: "info".into(),
-        log_format: LogFormat::Text,
-    });
-    let shutdown = usher_kit::server::shutdown_on_signal();
-    let mut tasks = tokio::task::JoinSet::new();
-    spawn(&mut tasks, "usher-identity", shutdown.clone(), |s| {
-        usher_identity::run(usher_identity::Config::default(), s)
-    });
-    spawn(&mut tasks, "usher-invitation", shutdown.clone(), |s| {
-        usher_invitation::run(usher_invitation::Config::default(), s)
-    });
-    // No SMTP server in dev: emails are written as .eml files to ./usher-mail.
-    let notification = usher_notification::Config {
-        smtp: usher_notification::config::SmtpConfig {
-            transport: usher_notification::config::TransportKind::File,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    tracing::info!(folder = %notification.smtp.folder.display(), "usher dev: emails go to a mail folder");
-    spawn(&mut tasks, "usher-notification", shutdown.clone(), |s| {
-        usher_notification::run(notification, s)
-    });
-    spawn(&mut tasks, "usher-gateway", shutdown.clone(), |s| {
-        usher_gateway::run(usher_gateway::Config::default(), s)
-    });
-    tracing::info!("usher dev: gateway on 127.0.0.1:8080, press Ctrl-C to stop");
-    let mut failure = None;
-    while let Some(joined) = tasks.join_next().await {
-        let (name, result) = joined?;
-        if let Err(err) = result {
-            tracing::error!(
-                service = name,
-                error = format!("{err:#}"),
-                "service stopped"
-            );
-            failure.get_or_insert(anyhow::anyhow!("{name}: {err:#}"));
-            shutdown.cancel();
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = match cli.command {
+        Command::Dev(args) => return dev::run(args).await,
+        Command::PlatformKeys(PlatformKeys::Create { name, config }) => {
+            return commands::platform_keys::create(config.as_deref(), &name).await;
         }
+        other => other,
+    };
+    let mut client = Client::new(&cli.global)?;
+    match command {
+        Command::Login(args) => commands::login::login(&mut client, args).await,
+        Command::Logout { all } => commands::login::logout(&mut client, all).await,
+        Command::Whoami => commands::login::whoami(&mut client).await,
+        Command::Invite(args) => commands::invite::invite(&mut client, args).await,
+        Command::Users(command) => commands::users::run(&mut client, command).await,
+        Command::Invitations(command) => commands::invitations::run(&mut client, command).await,
+        Command::Roles => commands::directory::roles(&mut client).await,
+        Command::Teams { command } => commands::directory::teams(&mut client, command).await,
+        Command::Audit(args) => commands::audit::run(&mut client, args).await,
+        Command::Accounts(command) => commands::accounts::run(&mut client, command).await,
+        Command::Dev(_) | Command::PlatformKeys(_) => Ok(()),
     }
-    failure.map_or(Ok(()), Err)
 }
 
-fn spawn<F, Fut>(
-    tasks: &mut tokio::task::JoinSet<(&'static str, anyhow::Result<()>)>,
-    name: &'static str,
-    shutdown: CancellationToken,
-    run: F,
-) where
-    F: FnOnce(CancellationToken) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
-{
-    let future = run(shutdown);
-    tasks.spawn(async move { (name, future.await) });
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_options_go_anywhere() {
+        let cli = Cli::try_parse_from([
+            "usher",
+            "users",
+            "list",
+            "--json",
+            "--profile",
+            "staging",
+            "--status",
+            "active",
+        ])
+        .expect("parsed");
+        assert!(cli.global.json);
+        assert_eq!(cli.global.profile, "staging");
+        assert!(matches!(cli.command, Command::Users(UsersCommand::List(_))));
+    }
+
+    #[test]
+    fn invite_takes_addresses_and_options() {
+        let cli = Cli::try_parse_from([
+            "usher",
+            "invite",
+            "ada@example.com",
+            "Bob <bob@example.com>",
+            "--role",
+            "Admin",
+            "--dry-run",
+        ])
+        .expect("parsed");
+        let Command::Invite(args) = cli.command else {
+            panic!("not invite")
+        };
+        assert_eq!(args.addresses.len(), 2);
+        assert_eq!(args.role, "Admin");
+        assert!(args.dry_run);
+    }
+
+    #[test]
+    fn login_needs_an_email_or_a_username() {
+        assert!(Cli::try_parse_from(["usher", "login", "--account", "acme"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "usher",
+                "login",
+                "--account",
+                "acme",
+                "--email",
+                "a@b.c",
+                "--username",
+                "x"
+            ])
+            .is_err()
+        );
+    }
 }

@@ -16,6 +16,11 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 pub const CONFIG_ENV: &str = "USHER_CONFIG";
 /// Prefix of every configuration environment variable.
 pub const ENV_PREFIX: &str = "USHER_";
+/// Prefixes of variables that belong to the `usher` command line
+/// (`USHER_CLI_TOKEN`, `USHER_DEV_LISTEN`, …), not to a service's
+/// configuration: skipped here, so a shell that sets them can still start
+/// the services.
+pub const RESERVED_ENV_PREFIXES: [&str; 2] = ["USHER_CLI_", "USHER_DEV_"];
 
 /// Why configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +86,10 @@ pub fn figment_for<T: Serialize + Default>(
         let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        if key == CONFIG_ENV || rest.is_empty() {
+        if key == CONFIG_ENV
+            || rest.is_empty()
+            || RESERVED_ENV_PREFIXES.iter().any(|p| key.starts_with(p))
+        {
             continue;
         }
         let path = rest
@@ -523,6 +531,20 @@ mod tests {
         let sample: Sample = figment.extract().expect("extracts");
         assert_eq!(sample.server.concurrency_limit, 6);
         assert_eq!(sample.server.request_timeout_ms, 99);
+    }
+
+    #[test]
+    fn the_command_line_variables_are_not_configuration() {
+        let figment = figment_for::<Sample>(
+            None,
+            env(&[
+                ("USHER_CLI_TOKEN", "secret"),
+                ("USHER_DEV_LISTEN", "127.0.0.1:0"),
+                ("USHER_SERVER__CONCURRENCY_LIMIT", "8"),
+            ]),
+        );
+        let sample: Sample = figment.extract().expect("the CLI's variables are skipped");
+        assert_eq!(sample.server.concurrency_limit, 8);
     }
 
     #[test]

@@ -32,3 +32,4 @@ pub mod sessions;
 pub mod telemetry;
 pub mod testing;
 pub mod tokens;
+pub mod ttl;

@@ -1,5 +1,9 @@
 //! Invitation tokens in Redis, and the hourly invitation quota.
 //!
+//! The keys live in a [`usher_kit::ttl::TtlStore`]: Redis in a deployment, or the process's
+//! memory for `usher dev` ([`TokenStore::with_store`]); both pass the same
+//! tests below.
+//!
 //! Key `<prefix>inv:tok:<HMAC-SHA256(key, "invitation" NUL token)>` → value
 //! `<invitation id>:<token version>`, with the invitation's remaining
 //! lifetime as TTL. The raw token is never stored anywhere. Redis only finds
@@ -7,14 +11,14 @@
 //! PENDING, same `token_version`, not expired), so a key that Redis lost,
 //! kept past its TTL or resurrected can never revive a dead link.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
-use redis::AsyncCommands;
 use usher_kit::{
     error::ApiResult,
     redis::Redis,
     tokens::{Token, TokenHasher, TokenPurpose},
+    ttl::{RedisTtlStore, SharedTtlStore, TtlEntry},
 };
 use uuid::Uuid;
 
@@ -43,17 +47,26 @@ pub struct TokenTarget {
     pub version: i64,
 }
 
+/// How long a quota counter is kept: past the end of its hour.
+const QUOTA_KEY_TTL: Duration = Duration::from_secs(7200);
+
 /// The token keys of one deployment.
 #[derive(Clone, Debug)]
 pub struct TokenStore {
-    redis: Redis,
+    store: SharedTtlStore,
     hasher: TokenHasher,
 }
 
 impl TokenStore {
     /// Keys in `redis`, hashed with `hasher`.
     pub fn new(redis: Redis, hasher: TokenHasher) -> Self {
-        Self { redis, hasher }
+        Self::with_store(Arc::new(RedisTtlStore::new(redis)), hasher)
+    }
+
+    /// Keys in `store` (Redis, or memory for `usher dev`), hashed with
+    /// `hasher`.
+    pub fn with_store(store: SharedTtlStore, hasher: TokenHasher) -> Self {
+        Self { store, hasher }
     }
 
     /// A new token and its hash.
@@ -63,36 +76,33 @@ impl TokenStore {
         (token, hash)
     }
 
-    fn key(&self, hash: &str) -> String {
-        self.redis.key(&["inv", "tok", hash])
+    fn key(hash: &str) -> String {
+        format!("inv:tok:{hash}")
+    }
+
+    fn quota_key(account: Uuid, now: DateTime<Utc>) -> String {
+        let hour = now.timestamp().div_euclid(3600);
+        format!("inv:quota:{account}:{hour}")
     }
 
     /// Writes `entries` in one pipelined round trip. An entry already past
     /// its expiry at `now` is skipped (it could never be used).
     pub async fn put(&self, entries: &[TokenEntry], now: DateTime<Utc>) -> ApiResult<()> {
-        let mut pipe = redis::pipe();
-        let mut any = false;
-        for entry in entries {
-            let ttl = (entry.expire_time - now).num_milliseconds();
-            let Ok(ttl) = u64::try_from(ttl) else {
-                continue;
-            };
-            if ttl == 0 {
-                continue;
-            }
-            any = true;
-            pipe.set_options(
-                self.key(&entry.hash),
-                format!("{}:{}", entry.invitation_id, entry.version),
-                redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(ttl)),
-            )
-            .ignore();
+        let keys: Vec<TtlEntry> = entries
+            .iter()
+            .filter_map(|entry| {
+                let ttl = u64::try_from((entry.expire_time - now).num_milliseconds()).ok()?;
+                Some(TtlEntry {
+                    key: Self::key(&entry.hash),
+                    value: format!("{}:{}", entry.invitation_id, entry.version),
+                    ttl: Duration::from_millis(ttl),
+                })
+            })
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
         }
-        if any {
-            let mut conn = self.redis.connection();
-            let () = pipe.query_async(&mut conn).await?;
-        }
-        Ok(())
+        self.store.set_many(keys).await
     }
 
     /// What `token` points at, if its key exists. Malformed tokens are never
@@ -107,8 +117,7 @@ impl TokenStore {
             return Ok(None);
         }
         let hash = self.hasher.hash(TokenPurpose::Invitation, token);
-        let mut conn = self.redis.connection();
-        let value: Option<String> = conn.get(self.key(&hash)).await?;
+        let value = self.store.get(&Self::key(&hash)).await?;
         Ok(value.as_deref().and_then(parse_target))
     }
 
@@ -117,9 +126,8 @@ impl TokenStore {
         if hashes.is_empty() {
             return Ok(());
         }
-        let keys: Vec<String> = hashes.iter().map(|h| self.key(h)).collect();
-        let mut conn = self.redis.connection();
-        let _: u64 = conn.del(keys).await?;
+        let keys: Vec<String> = hashes.iter().map(|h| Self::key(h)).collect();
+        self.store.delete(keys).await?;
         Ok(())
     }
 
@@ -146,24 +154,17 @@ impl TokenStore {
         if limit == 0 || wanted == 0 {
             return Ok(wanted);
         }
-        let hour = now.timestamp().div_euclid(3600);
-        let key = self
-            .redis
-            .key(&["inv", "quota", &account.to_string(), &hour.to_string()]);
-        let mut conn = self.redis.connection();
-        let (used,): (i64,) = redis::pipe()
-            .atomic()
-            .incr(&key, i64::from(wanted))
-            .expire(&key, 7200)
-            .ignore()
-            .query_async(&mut conn)
+        let key = Self::quota_key(account, now);
+        let used = self
+            .store
+            .add(&key, i64::from(wanted), QUOTA_KEY_TTL)
             .await?;
         let before = used - i64::from(wanted);
         let granted = (i64::from(limit) - before).clamp(0, i64::from(wanted));
         let refused = i64::from(wanted) - granted;
         if refused > 0 {
             // Give back what was not granted so later calls see the truth.
-            let _: i64 = conn.decr(&key, refused).await?;
+            self.store.add(&key, -refused, QUOTA_KEY_TTL).await?;
         }
         Ok(u32::try_from(granted).unwrap_or(0))
     }
@@ -180,12 +181,10 @@ impl TokenStore {
         if limit == 0 || count == 0 {
             return Ok(());
         }
-        let hour = now.timestamp().div_euclid(3600);
-        let key = self
-            .redis
-            .key(&["inv", "quota", &account.to_string(), &hour.to_string()]);
-        let mut conn = self.redis.connection();
-        let _: i64 = conn.decr(&key, i64::from(count)).await?;
+        let key = Self::quota_key(account, now);
+        self.store
+            .add(&key, -i64::from(count), QUOTA_KEY_TTL)
+            .await?;
         Ok(())
     }
 
@@ -207,17 +206,49 @@ fn parse_target(value: &str) -> Option<TokenTarget> {
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
-    use usher_kit::config::RedisConfig;
+    use redis::AsyncCommands;
+    use usher_kit::{
+        clock::{Clock, ManualClock, SystemClock},
+        config::RedisConfig,
+        ttl::MemoryTtlStore,
+    };
 
     use super::*;
 
-    fn store() -> TokenStore {
-        let redis = Redis::connect(&RedisConfig {
+    fn hasher() -> TokenHasher {
+        TokenHasher::new(&[7u8; 32]).expect("key")
+    }
+
+    fn redis() -> Redis {
+        Redis::connect(&RedisConfig {
             key_prefix: format!("t:{}:", Uuid::new_v4().simple()),
             ..RedisConfig::default()
         })
-        .expect("redis");
-        TokenStore::new(redis, TokenHasher::new(&[7u8; 32]).expect("key"))
+        .expect("redis")
+    }
+
+    /// The store on Redis and in memory (`usher dev`): the behaviour tests
+    /// run on both.
+    fn stores() -> [(&'static str, TokenStore); 2] {
+        [
+            ("redis", TokenStore::new(redis(), hasher())),
+            (
+                "memory",
+                TokenStore::with_store(
+                    Arc::new(MemoryTtlStore::new(SystemClock::shared())),
+                    hasher(),
+                ),
+            ),
+        ]
+    }
+
+    fn entry(hash: &str, id: Uuid, expire_time: DateTime<Utc>) -> TokenEntry {
+        TokenEntry {
+            hash: hash.to_owned(),
+            invitation_id: id,
+            version: 1,
+            expire_time,
+        }
     }
 
     #[test]
@@ -235,55 +266,107 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn keys_hold_hashes_and_expire_with_the_invitation() {
-        let store = store();
-        let now = usher_kit::clock::Clock::now(&usher_kit::clock::SystemClock);
+    async fn tokens_find_their_invitation_until_deleted() {
+        for (backend, store) in stores() {
+            let now = SystemClock.now();
+            let (token, hash) = store.generate();
+            let (dead, dead_hash) = store.generate();
+            let id = Uuid::new_v4();
+            store
+                .put(
+                    &[
+                        entry(&hash, id, now + chrono::Duration::seconds(30)),
+                        entry(&dead_hash, id, now - chrono::Duration::seconds(1)),
+                    ],
+                    now,
+                )
+                .await
+                .expect("put");
+            let target = store.get(token.as_str()).await.expect("get");
+            assert_eq!(target.map(|t| t.invitation_id), Some(id), "{backend}");
+            assert_eq!(
+                store.get(dead.as_str()).await.expect("get"),
+                None,
+                "{backend}: an expired entry is not written"
+            );
+            store
+                .delete(std::slice::from_ref(&hash))
+                .await
+                .expect("delete");
+            assert_eq!(
+                store.get(token.as_str()).await.expect("get"),
+                None,
+                "{backend}"
+            );
+            store.forget(&[hash], "deleted twice").await;
+            // Malformed tokens are not looked up.
+            assert_eq!(store.get("").await.expect("get"), None, "{backend}");
+            assert_eq!(store.get(&"a".repeat(129)).await.expect("get"), None);
+            assert_eq!(store.get("a b").await.expect("get"), None, "{backend}");
+        }
+    }
+
+    #[tokio::test]
+    async fn redis_keys_hold_hashes_with_the_invitation_lifetime() {
+        let redis = redis();
+        let store = TokenStore::new(redis.clone(), hasher());
+        let now = SystemClock.now();
         let (token, hash) = store.generate();
         let id = Uuid::new_v4();
         store
             .put(
-                &[TokenEntry {
-                    hash: hash.clone(),
-                    invitation_id: id,
-                    version: 1,
-                    expire_time: now + chrono::Duration::seconds(30),
-                }],
+                &[entry(&hash, id, now + chrono::Duration::seconds(30))],
                 now,
             )
             .await
             .expect("put");
-        let target = store.get(token.as_str()).await.expect("get");
-        assert_eq!(target.map(|t| t.invitation_id), Some(id));
-        let mut conn = store.redis.connection();
-        let keys: Vec<String> = conn.keys(store.redis.key(&["*"])).await.expect("keys");
-        assert_eq!(keys.len(), 1);
+        let mut conn = redis.connection();
+        let keys: Vec<String> = conn.keys(redis.key(&["*"])).await.expect("keys");
+        assert_eq!(keys, [redis.key(&["inv", "tok", &hash])]);
         assert!(!keys[0].contains(token.as_str()));
         let value: String = conn.get(&keys[0]).await.expect("value");
         assert!(!value.contains(token.as_str()));
         let ttl: i64 = conn.pttl(&keys[0]).await.expect("ttl");
         assert!((1..=30_000).contains(&ttl), "{ttl}");
-        store.delete(&[hash]).await.expect("delete");
+    }
+
+    #[tokio::test]
+    async fn memory_keys_expire_with_the_invitation() {
+        let start = Utc.with_ymd_and_hms(2026, 11, 24, 10, 0, 0).unwrap();
+        let clock = ManualClock::new(start);
+        let store = TokenStore::with_store(Arc::new(MemoryTtlStore::new(clock.clone())), hasher());
+        let (token, hash) = store.generate();
+        let id = Uuid::new_v4();
+        store
+            .put(
+                &[entry(&hash, id, start + chrono::Duration::hours(24))],
+                start,
+            )
+            .await
+            .expect("put");
+        clock.advance(chrono::Duration::hours(24) - chrono::Duration::milliseconds(1));
+        assert!(store.get(token.as_str()).await.expect("get").is_some());
+        clock.advance(chrono::Duration::milliseconds(1));
         assert_eq!(store.get(token.as_str()).await.expect("get"), None);
-        // Malformed tokens are not looked up.
-        assert_eq!(store.get("").await.expect("get"), None);
-        assert_eq!(store.get(&"a".repeat(129)).await.expect("get"), None);
-        assert_eq!(store.get("a b").await.expect("get"), None);
     }
 
     #[tokio::test]
     async fn the_quota_grants_up_to_the_limit_per_hour() {
-        let store = store();
-        let account = Uuid::new_v4();
+        for (backend, store) in stores() {
+            let account = Uuid::new_v4();
+            let now = Utc.with_ymd_and_hms(2026, 11, 24, 10, 59, 0).unwrap();
+            let take = |wanted, limit, at| store.take_quota(account, wanted, limit, at);
+            assert_eq!(take(6, 10, now).await.expect("q"), 6, "{backend}");
+            assert_eq!(take(6, 10, now).await.expect("q"), 4, "{backend}");
+            assert_eq!(take(1, 10, now).await.expect("q"), 0, "{backend}");
+            store.give_back_quota(account, 2, 10, now).await.expect("q");
+            assert_eq!(take(5, 10, now).await.expect("q"), 2, "{backend}");
+            // A new hour, a new quota.
+            let later = now + chrono::Duration::minutes(1);
+            assert_eq!(take(5, 10, later).await.expect("q"), 5, "{backend}");
+            assert_eq!(take(5, 0, later).await.expect("q"), 5, "{backend}");
+        }
         let now = Utc.with_ymd_and_hms(2026, 11, 24, 10, 59, 0).unwrap();
-        assert_eq!(store.take_quota(account, 6, 10, now).await.expect("q"), 6);
-        assert_eq!(store.take_quota(account, 6, 10, now).await.expect("q"), 4);
-        assert_eq!(store.take_quota(account, 1, 10, now).await.expect("q"), 0);
-        store.give_back_quota(account, 2, 10, now).await.expect("q");
-        assert_eq!(store.take_quota(account, 5, 10, now).await.expect("q"), 2);
-        // A new hour, a new quota.
-        let later = now + chrono::Duration::minutes(1);
-        assert_eq!(store.take_quota(account, 5, 10, later).await.expect("q"), 5);
-        assert_eq!(store.take_quota(account, 5, 0, later).await.expect("q"), 5);
         assert_eq!(TokenStore::quota_retry_after(now), Duration::from_secs(60));
     }
 }
