@@ -28,10 +28,7 @@ use std::collections::{HashMap, HashSet};
 
 use lapin::types::AMQPValue;
 use tonic::Code;
-use usher_kit::{
-    amqp::{Amqp, EVENTS_EXCHANGE, QueueSpec, Topology},
-    config::{AmqpConfig, Secret},
-};
+use usher_kit::amqp::{Amqp, EVENTS_EXCHANGE};
 use usher_proto::{
     identity::v1::{
         self as id, UserStatus, account_service_client::AccountServiceClient,
@@ -46,7 +43,7 @@ use usher_proto::{
 
 use crate::{
     gateway::create_platform_key,
-    harness::{bearer, http, reason},
+    harness::{bearer, bound_queues, http, reason},
     journey::{MailStack, link_token},
 };
 
@@ -110,24 +107,12 @@ impl Journey {
     async fn start(words: &'static Words) -> Self {
         let stack = MailStack::start().await;
         // Every event from now on, bound before anything happens.
-        let amqp = Amqp::start(
-            AmqpConfig {
-                url: Secret::new(stack.isolation.amqp_url()),
-                ..AmqpConfig::default()
-            },
+        let amqp = bound_queues(
+            &stack.isolation,
             "it-journey",
-        );
-        amqp.wait_connected(std::time::Duration::from_secs(10))
-            .await
-            .expect("broker");
-        amqp.declare(
-            Topology::new()
-                .topic_exchange(EVENTS_EXCHANGE)
-                .queue(QueueSpec::durable("it.events"))
-                .bind("it.events", EVENTS_EXCHANGE, "#"),
+            &[("it.events", EVENTS_EXCHANGE, "#")],
         )
-        .await
-        .expect("events queue");
+        .await;
         let id = stack.isolation.id.clone();
         Self {
             stack,

@@ -8,10 +8,7 @@ use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use usher_kit::{
-    amqp::{Amqp, EMAIL_EXCHANGE, QueueSpec, Topology},
-    config::{AmqpConfig, Secret},
-};
+use usher_kit::amqp::{Amqp, EMAIL_EXCHANGE};
 use usher_proto::{
     identity::v1::{
         GetCurrentUserRequest, SignInRequest, auth_service_client::AuthServiceClient,
@@ -24,7 +21,7 @@ use usher_proto::{
 use crate::{
     harness::{
         Isolation, OWNER_PASSWORD, POSTGRES, RABBITMQ_HOST, REDIS, Service, TcpProxy, bearer,
-        create_account, http, role_id, service_env, sign_in,
+        bound_queues, create_account, http, identity_and_gateway, role_id, service_env, sign_in,
     },
     invitation::token_of,
 };
@@ -112,24 +109,12 @@ impl Faults {
         gateway
             .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
             .await;
-        let amqp = Amqp::start(
-            AmqpConfig {
-                url: Secret::new(isolation.amqp_url()),
-                ..AmqpConfig::default()
-            },
+        let amqp = bound_queues(
+            &isolation,
             "it-faults",
-        );
-        amqp.wait_connected(Duration::from_secs(10))
-            .await
-            .expect("broker");
-        amqp.declare(
-            Topology::new()
-                .topic_exchange(EMAIL_EXCHANGE)
-                .queue(QueueSpec::durable("it.email"))
-                .bind("it.email", EMAIL_EXCHANGE, "email.send"),
+            &[("it.email", EMAIL_EXCHANGE, "email.send")],
         )
-        .await
-        .expect("bind");
+        .await;
         // Straight at the server, not through the proxy.
         let db = sea_orm::Database::connect(format!(
             "postgres://postgres@{POSTGRES}/usher_it_{}_invitation",
@@ -484,30 +469,9 @@ async fn without_redis_the_gateway_and_identity_say_unavailable_not_unauthentica
         "USHER_REDIS__URL",
         format!("redis://127.0.0.1:{}", redis.port),
     );
-    let mut identity_env = service_env(&mut isolation, "identity", POSTGRES);
-    identity_env.push(redis_url.clone());
-    let identity = Service::start("usher-identity", &identity_env);
-    let gateway = Service::start(
-        "usher-gateway",
-        &[
-            ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
-            redis_url,
-            (
-                "USHER_UPSTREAMS__IDENTITY",
-                format!("http://{}", identity.grpc),
-            ),
-        ],
-    );
-    identity
-        .wait_for(
-            "usher.identity.v1.AuthService",
-            ServingStatus::Serving,
-            Duration::from_secs(60),
-        )
-        .await;
-    gateway
-        .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
-        .await;
+    let redis_urls = [redis_url];
+    let (identity, _, gateway) =
+        identity_and_gateway(&mut isolation, &redis_urls, &redis_urls).await;
     let slug = format!("redis-{}", isolation.id);
     create_account(
         &identity,

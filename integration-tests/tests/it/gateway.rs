@@ -9,7 +9,6 @@
 use std::time::Duration;
 
 use tonic::{Code, Request, metadata::MetadataValue};
-use tonic_health::pb::health_check_response::ServingStatus;
 use usher_kit::principal::{Principal, PrincipalKind};
 use usher_proto::identity::{
     internal::v1::{GetInvitationContextRequest, directory_service_client::DirectoryServiceClient},
@@ -21,36 +20,12 @@ use usher_proto::identity::{
     },
 };
 
-use crate::harness::{Isolation, POSTGRES, Service, bearer, binary, service_env, signed_request};
+use crate::harness::{Isolation, bearer, binary, identity_and_gateway, signed_request};
 
 #[tokio::test]
 async fn the_gateway_authenticates_authorizes_and_forwards() {
     let mut isolation = Isolation::new();
-    let identity = Service::start(
-        "usher-identity",
-        &service_env(&mut isolation, "identity", POSTGRES),
-    );
-    // Same key prefix as identity: the gateway reads identity's sessions.
-    let gateway = Service::start(
-        "usher-gateway",
-        &[
-            ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
-            (
-                "USHER_UPSTREAMS__IDENTITY",
-                format!("http://{}", identity.grpc),
-            ),
-        ],
-    );
-    identity
-        .wait_for(
-            "usher.identity.v1.AuthService",
-            ServingStatus::Serving,
-            Duration::from_secs(60),
-        )
-        .await;
-    gateway
-        .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
-        .await;
+    let (identity, _, gateway) = identity_and_gateway(&mut isolation, &[], &[]).await;
 
     // The account, created by a platform straight at identity.
     let platform = Principal {
@@ -296,36 +271,19 @@ fn sign_in_from(ip: &str) -> Request<SignInRequest> {
 async fn public_calls_are_rate_limited_per_ip_by_the_gateway() {
     const LIMIT: usize = 3;
     let mut isolation = Isolation::new();
-    let identity = Service::start(
-        "usher-identity",
-        &service_env(&mut isolation, "identity", POSTGRES),
-    );
     // A tiny public limit in a long window (so the test never straddles two
     // windows), client IPs from x-forwarded-for so two clients can be told
     // apart from one test process.
-    let gateway = Service::start(
-        "usher-gateway",
+    let (identity, _, gateway) = identity_and_gateway(
+        &mut isolation,
+        &[],
         &[
-            ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
-            (
-                "USHER_UPSTREAMS__IDENTITY",
-                format!("http://{}", identity.grpc),
-            ),
             ("USHER_RATE_LIMITS__PUBLIC__LIMIT", LIMIT.to_string()),
             ("USHER_RATE_LIMITS__PUBLIC__WINDOW_SECS", "3600".to_owned()),
             ("USHER_RATE_LIMITS__TRUST_FORWARDED_FOR", "true".to_owned()),
         ],
-    );
-    identity
-        .wait_for(
-            "usher.identity.v1.AuthService",
-            ServingStatus::Serving,
-            Duration::from_secs(60),
-        )
-        .await;
-    gateway
-        .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
-        .await;
+    )
+    .await;
 
     let mut auth = AuthServiceClient::new(gateway.channel());
     // LIMIT attempts reach identity (which refuses the empty sign-in itself).
@@ -421,29 +379,8 @@ pub fn create_platform_key(identity_env: &[(&str, String)], name: &str) -> Strin
 #[tokio::test]
 async fn the_gateway_accepts_api_keys_until_they_are_revoked() {
     let mut isolation = Isolation::new();
-    let identity_env = service_env(&mut isolation, "identity", POSTGRES);
-    let identity = Service::start("usher-identity", &identity_env);
     // Same key prefix as identity: the gateway reads identity's snapshots.
-    let gateway = Service::start(
-        "usher-gateway",
-        &[
-            ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
-            (
-                "USHER_UPSTREAMS__IDENTITY",
-                format!("http://{}", identity.grpc),
-            ),
-        ],
-    );
-    identity
-        .wait_for(
-            "usher.identity.v1.AuthService",
-            ServingStatus::Serving,
-            Duration::from_secs(60),
-        )
-        .await;
-    gateway
-        .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
-        .await;
+    let (identity, identity_env, gateway) = identity_and_gateway(&mut isolation, &[], &[]).await;
 
     // A platform key made by the operator's CLI creates the account through
     // the gateway (a PLATFORM rule).

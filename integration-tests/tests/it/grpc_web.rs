@@ -2,17 +2,14 @@
 //! services under the same rules, and cross-origin calls are allowed only
 //! from the configured origins.
 
-use std::time::Duration;
-
 use prost::Message;
-use tonic_health::pb::health_check_response::ServingStatus;
 use usher_proto::identity::v1::{
     GetCurrentUserRequest, GetCurrentUserResponse, SignInRequest, SignInResponse,
     sign_in_request::Login,
 };
 
 use crate::harness::{
-    Isolation, OWNER_PASSWORD, POSTGRES, Service, create_account, header, http, service_env,
+    Isolation, OWNER_PASSWORD, Service, create_account, header, http, identity_and_gateway,
 };
 
 const APP: &str = "https://app.example.com";
@@ -72,31 +69,12 @@ async fn call(
 #[tokio::test]
 async fn browsers_call_through_grpc_web_under_the_same_rules() {
     let mut isolation = Isolation::new();
-    let identity = Service::start(
-        "usher-identity",
-        &service_env(&mut isolation, "identity", POSTGRES),
-    );
-    let gateway = Service::start(
-        "usher-gateway",
-        &[
-            ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
-            (
-                "USHER_UPSTREAMS__IDENTITY",
-                format!("http://{}", identity.grpc),
-            ),
-            ("USHER_GRPC_WEB__ALLOWED_ORIGINS", format!("[\"{APP}\"]")),
-        ],
-    );
-    identity
-        .wait_for(
-            "usher.identity.v1.AuthService",
-            ServingStatus::Serving,
-            Duration::from_secs(60),
-        )
-        .await;
-    gateway
-        .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
-        .await;
+    let (identity, _, gateway) = identity_and_gateway(
+        &mut isolation,
+        &[],
+        &[("USHER_GRPC_WEB__ALLOWED_ORIGINS", format!("[\"{APP}\"]"))],
+    )
+    .await;
     let slug = format!("web-{}", isolation.id);
     create_account(
         &identity,

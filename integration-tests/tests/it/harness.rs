@@ -628,3 +628,70 @@ pub fn reason(status: &tonic::Status) -> String {
         .map(|info| info.reason.clone())
         .unwrap_or_default()
 }
+
+/// identity (its environment plus `identity_extra`) and a gateway in front
+/// of it (sharing its Redis key prefix, plus `gateway_extra`), both serving.
+/// Returns identity's environment too (for `usher platform-keys create`).
+pub async fn identity_and_gateway(
+    isolation: &mut Isolation,
+    identity_extra: &[(&'static str, String)],
+    gateway_extra: &[(&'static str, String)],
+) -> (Service, Vec<(&'static str, String)>, Service) {
+    let mut identity_env = service_env(isolation, "identity", POSTGRES);
+    identity_env.extend_from_slice(identity_extra);
+    let identity = Service::start("usher-identity", &identity_env);
+    // Same key prefix as identity: the gateway reads identity's sessions.
+    let mut gateway_env = vec![
+        ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
+        (
+            "USHER_UPSTREAMS__IDENTITY",
+            format!("http://{}", identity.grpc),
+        ),
+    ];
+    gateway_env.extend_from_slice(gateway_extra);
+    let gateway = Service::start("usher-gateway", &gateway_env);
+    identity
+        .wait_for(
+            "usher.identity.v1.AuthService",
+            ServingStatus::Serving,
+            Duration::from_secs(60),
+        )
+        .await;
+    gateway
+        .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
+        .await;
+    (identity, identity_env, gateway)
+}
+
+/// A connection to the test's vhost with durable queues of our own bound
+/// as `bindings` (queue, exchange, routing key), as another pipeline would
+/// bind them; the exchanges are declared as the services declare them.
+pub async fn bound_queues(
+    isolation: &Isolation,
+    name: &'static str,
+    bindings: &[(&str, &str, &str)],
+) -> usher_kit::amqp::Amqp {
+    use usher_kit::{
+        amqp::{Amqp, QueueSpec, Topology},
+        config::{AmqpConfig, Secret},
+    };
+    let amqp = Amqp::start(
+        AmqpConfig {
+            url: Secret::new(isolation.amqp_url()),
+            ..AmqpConfig::default()
+        },
+        name,
+    );
+    amqp.wait_connected(Duration::from_secs(10))
+        .await
+        .expect("broker");
+    let mut topology = Topology::new();
+    for (queue, exchange, key) in bindings {
+        topology = topology
+            .topic_exchange(*exchange)
+            .queue(QueueSpec::durable(*queue))
+            .bind(*queue, *exchange, *key);
+    }
+    amqp.declare(topology).await.expect("bound");
+    amqp
+}

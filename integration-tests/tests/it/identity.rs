@@ -7,8 +7,7 @@ use std::time::Duration;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use usher_kit::{
-    amqp::{Amqp, EVENTS_EXCHANGE, QueueSpec, Topology},
-    config::{AmqpConfig, Secret},
+    amqp::EVENTS_EXCHANGE,
     principal::{Principal, PrincipalKind},
 };
 use usher_proto::identity::v1::{
@@ -16,7 +15,7 @@ use usher_proto::identity::v1::{
     auth_service_client::AuthServiceClient, sign_in_request::Login,
 };
 
-use crate::harness::{Isolation, POSTGRES, Service, service_env, signed_request};
+use crate::harness::{Isolation, POSTGRES, Service, bound_queues, service_env, signed_request};
 
 #[tokio::test]
 async fn accounts_sign_in_and_events_through_the_real_binary() {
@@ -34,24 +33,12 @@ async fn accounts_sign_in_and_events_through_the_real_binary() {
         .await;
 
     // A queue of our own on the events exchange, as another pipeline would bind.
-    let amqp = Amqp::start(
-        AmqpConfig {
-            url: Secret::new(isolation.amqp_url()),
-            ..AmqpConfig::default()
-        },
+    let amqp = bound_queues(
+        &isolation,
         "it-events",
-    );
-    amqp.wait_connected(Duration::from_secs(10))
-        .await
-        .expect("broker");
-    amqp.declare(
-        Topology::new()
-            .topic_exchange(EVENTS_EXCHANGE)
-            .queue(QueueSpec::durable("it.events"))
-            .bind("it.events", EVENTS_EXCHANGE, "#"),
+        &[("it.events", EVENTS_EXCHANGE, "#")],
     )
-    .await
-    .expect("bind");
+    .await;
 
     let platform = Principal {
         kind: PrincipalKind::Platform,

@@ -10,8 +10,7 @@ use std::time::Duration;
 use prost::Message;
 use tonic_health::pb::health_check_response::ServingStatus;
 use usher_kit::{
-    amqp::{Amqp, EMAIL_EXCHANGE, EVENTS_EXCHANGE, OutgoingMessage, QueueSpec, Topology},
-    config::{AmqpConfig, Secret},
+    amqp::{Amqp, EMAIL_EXCHANGE, EVENTS_EXCHANGE, OutgoingMessage},
     seal::{SealConfig, Sealer},
 };
 use usher_proto::{
@@ -21,8 +20,8 @@ use usher_proto::{
 };
 
 use crate::harness::{
-    Isolation, OWNER_PASSWORD, POSTGRES, Service, bearer, create_account, header, http, role_id,
-    service_env, sign_in,
+    Isolation, OWNER_PASSWORD, POSTGRES, Service, bearer, bound_queues, create_account, header,
+    http, role_id, service_env, sign_in,
 };
 
 /// The next message on `queue`, waiting up to 15 s.
@@ -124,27 +123,15 @@ pub async fn setup(lifetime_secs: u32) -> Setup {
 
     // The email queue the notification service would consume, and a queue
     // for invitation events.
-    let amqp = Amqp::start(
-        AmqpConfig {
-            url: Secret::new(isolation.amqp_url()),
-            ..AmqpConfig::default()
-        },
+    let amqp = bound_queues(
+        &isolation,
         "it-invitation",
-    );
-    amqp.wait_connected(Duration::from_secs(10))
-        .await
-        .expect("broker");
-    amqp.declare(
-        Topology::new()
-            .topic_exchange(EMAIL_EXCHANGE)
-            .topic_exchange(EVENTS_EXCHANGE)
-            .queue(QueueSpec::durable("it.email"))
-            .bind("it.email", EMAIL_EXCHANGE, "email.send")
-            .queue(QueueSpec::durable("it.expired"))
-            .bind("it.expired", EVENTS_EXCHANGE, "invitation.expired"),
+        &[
+            ("it.email", EMAIL_EXCHANGE, "email.send"),
+            ("it.expired", EVENTS_EXCHANGE, "invitation.expired"),
+        ],
     )
-    .await
-    .expect("bind");
+    .await;
 
     // An account, made by a platform at identity; its owner signs in at the gateway.
     let slug = format!("inv-{}", isolation.id);
