@@ -61,6 +61,9 @@ impl Probe {
     }
 }
 
+/// How often dependencies are probed until the service is first ready.
+const STARTUP_PROBE_INTERVAL: Duration = Duration::from_millis(25);
+
 /// How long dependencies may take to come up at start before it is logged
 /// as a warning.
 const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
@@ -146,7 +149,13 @@ fn watch_with_patience(
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(interval) => {}
+                // Until first ready, look often: a start is SERVING as soon
+                // as its dependencies are, not up to an interval later.
+                () = tokio::time::sleep(if ever_healthy {
+                    interval
+                } else {
+                    interval.min(STARTUP_PROBE_INTERVAL)
+                }) => {}
             }
         }
     })
@@ -417,6 +426,47 @@ mod watch_tests {
             "an outage after serving warns at once"
         );
         assert_eq!(recorder.warnings().len(), 2);
+        shutdown.cancel();
+        task.await.expect("watch ends");
+    }
+
+    #[tokio::test]
+    async fn a_start_is_ready_as_soon_as_its_dependencies_not_an_interval_later() {
+        let recorder = Recorder::default();
+        let _guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(recorder.clone()));
+        let up = Arc::new(AtomicBool::new(false));
+        let flag = up.clone();
+        let probe = Probe::new("database", move || {
+            let flag = flag.clone();
+            async move { flag.load(Ordering::SeqCst) }
+        });
+        let (reporter, _) = tonic_health::server::health_reporter();
+        let shutdown = CancellationToken::new();
+        // A long interval: with it alone, readiness would wait 10 s.
+        let task = watch(
+            reporter,
+            vec!["svc".into()],
+            vec![probe],
+            Duration::from_secs(10),
+            shutdown.clone(),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        up.store(true, Ordering::SeqCst);
+        let ready = tokio::time::Instant::now();
+        let serving = |r: &Recorder| {
+            r.0.lock()
+                .expect("lock")
+                .iter()
+                .any(|(_, m)| m == "dependencies reachable, serving")
+        };
+        while !serving(&recorder) {
+            assert!(
+                ready.elapsed() < Duration::from_secs(3),
+                "SERVING soon after the dependencies are"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         shutdown.cancel();
         task.await.expect("watch ends");
     }
