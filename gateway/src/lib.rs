@@ -264,7 +264,7 @@ pub async fn serve(
         ))
         .into_inner();
 
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = usher_kit::server::incoming(listener);
     let server = tonic::transport::Server::builder()
         // Browsers open the invitation page over HTTP/1.1.
         .accept_http1(true)
