@@ -731,6 +731,30 @@ async fn list_searches_filters_and_pages() {
     let distinct: std::collections::HashSet<_> = seen.iter().collect();
     assert_eq!((seen.len(), distinct.len()), (8, 8));
 
+    // A listing keeps the count of its first page; a new one counts again.
+    let first = list(pb::ListInvitationsRequest {
+        page_size: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    h.invite(&account, &["late@acme.example"]).await.unwrap();
+    let second = list(pb::ListInvitationsRequest {
+        page_size: 3,
+        page_token: first.next_page_token.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!((first.total_size, second.total_size), (8, 8));
+    let fresh = list(pb::ListInvitationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fresh.total_size, 9);
+
     let status = list(pb::ListInvitationsRequest {
         query: "ab".into(),
         ..Default::default()

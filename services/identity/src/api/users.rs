@@ -309,6 +309,11 @@ enum SortKey {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Cursor {
     after: Option<(SortKey, Uuid)>,
+    /// The matching users counted for the first page, carried so later
+    /// pages do not count them again (a full count at every page is what
+    /// makes deep pages of a large account slow). Absent in older tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    total: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -497,10 +502,15 @@ impl IdentityApi {
                 column.like(LikeExpr::new(pattern).escape('\\'))
             });
         }
-        let total = user::Entity::find()
-            .filter(filter.clone())
-            .count(db)
-            .await?;
+        let total = match cursor.as_ref().and_then(|c| c.total) {
+            Some(total) => total,
+            None => {
+                user::Entity::find()
+                    .filter(filter.clone())
+                    .count(db)
+                    .await?
+            }
+        };
 
         // The owner heads the first page when it matches the filters; the
         // keyset then walks the other users.
@@ -538,6 +548,7 @@ impl IdentityApi {
                 &fingerprint,
                 &Cursor {
                     after: rows.last().map(|row| order.key_of(row)),
+                    total: Some(total),
                 },
             )
         } else {
@@ -2495,6 +2506,55 @@ mod tests {
             .await
             .expect_err("own role");
         assert_eq!(reason(&err), "OWNER_PROTECTED");
+        test.stop().await;
+    }
+
+    #[tokio::test]
+    async fn later_pages_carry_the_first_pages_count_instead_of_counting_again() {
+        let test = start().await;
+        let acct = account(&test, 100).await;
+        let owner = acct.owner();
+        let insert = |from: usize, to: usize| {
+            let now = test.state.clock.now();
+            let rows: Vec<user::ActiveModel> = (from..to)
+                .map(|i| {
+                    row(
+                        &acct,
+                        Uuid::new_v4(),
+                        &format!("Member {i:02}"),
+                        Some(&format!("m{i:02}@acme.example")),
+                        None,
+                        acct.user_role,
+                        None,
+                        now,
+                    )
+                    .into_active_model()
+                })
+                .collect();
+            user::Entity::insert_many(rows).exec(&test.state.db)
+        };
+        insert(0, 10).await.expect("members");
+        let message = pb::ListUsersRequest {
+            page_size: 4,
+            ..Default::default()
+        };
+        let first = list(&test, &owner, message.clone()).await.expect("page");
+        assert_eq!(first.total_size, 11, "ten members and the owner");
+        // Two more arrive while the caller pages.
+        insert(10, 12).await.expect("more");
+        let second = list(
+            &test,
+            &owner,
+            pb::ListUsersRequest {
+                page_token: first.next_page_token.clone(),
+                ..message.clone()
+            },
+        )
+        .await
+        .expect("page 2");
+        assert_eq!(second.total_size, 11, "the listing's count, not a recount");
+        let fresh = list(&test, &owner, message).await.expect("page 1 again");
+        assert_eq!(fresh.total_size, 13, "a new listing counts again");
         test.stop().await;
     }
 

@@ -55,6 +55,10 @@ struct Cursor {
     time: Option<DateTime<Utc>>,
     email: Option<String>,
     id: Uuid,
+    /// The matching invitations counted for the first page, carried so
+    /// later pages do not count again. Absent in older tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    total: Option<u64>,
 }
 
 /// The condition "reads as `state` at `now`".
@@ -154,10 +158,15 @@ impl InvitationApi {
         if let Some(team) = team {
             filter = filter.add(Column::TeamId.eq(team));
         }
-        let total = invitation::Entity::find()
-            .filter(filter.clone())
-            .count(&self.state.db)
-            .await?;
+        let total = match cursor.as_ref().and_then(|c| c.total) {
+            Some(total) => total,
+            None => {
+                invitation::Entity::find()
+                    .filter(filter.clone())
+                    .count(&self.state.db)
+                    .await?
+            }
+        };
 
         let (key, ascending) = match order {
             pb::InvitationOrderBy::Unspecified | pb::InvitationOrderBy::CreateTimeDesc => {
@@ -226,6 +235,7 @@ impl InvitationApi {
                     },
                     email: (key == SortKey::Email).then(|| last.email.clone()),
                     id: last.id,
+                    total: Some(total),
                 },
             ),
             _ => String::new(),
