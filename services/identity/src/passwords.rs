@@ -6,8 +6,10 @@
 //!   are rejected before any hashing, nothing is ever truncated, control
 //!   characters are refused and any other Unicode is welcome.
 //! - [`PasswordHasher`] hashes to PHC strings (`$argon2id$v=19$m=19456,t=2,p=1$…`)
-//!   on tokio's blocking threads, at most `pool_size` at once: each hash holds
-//!   `memory_kib` of memory, so the pool bounds memory under any load.
+//!   on `pool_size` threads of its own: each hash holds `memory_kib` of
+//!   memory, so the pool bounds memory under any load. (On tokio's shared
+//!   blocking threads, each new thread that hashed kept its 19 MiB in its own
+//!   allocator arena: resident memory grew with the threads, not the pool.)
 //!
 //! Passwords and hashes never reach a log, an error message or `Debug` (P20).
 
@@ -239,10 +241,15 @@ pub struct PasswordHasher {
     inner: Arc<Inner>,
 }
 
+/// Work for the hashing threads.
+type Job = Box<dyn FnOnce() + Send>;
+
 struct Inner {
     argon2: Argon2<'static>,
     /// One permit per concurrent argon2id run.
     permits: Arc<Semaphore>,
+    /// The hashing threads' queue (they end when it is dropped).
+    jobs: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
     pool_size: usize,
     /// PHC string of an unknowable password, for [`PasswordHasher::verify_dummy`].
     /// Empty only if hashing failed at construction.
@@ -300,6 +307,7 @@ impl PasswordHasher {
             inner: Arc::new(Inner {
                 argon2,
                 permits: Arc::new(Semaphore::new(pool_size)),
+                jobs: std::sync::Mutex::new(hashing_threads(pool_size)),
                 pool_size,
                 dummy,
                 running: AtomicUsize::new(0),
@@ -318,9 +326,9 @@ impl PasswordHasher {
         self.inner.running.load(Ordering::SeqCst)
     }
 
-    /// Runs `work` on a blocking thread once a pool permit is free. The permit
-    /// moves into the blocking task, so a caller that gives up (deadline,
-    /// cancelled call) cannot free its slot while argon2 still runs.
+    /// Runs `work` on a hashing thread once a pool permit is free. The permit
+    /// moves into the job, so a caller that gives up (deadline, cancelled
+    /// call) cannot free its slot while argon2 still runs.
     async fn run<T: Send + 'static>(
         &self,
         op: &'static str,
@@ -331,16 +339,24 @@ impl PasswordHasher {
             .await
             .map_err(|_| ApiError::Internal(anyhow!("password hashing pool closed")))?;
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
             let slot = Slot::enter(inner, permit);
             let started = Instant::now();
             let out = work(&slot.inner.argon2);
             metrics::histogram!(HASH_SECONDS, "op" => op).record(started.elapsed().as_secs_f64());
             drop(slot);
-            out
-        })
-        .await
-        .map_err(|error| ApiError::Internal(anyhow!("password hashing task failed: {error}")))
+            let _ = done.send(out);
+        });
+        self.inner
+            .jobs
+            .lock()
+            .map_err(|_| ApiError::Internal(anyhow!("password hashing queue poisoned")))?
+            .send(job)
+            .map_err(|_| ApiError::Internal(anyhow!("password hashing threads gone")))?;
+        answer
+            .await
+            .map_err(|_| ApiError::Internal(anyhow!("password hashing task failed")))
     }
 
     /// The PHC string of `password` (NFC-normalised) with a fresh 16-byte salt
@@ -414,6 +430,33 @@ impl PasswordHasher {
             || params.p_cost() < wanted.p_cost()
             || params.output_len().unwrap_or(0) < Params::DEFAULT_OUTPUT_LEN
     }
+}
+
+/// Starts `count` threads running the jobs sent on the returned queue,
+/// until it is dropped. A job that panics ends only itself (its caller sees
+/// an internal error).
+fn hashing_threads(count: usize) -> std::sync::mpsc::Sender<Job> {
+    let (sender, receiver) = std::sync::mpsc::channel::<Job>();
+    let receiver = Arc::new(std::sync::Mutex::new(receiver));
+    for n in 0..count {
+        let receiver = Arc::clone(&receiver);
+        let spawned = std::thread::Builder::new()
+            .name(format!("argon2-{n}"))
+            .spawn(move || {
+                loop {
+                    let next = match receiver.lock() {
+                        Ok(queue) => queue.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = next else { return };
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::error!(%error, "cannot start a password hashing thread");
+        }
+    }
+    sender
 }
 
 impl fmt::Debug for PasswordHasher {
@@ -940,6 +983,33 @@ mod tests {
                     .expect("verify")
             );
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn hashes_run_on_the_pools_own_threads_only() {
+        let hasher = hasher(2);
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let hasher = hasher.clone();
+                tokio::spawn(async move {
+                    hasher
+                        .run("test", |_| std::thread::current().name().map(str::to_owned))
+                        .await
+                })
+            })
+            .collect();
+        let mut threads = std::collections::BTreeSet::new();
+        for task in tasks {
+            threads.insert(task.await.expect("task").expect("ran"));
+        }
+        // Memory follows the threads that ever hashed: at most the pool's.
+        assert!(threads.len() <= 2, "{threads:?}");
+        assert!(
+            threads
+                .iter()
+                .all(|name| name.as_deref().is_some_and(|n| n.starts_with("argon2-"))),
+            "{threads:?}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
