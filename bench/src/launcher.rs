@@ -137,6 +137,8 @@ pub struct Service {
     pub name: &'static str,
     /// Its gRPC address.
     pub grpc: SocketAddr,
+    /// Its Prometheus metrics address.
+    pub metrics: SocketAddr,
     /// The process id.
     pub pid: u32,
     /// When it was spawned.
@@ -185,6 +187,7 @@ impl Service {
         Ok(Self {
             name,
             grpc,
+            metrics,
             pid,
             spawned,
             child,
@@ -241,6 +244,31 @@ impl Service {
             let _ = self.child.kill().await;
         }
     }
+}
+
+/// Calls of `method` (e.g. `ListRoles`) the service counted in
+/// `usher_grpc_requests_total`, all codes; `None` when the metrics cannot be
+/// read.
+pub async fn requests_counted(metrics: SocketAddr, method: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(metrics).await.ok()?;
+    let request = format!("GET /metrics HTTP/1.0\r\nHost: {metrics}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    Some(sum_counter(&body, "usher_grpc_requests_total", method))
+}
+
+/// The sum of the samples of counter `name` whose labels mention `label_text`.
+pub fn sum_counter(text: &str, name: &str, label_text: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with('{'))
+        .filter(|line| line.contains(label_text))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A lazily connected channel to `addr`.
@@ -433,6 +461,23 @@ mod tests {
         let status = "Name:\tx\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
         assert_eq!(parse_vm_rss_kib(status), Some(12_345));
         assert_eq!(parse_vm_rss_kib("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn counters_are_summed_over_matching_labels() {
+        let text = "# TYPE usher_grpc_requests_total counter\n\
+            usher_grpc_requests_total{method=\"/a.RoleService/ListRoles\",code=\"OK\"} 7\n\
+            usher_grpc_requests_total{method=\"/a.RoleService/ListRoles\",code=\"UNAUTHENTICATED\"} 2\n\
+            usher_grpc_requests_total{method=\"/a.UserService/ListUsers\",code=\"OK\"} 100\n\
+            usher_grpc_requests_total_other{method=\"ListRoles\"} 50\n";
+        assert_eq!(
+            sum_counter(text, "usher_grpc_requests_total", "ListRoles"),
+            9.0
+        );
+        assert_eq!(
+            sum_counter(text, "usher_grpc_requests_total", "Nothing"),
+            0.0
+        );
     }
 
     #[test]
