@@ -97,6 +97,9 @@ pub struct Point {
 pub struct Curve {
     /// The scenario.
     pub name: String,
+    /// Whether the chart shows it (floors far above the scenarios would
+    /// flatten them, so they stay in the JSON only).
+    pub chart: bool,
     /// By increasing concurrency.
     pub points: Vec<Point>,
 }
@@ -172,9 +175,10 @@ impl Report {
     }
 
     /// Throughput (left) and p99 latency (right) against concurrency, one
-    /// line per curve, as a standalone SVG.
+    /// line per charted curve, as a standalone SVG.
     pub fn svg(&self) -> String {
-        svg_chart(&self.curves)
+        let charted: Vec<Curve> = self.curves.iter().filter(|c| c.chart).cloned().collect();
+        svg_chart(&charted)
     }
 }
 
@@ -352,6 +356,7 @@ mod tests {
             ],
             curves: vec![Curve {
                 name: "a <b>".into(),
+                chart: true,
                 points: vec![
                     Point {
                         concurrency: 1,

@@ -189,6 +189,7 @@ impl Ctx {
         }
         self.curves.push(Curve {
             name: name.to_owned(),
+            chart: !name.starts_with("health"),
             points,
         });
         best
