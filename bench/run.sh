@@ -6,8 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
+# Two builds, so the services are built with exactly their own features (as
+# `cargo build --release -p <service>` builds them), not the bench's.
 cargo build --release --locked \
-  -p usher-identity -p usher-invitation -p usher-notification -p usher-gateway -p usher-bench --bins
+  -p usher-identity -p usher-invitation -p usher-notification -p usher-gateway --bins
+cargo build --release --locked -p usher-bench
 readme=(--readme bench/README.md)
 # A quick run writes its results but leaves the README's full-run table alone.
 for arg in "$@"; do [ "$arg" = "--quick" ] && readme=(); done
