@@ -1,0 +1,194 @@
+//! Floors measured in the same run as the scenarios: what the hardware and
+//! the shared servers allow before any Usher code runs.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use lapin::{
+    BasicProperties, Confirmation, Connection, ConnectionProperties,
+    options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions},
+    types::FieldTable,
+};
+use sea_orm::{ConnectionTrait, Database};
+use serde::Serialize;
+use tokio::time::Instant;
+use usher_identity::passwords::{PasswordConfig, PasswordHasher};
+
+use crate::{
+    launcher::{Isolation, REDIS},
+    load::{self, Load},
+    stats::Summary,
+};
+
+/// argon2id hashes per second with identity's own hasher and its default
+/// (production) parameters, `2 × cores` callers feeding its pool so every
+/// core hashes.
+pub async fn argon2(warmup: Duration, measure: Duration) -> Summary {
+    let config = PasswordConfig::default();
+    let hasher = PasswordHasher::new(&config);
+    let callers = 2 * config.pool_size;
+    load::run(Load::timed(callers, warmup, measure), move |seq| {
+        let hasher = hasher.clone();
+        async move {
+            hasher
+                .hash(format!("bench password {seq}"))
+                .await
+                .map(|_| ())
+                .map_err(|_| tonic::Status::internal("hash failed"))
+        }
+    })
+    .await
+}
+
+/// The raw floor of creating `n` invitations: each part timed alone.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RawFloor {
+    /// Invitations.
+    pub n: u64,
+    /// PostgreSQL: `n` rows in multi-row INSERTs of 1,000 (one transaction
+    /// each), seconds.
+    pub postgres_s: f64,
+    /// Redis: `n` SETs with expiry in pipelines of 1,000, seconds.
+    pub redis_s: f64,
+    /// RabbitMQ: `n` persistent messages published with confirms, all
+    /// confirmed, seconds.
+    pub rabbitmq_s: f64,
+}
+
+impl RawFloor {
+    /// The three parts one after the other, seconds.
+    pub fn total_s(&self) -> f64 {
+        self.postgres_s + self.redis_s + self.rabbitmq_s
+    }
+
+    /// Invitations per second when the three run one after the other.
+    pub fn per_second(&self) -> f64 {
+        if self.total_s() > 0.0 {
+            self.n as f64 / self.total_s()
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Measures [`RawFloor`] for `n` invitations against the run's own database,
+/// Redis prefix and vhost.
+pub async fn raw(iso: &mut Isolation, n: u64) -> anyhow::Result<RawFloor> {
+    let db_name = iso.database("raw");
+    let admin = Database::connect(Isolation::database_url("postgres")).await?;
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE \"{db_name}\""))
+        .await?;
+    admin.close().await?;
+    let db = Database::connect(Isolation::database_url(&db_name)).await?;
+    // About what one invitation row holds, with its unique token hash and
+    // the account/email index.
+    db.execute_unprepared(
+        "CREATE TABLE invitations (
+            id uuid PRIMARY KEY, account_id uuid NOT NULL, email text NOT NULL,
+            display_name text NOT NULL, token_hash text NOT NULL UNIQUE, state text NOT NULL,
+            role_id uuid NOT NULL, metadata jsonb, create_time timestamptz NOT NULL DEFAULT now(),
+            expire_time timestamptz NOT NULL);
+         CREATE INDEX invitations_account_email ON invitations (account_id, email);",
+    )
+    .await?;
+    let account = uuid::Uuid::new_v4();
+    let role = uuid::Uuid::new_v4();
+    let started = Instant::now();
+    let mut i = 0u64;
+    while i < n {
+        let end = (i + 1_000).min(n);
+        let rows: Vec<String> = (i..end)
+            .map(|k| {
+                format!(
+                    "('{}','{account}','raw{k}@bench.example','Raw {k}','{}','pending','{role}','{{}}',now() + interval '7 days')",
+                    uuid::Uuid::now_v7(),
+                    uuid::Uuid::new_v4().simple(),
+                )
+            })
+            .collect();
+        db.execute_unprepared(&format!(
+            "INSERT INTO invitations (id, account_id, email, display_name, token_hash, state, role_id, metadata, expire_time) VALUES {}",
+            rows.join(",")
+        ))
+        .await?;
+        i = end;
+    }
+    let postgres_s = started.elapsed().as_secs_f64();
+    db.close().await?;
+
+    let client = redis::Client::open(REDIS)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let prefix = iso.redis_prefix();
+    let started = Instant::now();
+    let mut i = 0u64;
+    while i < n {
+        let end = (i + 1_000).min(n);
+        let mut pipe = redis::pipe();
+        for k in i..end {
+            pipe.cmd("SET")
+                .arg(format!("{prefix}raw:{k}"))
+                .arg(uuid::Uuid::new_v4().to_string())
+                .arg("EX")
+                .arg(3_600)
+                .ignore();
+        }
+        let () = pipe.query_async(&mut conn).await?;
+        i = end;
+    }
+    let redis_s = started.elapsed().as_secs_f64();
+
+    let connection = Connection::connect(&iso.amqp_url(), ConnectionProperties::default())
+        .await
+        .context("RabbitMQ")?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let queue = "bench.raw";
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    // About an email job's size.
+    let payload = vec![b'x'; 600];
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    for _ in 0..n {
+        pending.push(
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &payload,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?,
+        );
+    }
+    for confirm in pending {
+        match confirm.await? {
+            Confirmation::Ack(_) | Confirmation::NotRequested => {}
+            Confirmation::Nack(_) => anyhow::bail!("RabbitMQ refused a message"),
+        }
+    }
+    let rabbitmq_s = started.elapsed().as_secs_f64();
+    let _ = channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "bye".into()).await;
+
+    Ok(RawFloor {
+        n,
+        postgres_s,
+        redis_s,
+        rabbitmq_s,
+    })
+}
