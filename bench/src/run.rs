@@ -854,15 +854,19 @@ enum SortKey {
 #[derive(Serialize)]
 struct Cursor {
     after: Option<(SortKey, uuid::Uuid)>,
+    /// The listing's count, taken on its first page and carried along.
+    total: u64,
 }
 
 /// The token of page `page` (≥ 2) of ListUsers, 50 per page, no filter,
 /// default order: page 1 holds the owner and 49 others, so page `p` follows
-/// the `(50p − 52)`-th other user (0-based) in name order.
+/// the `(50p − 52)`-th other user (0-based) in name order. `total` is the
+/// account's users, owner included, as the first page counted them.
 async fn page_token(
     db: &DatabaseConnection,
     account: uuid::Uuid,
     page: u64,
+    total: u64,
 ) -> anyhow::Result<String> {
     let offset = 50 * page - 52;
     let row = db
@@ -889,6 +893,7 @@ async fn page_token(
         &fingerprint,
         &Cursor {
             after: Some((SortKey::Text(key), id)),
+            total,
         },
     ))
 }
@@ -944,10 +949,10 @@ async fn list_users_scenario(
 
     // Page 1, and the check that tokens are built as identity builds them.
     let (_, real_page2) = calls::list_users(gateway.get(0), &token, "", "").await?;
-    let built_page2 = page_token(&db, account, 2).await?;
+    let built_page2 = page_token(&db, account, 2, n + 1).await?;
     let deep_page = 10_000.min(n / 50);
     let deep_token = if built_page2 == real_page2 {
-        Some(page_token(&db, account, deep_page).await?)
+        Some(page_token(&db, account, deep_page, n + 1).await?)
     } else {
         ctx.notes.push(
             "the page token built by the bench differs from identity's; page N was not measured"
