@@ -387,17 +387,23 @@ mod watch_tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_slow_start_is_quiet_until_patience_runs_out_then_outages_warn() {
-        let recorder = Recorder::default();
-        let _guard =
-            tracing::subscriber::set_default(tracing_subscriber::registry().with(recorder.clone()));
+    /// A probe that passes while the returned switch is on (it starts off).
+    fn switch_probe() -> (Arc<AtomicBool>, Probe) {
         let up = Arc::new(AtomicBool::new(false));
         let flag = up.clone();
         let probe = Probe::new("database", move || {
             let flag = flag.clone();
             async move { flag.load(Ordering::SeqCst) }
         });
+        (up, probe)
+    }
+
+    #[tokio::test]
+    async fn a_slow_start_is_quiet_until_patience_runs_out_then_outages_warn() {
+        let recorder = Recorder::default();
+        let _guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(recorder.clone()));
+        let (up, probe) = switch_probe();
         let (reporter, _) = tonic_health::server::health_reporter();
         let shutdown = CancellationToken::new();
         let task = watch_with_patience(
@@ -435,12 +441,7 @@ mod watch_tests {
         let recorder = Recorder::default();
         let _guard =
             tracing::subscriber::set_default(tracing_subscriber::registry().with(recorder.clone()));
-        let up = Arc::new(AtomicBool::new(false));
-        let flag = up.clone();
-        let probe = Probe::new("database", move || {
-            let flag = flag.clone();
-            async move { flag.load(Ordering::SeqCst) }
-        });
+        let (up, probe) = switch_probe();
         let (reporter, _) = tonic_health::server::health_reporter();
         let shutdown = CancellationToken::new();
         // A long interval: with it alone, readiness would wait 10 s.
