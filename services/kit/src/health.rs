@@ -36,6 +36,11 @@ impl Probe {
         }
     }
 
+    /// Runs the check once: whether the dependency is usable now.
+    pub async fn check(&self) -> bool {
+        (self.check)().await
+    }
+
     /// A database probe.
     pub fn database(db: sea_orm::DatabaseConnection) -> Self {
         Self::new("database", move || {

@@ -6,10 +6,14 @@
 //! - [`error`]: one error type mapped to `tonic::Status` with stable reasons;
 //! - [`clock`]: time as a parameter;
 //! - [`db`], [`redis`], [`amqp`], [`outbox`]: the stores and the broker;
+//! - [`cache`], [`broker`]: Redis and RabbitMQ, or their in-process stand-ins
+//!   for `usher dev`, behind one type each;
 //! - [`principal`]: the caller's identity, asserted by the gateway and verified here.
 
 pub mod amqp;
 pub mod authz;
+pub mod broker;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod clock;
