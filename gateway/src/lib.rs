@@ -12,7 +12,7 @@ pub mod limits;
 pub mod page;
 pub mod proxy;
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use http::Request;
 use tokio::net::TcpListener;
@@ -37,12 +37,11 @@ use tower_http::{
 use tracing::Level;
 use usher_kit::{
     authz::Policy,
+    cache::Cache,
     clock::SystemClock,
     health::{self, Probe},
-    redis::Redis,
     runtime,
     server::{MetricsLayer, ShedLayer},
-    sessions::RedisSessionStore,
     telemetry,
     tokens::TokenHasher,
 };
@@ -117,24 +116,35 @@ fn upstream_probe(upstream: &'static str, url: &str, name: &'static str) -> anyh
     }))
 }
 
-/// Serves on `listener` until `shutdown`.
+/// Serves on `listener` until `shutdown`, with the Redis of `config`.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let cache = Cache::connect(&config.redis)?;
+    serve_with(config, listener, shutdown, cache).await
+}
+
+/// Serves on `listener` until `shutdown`, resolving sessions and counting
+/// rate limits in `cache` (the in-process one of `usher dev`, shared with
+/// identity).
+pub async fn serve_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    cache: Cache,
+) -> anyhow::Result<()> {
     telemetry::install_metrics(config.server.metrics_listen)?;
     let clock = SystemClock::shared();
-    let redis = Redis::connect(&config.redis)?;
     let policy = Policy::from_contracts().map_err(|e| anyhow::anyhow!("policy: {e}"))?;
     let routes = RouteTable::new(&policy);
     let routes_len = routes.len();
-    let sessions = Arc::new(RedisSessionStore::new(
-        redis.clone(),
+    let sessions = cache.sessions(
         config.sessions.clone(),
         TokenHasher::from_config(&config.tokens)?,
         clock.clone(),
-    ));
+    );
     let signer = config.assertion.signer(SERVICE)?;
     let upstreams = &config.upstreams;
     let channels = Upstreams {
@@ -155,7 +165,7 @@ pub async fn serve(
     }
     health.set_service_status("", ServingStatus::Serving).await;
     let probes = vec![
-        Probe::redis(redis.clone()),
+        cache.probe(),
         upstream_probe(
             "identity",
             &upstreams.identity,
@@ -252,7 +262,11 @@ pub async fn serve(
         .layer(AuthzLayer::new(policy))
         // Rate limits in Redis, per IP on public RPCs and per account on invites
         // (after authz: the account is known, only forwardable calls count; P8).
-        .layer(limits::RateLimitLayer::new(redis, &config.rate_limits, clock.clone()))
+        .layer(limits::RateLimitLayer::new(
+            cache.keys(),
+            &config.rate_limits,
+            clock.clone(),
+        ))
         // Drop client-sent `x-usher-*` metadata and the bearer token, attach
         // the signed principal assertion bound to this path (P16).
         .layer(AssertLayer::new(signer, clock))

@@ -8,7 +8,8 @@
 //!
 //! The algorithm is a fixed window: one counter per subject and window, key
 //! `<prefix>rl:<class>:<subject>:<window index>`, incremented with
-//! `INCR` + `PEXPIRE … NX` in one atomic pipeline (one Redis round trip). The
+//! `INCR` + `PEXPIRE … NX` in one atomic pipeline (one Redis round trip; the
+//! kit's `TtlStore::add_in_window`, in-process under `usher dev`). The
 //! key lives until the window ends plus a grace second for clock skew between
 //! replicas. A fixed window lets a burst of up to twice the limit straddle a
 //! window boundary; that is accepted for these limits (they bound abuse, not
@@ -45,9 +46,9 @@ use tower::{Layer, Service};
 use usher_kit::{
     authz::is_infrastructure_path,
     clock::SharedClock,
-    error::{ApiError, Reason},
+    error::{ApiError, ApiResult, Reason},
     principal::Principal,
-    redis::Redis,
+    ttl::SharedTtlStore,
 };
 
 use crate::config::{RateLimit, RateLimitsConfig};
@@ -184,10 +185,10 @@ fn account_subject(principal: &Principal) -> Option<String> {
     })
 }
 
-/// Counts calls in Redis.
+/// Counts calls in Redis (or the in-process store of `usher dev`).
 #[derive(Clone)]
 pub struct Limiter {
-    redis: Redis,
+    keys: SharedTtlStore,
     config: RateLimitsConfig,
     clock: SharedClock,
 }
@@ -201,10 +202,10 @@ impl std::fmt::Debug for Limiter {
 }
 
 impl Limiter {
-    /// Counts in `redis`, windows by `clock`.
-    pub fn new(redis: Redis, config: RateLimitsConfig, clock: SharedClock) -> Self {
+    /// Counts in `keys`, windows by `clock`.
+    pub fn new(keys: SharedTtlStore, config: RateLimitsConfig, clock: SharedClock) -> Self {
         Self {
-            redis,
+            keys,
             config,
             clock,
         }
@@ -219,36 +220,24 @@ impl Limiter {
 
     /// The key counting `subject`'s calls of `class` in `window`.
     fn key(&self, class: Class, subject: &str, window: Window) -> String {
-        self.redis
-            .key(&["rl", class.as_str(), subject, &window.index.to_string()])
+        format!("rl:{}:{subject}:{}", class.as_str(), window.index)
     }
 
     /// Counts one call of `class` by `subject`: `None` when it is within the
     /// limit, or the delay after which the subject may call again.
-    pub async fn hit(
-        &self,
-        class: Class,
-        subject: &str,
-    ) -> Result<Option<Duration>, redis::RedisError> {
+    pub async fn hit(&self, class: Class, subject: &str) -> ApiResult<Option<Duration>> {
         let limit = self.limit(class);
         let window = window_at(
             self.clock.now().timestamp_millis(),
             Duration::from_secs(limit.window_secs),
         );
         let key = self.key(class, subject, window);
-        let ttl = u64::try_from((window.remaining + KEY_GRACE).as_millis()).unwrap_or(u64::MAX);
-        let mut conn = self.redis.connection();
-        let (count,): (u64,) = redis::pipe()
-            .atomic()
-            .incr(&key, 1u64)
-            .cmd("PEXPIRE")
-            .arg(&key)
-            .arg(ttl)
-            .arg("NX")
-            .ignore()
-            .query_async(&mut conn)
+        let (count, _) = self
+            .keys
+            .add_in_window(&key, 1, window.remaining + KEY_GRACE)
             .await?;
-        Ok((count > limit.limit).then_some(window.remaining))
+        let over = u64::try_from(count).unwrap_or(0) > limit.limit;
+        Ok(over.then_some(window.remaining))
     }
 }
 
@@ -260,13 +249,13 @@ pub struct RateLimitLayer {
 }
 
 impl RateLimitLayer {
-    /// Applies `config` (nothing when it is disabled), counting in `redis`.
-    pub fn new(redis: Redis, config: &RateLimitsConfig, clock: SharedClock) -> Self {
+    /// Applies `config` (nothing when it is disabled), counting in `keys`.
+    pub fn new(keys: SharedTtlStore, config: &RateLimitsConfig, clock: SharedClock) -> Self {
         Self {
             trust_forwarded_for: config.trust_forwarded_for,
             limiter: config
                 .enabled
-                .then(|| Limiter::new(redis, config.clone(), clock)),
+                .then(|| Limiter::new(keys, config.clone(), clock)),
         }
     }
 }
@@ -372,7 +361,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv6Addr;
+    use std::{net::Ipv6Addr, sync::Arc};
 
     use chrono::{TimeZone, Utc};
     use http::HeaderValue;
@@ -380,6 +369,8 @@ mod tests {
         authz::Policy,
         clock::{Clock, ManualClock, SharedClock},
         config::RedisConfig,
+        redis::Redis,
+        ttl::{MemoryTtlStore, RedisTtlStore},
     };
     use usher_proto::policy::Access;
 
@@ -524,37 +515,33 @@ mod tests {
         uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef)
     }
 
-    fn limiter(prefix: &str, clock: SharedClock, config: RateLimitsConfig) -> Limiter {
-        let redis = Redis::connect(&RedisConfig {
+    fn redis_keys(prefix: &str) -> Redis {
+        Redis::connect(&RedisConfig {
             key_prefix: prefix.into(),
             ..Default::default()
         })
-        .expect("lazy connect");
-        Limiter::new(redis, config, clock)
+        .expect("lazy connect")
     }
 
     #[tokio::test]
     async fn keys_name_class_subject_and_window() {
         let start = Utc.timestamp_millis_opt(120_500).single().expect("time");
-        let limiter = limiter("p:", ManualClock::new(start), RateLimitsConfig::default());
+        let clock = ManualClock::new(start);
+        let limiter = Limiter::new(
+            Arc::new(MemoryTtlStore::new(clock.clone())),
+            RateLimitsConfig::default(),
+            clock,
+        );
         let window = window_at(120_500, Duration::from_secs(60));
         assert_eq!(
             limiter.key(Class::Public, "203.0.113.7", window),
-            "p:rl:public:203.0.113.7:2"
+            "rl:public:203.0.113.7:2"
         );
     }
 
-    /// Against the local Redis (as the kit's tests): the limit trips at N+1,
-    /// reports the rest of the window, and recovers in the next window.
-    #[tokio::test]
-    async fn limits_trip_and_recover() {
-        // The start of a minute window.
-        let start = Utc
-            .timestamp_millis_opt(1_000_000_020_000)
-            .single()
-            .expect("time");
-        let clock = ManualClock::new(start);
-        let prefix = format!("gw-test:{}:", uuid::Uuid::new_v4().simple());
+    /// The limit trips at N+1, reports the rest of the window, and recovers
+    /// in the next window; the key lives as long as its window.
+    async fn limits_trip_and_recover(keys: SharedTtlStore, clock: Arc<ManualClock>) {
         let config = RateLimitsConfig {
             public: RateLimit {
                 limit: 3,
@@ -562,15 +549,11 @@ mod tests {
             },
             ..Default::default()
         };
-        let limiter = limiter(&prefix, clock.clone(), config);
-        if !limiter.redis.ping().await {
-            eprintln!("no local Redis: skipped");
-            return;
-        }
+        let limiter = Limiter::new(keys.clone(), config, clock.clone());
         let subject = format!("t-{}", uuid::Uuid::new_v4().simple());
         for _ in 0..3 {
             assert_eq!(
-                limiter.hit(Class::Public, &subject).await.expect("redis"),
+                limiter.hit(Class::Public, &subject).await.expect("store"),
                 None
             );
         }
@@ -578,19 +561,19 @@ mod tests {
         let retry = limiter
             .hit(Class::Public, &subject)
             .await
-            .expect("redis")
+            .expect("store")
             .expect("limited");
         assert_eq!(retry, Duration::from_secs(40));
         // Another subject and another class are counted apart.
         assert_eq!(
-            limiter.hit(Class::Public, "other").await.expect("redis"),
+            limiter.hit(Class::Public, "other").await.expect("store"),
             None
         );
         assert_eq!(
             limiter
                 .hit(Class::Invitations, &subject)
                 .await
-                .expect("redis"),
+                .expect("store"),
             None
         );
         // The key expires with its window (plus the grace).
@@ -599,19 +582,38 @@ mod tests {
             &subject,
             window_at(clock.now().timestamp_millis(), Duration::from_secs(60)),
         );
-        let mut conn = limiter.redis.connection();
-        let ttl: i64 = redis::cmd("PTTL")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .expect("pttl");
-        assert!(ttl > 0 && ttl <= 61_000, "{ttl}");
+        let ttl = keys.ttl(&key).await.expect("ttl").expect("key lives");
+        assert!(
+            ttl > Duration::ZERO && ttl <= Duration::from_secs(61),
+            "{ttl:?}"
+        );
         // The next window starts afresh.
         clock.advance(chrono::Duration::seconds(40));
         assert_eq!(
-            limiter.hit(Class::Public, &subject).await.expect("redis"),
+            limiter.hit(Class::Public, &subject).await.expect("store"),
             None
         );
+    }
+
+    /// The start of a minute window.
+    fn window_start() -> Arc<ManualClock> {
+        ManualClock::new(
+            Utc.timestamp_millis_opt(1_000_000_020_000)
+                .single()
+                .expect("time"),
+        )
+    }
+
+    #[tokio::test]
+    async fn limits_trip_and_recover_in_redis() {
+        let redis = redis_keys(&format!("gw-test:{}:", uuid::Uuid::new_v4().simple()));
+        limits_trip_and_recover(Arc::new(RedisTtlStore::new(redis)), window_start()).await;
+    }
+
+    #[tokio::test]
+    async fn limits_trip_and_recover_in_memory() {
+        let clock = window_start();
+        limits_trip_and_recover(Arc::new(MemoryTtlStore::new(clock.clone())), clock).await;
     }
 
     #[test]
@@ -642,7 +644,11 @@ mod tests {
         })
         .expect("url");
         let clock: SharedClock = usher_kit::clock::SystemClock::shared();
-        let limiter = Limiter::new(redis, RateLimitsConfig::default(), clock);
+        let limiter = Limiter::new(
+            Arc::new(RedisTtlStore::new(redis)),
+            RateLimitsConfig::default(),
+            clock,
+        );
         assert!(limiter.hit(Class::Public, "x").await.is_err());
     }
 }

@@ -30,7 +30,7 @@ use usher_kit::{
     clock::SharedClock,
     error::{ApiError, Reason},
     principal::{ASSERTION_HEADER, AssertionSigner, Principal, RESERVED_HEADER_PREFIX},
-    sessions::{RedisSessionStore, SessionStore},
+    sessions::{SessionStore, SharedSessionStore},
     tokens::API_KEY_PREFIX,
 };
 use usher_proto::policy::Access;
@@ -228,7 +228,7 @@ where
 /// Layer of [`AuthnService`].
 #[derive(Clone)]
 pub struct AuthnLayer {
-    sessions: Arc<RedisSessionStore>,
+    sessions: SharedSessionStore,
 }
 
 impl std::fmt::Debug for AuthnLayer {
@@ -239,7 +239,7 @@ impl std::fmt::Debug for AuthnLayer {
 
 impl AuthnLayer {
     /// Resolves session tokens and API keys in `sessions`.
-    pub fn new(sessions: Arc<RedisSessionStore>) -> Self {
+    pub fn new(sessions: SharedSessionStore) -> Self {
         Self { sessions }
     }
 }
@@ -266,7 +266,7 @@ impl<S> Layer<S> for AuthnLayer {
 #[derive(Clone)]
 pub struct AuthnService<S> {
     inner: S,
-    sessions: Arc<RedisSessionStore>,
+    sessions: SharedSessionStore,
 }
 
 impl<S> std::fmt::Debug for AuthnService<S> {
@@ -291,7 +291,7 @@ fn bearer(value: &HeaderValue) -> Option<&str> {
 
 /// The principal of the call's credential.
 async fn authenticate(
-    sessions: &RedisSessionStore,
+    sessions: &dyn SessionStore,
     header: Option<&HeaderValue>,
 ) -> Result<Principal, ApiError> {
     let Some(header) = header else {
@@ -341,7 +341,7 @@ where
         let sessions = self.sessions.clone();
         Box::pin(async move {
             let header = request.headers().get(AUTHORIZATION).cloned();
-            match authenticate(&sessions, header.as_ref()).await {
+            match authenticate(sessions.as_ref(), header.as_ref()).await {
                 Ok(principal) => {
                     request.extensions_mut().insert(principal);
                     inner.call(request).await

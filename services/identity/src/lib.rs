@@ -17,15 +17,15 @@ use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use usher_kit::{
-    amqp::{Amqp, ConfirmedPublisher, EMAIL_EXCHANGE, EVENTS_EXCHANGE, Topology},
+    amqp::{EMAIL_EXCHANGE, EVENTS_EXCHANGE, Topology},
     authz::Policy,
+    broker::Broker,
+    cache::Cache,
     clock::SystemClock,
-    health::{self, Probe},
+    health,
     outbox::OutboxRelay,
-    redis::Redis,
     runtime::{self, ServiceDatabase},
     server::{CallGuard, ServiceServer},
-    sessions::RedisSessionStore,
     telemetry,
     tokens::TokenHasher,
 };
@@ -48,11 +48,26 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves on `listener` until `shutdown`.
+/// Serves on `listener` until `shutdown`, with the Redis and RabbitMQ of
+/// `config`.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let cache = Cache::connect(&config.redis)?;
+    let broker = Broker::connect(config.amqp.clone(), SERVICE);
+    serve_with(config, listener, shutdown, cache, broker).await
+}
+
+/// Serves on `listener` until `shutdown`, keeping sessions and counters in
+/// `cache` and publishing through `broker` (in-process ones for `usher dev`).
+pub async fn serve_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    cache: Cache,
+    broker: Broker,
 ) -> anyhow::Result<()> {
     telemetry::install_metrics(config.server.metrics_listen)?;
     let clock = SystemClock::shared();
@@ -62,23 +77,17 @@ pub async fn serve(
         shutdown.clone(),
     )
     .await?;
-    let redis = Redis::connect(&config.redis)?;
-    let amqp = Amqp::start(config.amqp.clone(), SERVICE);
     // The exchanges this service publishes to (re-declared on reconnect).
-    amqp.declare(
-        Topology::new()
-            .topic_exchange(EVENTS_EXCHANGE)
-            .topic_exchange(EMAIL_EXCHANGE),
-    )
-    .await?;
+    broker
+        .declare(
+            Topology::new()
+                .topic_exchange(EVENTS_EXCHANGE)
+                .topic_exchange(EMAIL_EXCHANGE),
+        )
+        .await?;
 
     let tokens = TokenHasher::from_config(&config.tokens)?;
-    let sessions = Arc::new(RedisSessionStore::new(
-        redis.clone(),
-        config.sessions.clone(),
-        tokens.clone(),
-        clock.clone(),
-    ));
+    let sessions = cache.sessions(config.sessions.clone(), tokens.clone(), clock.clone());
     let state = Arc::new(state::Identity {
         db: database.connection.clone(),
         clock: clock.clone(),
@@ -87,15 +96,21 @@ pub async fn serve(
         sessions,
         tokens,
         settings: Arc::new(state::Settings::from_config(&config)),
-        redis: redis.clone(),
+        keys: cache.keys(),
         sealer: usher_kit::seal::Sealer::from_config(&config.seal)?,
     });
-    let relay = OutboxRelay::new(
-        database.connection.clone(),
-        Arc::new(ConfirmedPublisher::new(amqp.clone())),
-        shutdown.clone(),
-    );
+    let relay = OutboxRelay::new(database.connection.clone(), broker.sink(), shutdown.clone());
     database.spawn_when_ready(relay.run());
+    if cache.is_memory() {
+        // An in-process cache starts empty: the gateway would refuse every
+        // API key until its snapshot is written again.
+        let state = state.clone();
+        database.spawn_when_ready(async move {
+            if let Err(error) = store::api_keys::publish_all(&state).await {
+                tracing::warn!(%error, "API key snapshots not re-published");
+            }
+        });
+    }
 
     let guard = CallGuard::new(
         Policy::from_contracts()?,
@@ -138,16 +153,12 @@ pub async fn serve(
     health::watch(
         server.health(),
         server.service_names(),
-        vec![
-            database.probe(),
-            Probe::redis(redis),
-            Probe::amqp(amqp.clone()),
-        ],
+        vec![database.probe(), cache.probe(), broker.probe()],
         Duration::from_secs(1),
         shutdown.clone(),
     );
     tracing::info!(listen = %config.server.listen, "usher-identity serving");
     let served = server.serve(listener, shutdown).await;
-    amqp.close().await;
+    broker.close().await;
     served
 }

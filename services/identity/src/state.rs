@@ -5,7 +5,8 @@ use std::sync::Arc;
 use chrono::Duration;
 use sea_orm::DatabaseConnection;
 use usher_kit::{
-    clock::SharedClock, redis::Redis, seal::Sealer, sessions::SessionStore, tokens::TokenHasher,
+    clock::SharedClock, seal::Sealer, sessions::SessionStore, tokens::TokenHasher,
+    ttl::SharedTtlStore,
 };
 
 use crate::{
@@ -30,8 +31,9 @@ pub struct Identity {
     pub tokens: TokenHasher,
     /// Account-level settings and bounds.
     pub settings: Arc<Settings>,
-    /// Rate-limit counters (sign-in failures, reset requests).
-    pub redis: Redis,
+    /// Rate-limit counters (sign-in failures, reset requests): Redis, or
+    /// in-process for `usher dev`.
+    pub keys: SharedTtlStore,
     /// Seals the links inside queued email jobs.
     pub sealer: Sealer,
 }

@@ -15,6 +15,7 @@ use usher_kit::{
     sessions::RedisSessionStore,
     testing::TestDatabase,
     tokens::TokenHasher,
+    ttl::RedisTtlStore,
 };
 use usher_proto::identity::v1 as pb;
 use uuid::Uuid;
@@ -66,7 +67,7 @@ impl TestIdentity {
             sessions,
             tokens: TokenHasher::from_config(&config.tokens).expect("key"),
             settings: Arc::new(Settings::from_config(&config)),
-            redis: redis.clone(),
+            keys: Arc::new(RedisTtlStore::new(redis.clone())),
             sealer: usher_kit::seal::Sealer::from_config(&config.seal).expect("seal key"),
         });
         Self {

@@ -17,18 +17,20 @@ use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use usher_kit::{
-    amqp::{Amqp, ConfirmedPublisher, EMAIL_EXCHANGE, EVENTS_EXCHANGE, Topology},
+    amqp::{EMAIL_EXCHANGE, EVENTS_EXCHANGE, Topology},
     authz::Policy,
+    broker::Broker,
+    cache::Cache,
     client::ServiceChannel,
     clock::{SharedClock, SystemClock},
-    health::{self, Probe},
+    health,
     outbox::OutboxRelay,
-    redis::Redis,
     runtime::{self, ServiceDatabase},
     seal::Sealer,
     server::{CallGuard, ServiceServer},
     telemetry,
     tokens::TokenHasher,
+    ttl::SharedTtlStore,
 };
 use usher_proto::{
     identity::internal::v1::directory_service_client::DirectoryServiceClient,
@@ -52,12 +54,12 @@ pub async fn migrate(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The service's state from `config`, on `db` and `redis`, with time from
-/// `clock`.
+/// The service's state from `config`, on `db` and the token keys in `keys`
+/// (Redis, or in-process for `usher dev`), with time from `clock`.
 pub fn state(
     config: &Config,
     db: sea_orm::DatabaseConnection,
-    redis: Redis,
+    keys: SharedTtlStore,
     clock: SharedClock,
 ) -> anyhow::Result<state::Invitations> {
     let channel = ServiceChannel::connect_lazy(
@@ -68,7 +70,10 @@ pub fn state(
     )?;
     Ok(state::Invitations {
         db,
-        tokens: store::tokens::TokenStore::new(redis, TokenHasher::from_config(&config.tokens)?),
+        tokens: store::tokens::TokenStore::with_store(
+            keys,
+            TokenHasher::from_config(&config.tokens)?,
+        ),
         directory: DirectoryServiceClient::new(channel)
             .max_decoding_message_size(config.server.max_message_bytes),
         sealer: Sealer::from_config(&config.seal)?,
@@ -78,11 +83,27 @@ pub fn state(
     })
 }
 
-/// Serves on `listener` until `shutdown`.
+/// Serves on `listener` until `shutdown`, with the Redis and RabbitMQ of
+/// `config`.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let cache = Cache::connect(&config.redis)?;
+    let broker = Broker::connect(config.amqp.clone(), SERVICE);
+    serve_with(config, listener, shutdown, cache, broker).await
+}
+
+/// Serves on `listener` until `shutdown`, keeping tokens and quotas in
+/// `cache` and messages going through `broker` (in-process ones for
+/// `usher dev`).
+pub async fn serve_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    cache: Cache,
+    broker: Broker,
 ) -> anyhow::Result<()> {
     telemetry::install_metrics(config.server.metrics_listen)?;
     let clock = SystemClock::shared();
@@ -92,33 +113,27 @@ pub async fn serve(
         shutdown.clone(),
     )
     .await?;
-    let redis = Redis::connect(&config.redis)?;
-    let amqp = Amqp::start(config.amqp.clone(), SERVICE);
     // The exchanges this service publishes to, and its delivery-result queue
     // (re-declared on reconnect).
-    amqp.declare(
-        Topology::new()
-            .topic_exchange(EVENTS_EXCHANGE)
-            .topic_exchange(EMAIL_EXCHANGE)
-            .queue(results::queue())
-            .bind(results::QUEUE, EMAIL_EXCHANGE, results::ROUTING_KEY),
-    )
-    .await?;
+    broker
+        .declare(
+            Topology::new()
+                .topic_exchange(EVENTS_EXCHANGE)
+                .topic_exchange(EMAIL_EXCHANGE)
+                .queue(results::queue())
+                .bind(results::QUEUE, EMAIL_EXCHANGE, results::ROUTING_KEY),
+        )
+        .await?;
 
     let state = Arc::new(state(
         &config,
         database.connection.clone(),
-        redis.clone(),
+        cache.keys(),
         clock.clone(),
     )?);
     // Background work on the database starts once its schema is there.
     database.spawn_when_ready(
-        OutboxRelay::new(
-            database.connection.clone(),
-            Arc::new(ConfirmedPublisher::new(amqp.clone())),
-            shutdown.clone(),
-        )
-        .run(),
+        OutboxRelay::new(database.connection.clone(), broker.sink(), shutdown.clone()).run(),
     );
     if config.invitations.expiry_sweep_secs > 0 {
         database.spawn_when_ready(expiry::run(
@@ -129,7 +144,7 @@ pub async fn serve(
         ));
     }
     database.spawn_when_ready(results::consume(
-        amqp.clone(),
+        broker.clone(),
         database.connection.clone(),
         clock.clone(),
         shutdown.clone(),
@@ -152,16 +167,12 @@ pub async fn serve(
     health::watch(
         server.health(),
         server.service_names(),
-        vec![
-            database.probe(),
-            Probe::redis(redis),
-            Probe::amqp(amqp.clone()),
-        ],
+        vec![database.probe(), cache.probe(), broker.probe()],
         Duration::from_secs(1),
         shutdown.clone(),
     );
     tracing::info!(listen = %config.server.listen, "usher-invitation serving");
     let served = server.serve(listener, shutdown).await;
-    amqp.close().await;
+    broker.close().await;
     served
 }

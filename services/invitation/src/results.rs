@@ -10,19 +10,10 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
-use lapin::{
-    options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
-    types::FieldTable,
-};
 use prost::Message;
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, sea_query::Expr};
 use tokio_util::sync::CancellationToken;
-use usher_kit::{
-    amqp::{Amqp, QueueSpec},
-    clock::SharedClock,
-    error::ApiResult,
-};
+use usher_kit::{amqp::QueueSpec, broker::Broker, clock::SharedClock, error::ApiResult};
 use usher_proto::notification::v1 as notification;
 use uuid::Uuid;
 
@@ -78,13 +69,13 @@ pub async fn record(
 
 /// Consumes the results until `shutdown`.
 pub async fn consume(
-    amqp: Amqp,
+    broker: Broker,
     db: DatabaseConnection,
     clock: SharedClock,
     shutdown: CancellationToken,
 ) {
     while !shutdown.is_cancelled() {
-        if let Err(err) = consume_once(&amqp, &db, &clock, &shutdown).await {
+        if let Err(err) = consume_once(&broker, &db, &clock, &shutdown).await {
             tracing::warn!(error = %err, "delivery results consumer stopped; resubscribing");
         }
         tokio::select! {
@@ -95,52 +86,38 @@ pub async fn consume(
 }
 
 async fn consume_once(
-    amqp: &Amqp,
+    broker: &Broker,
     db: &DatabaseConnection,
     clock: &SharedClock,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    amqp.wait_connected(Duration::from_secs(30)).await?;
-    let channel = amqp.channel().await?;
-    channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            QUEUE.into(),
-            "usher-invitation".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut subscription = tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        subscribed = broker.subscribe(QUEUE, "usher-invitation", PREFETCH) => subscribed?,
+    };
     loop {
         let delivery = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            next = consumer.next() => match next {
+            () = shutdown.cancelled() => break,
+            next = subscription.next() => match next {
                 Some(delivery) => delivery?,
-                None => return Ok(()),
+                None => break,
             },
         };
         match notification::DeliveryResult::decode(delivery.data.as_slice()) {
             Ok(result) => match record(db, &result, clock).await {
-                Ok(_) => {
-                    delivery.ack(BasicAckOptions::default()).await?;
-                }
+                Ok(_) => delivery.ack().await?,
                 Err(err) => {
                     tracing::warn!(error = %err, "delivery result not recorded; requeued");
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    delivery
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await?;
+                    delivery.requeue().await?;
                 }
             },
             Err(err) => {
                 tracing::warn!(error = %err, "undecodable delivery result dropped");
-                delivery.ack(BasicAckOptions::default()).await?;
+                delivery.ack().await?;
             }
         }
     }
+    subscription.close().await;
+    Ok(())
 }

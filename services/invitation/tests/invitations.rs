@@ -791,7 +791,13 @@ async fn with_redis_down_links_answer_unavailable_never_unusable() {
     let mut config = usher_invitation::Config::default();
     config.identity.url = format!("http://{}", h.identity_addr);
     let api = usher_invitation::api::InvitationApi::new(std::sync::Arc::new(
-        usher_invitation::state(&config, h.db.clone(), down, h.clock.clone()).unwrap(),
+        usher_invitation::state(
+            &config,
+            h.db.clone(),
+            std::sync::Arc::new(usher_kit::ttl::RedisTtlStore::new(down)),
+            h.clock.clone(),
+        )
+        .unwrap(),
     ));
     let started = std::time::Instant::now();
     let preview = api

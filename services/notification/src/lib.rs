@@ -22,10 +22,10 @@ use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use usher_kit::{
-    amqp::{Amqp, ConfirmedPublisher},
     authz::Policy,
+    broker::Broker,
     clock::{SharedClock, SystemClock},
-    health::{self, Probe},
+    health,
     outbox::OutboxRelay,
     runtime::{self, ServiceDatabase},
     seal::Sealer,
@@ -62,18 +62,17 @@ pub fn broker_topology(config: &Config) -> usher_kit::amqp::Topology {
     topology::topology(&delays)
 }
 
-/// The email pipeline of `config` on `db` and `amqp`.
+/// The email pipeline of `config` on `db` and `broker`.
 pub fn pipeline(
     config: &Config,
     db: sea_orm::DatabaseConnection,
-    amqp: Amqp,
+    broker: Broker,
     templates: Arc<templates::Templates>,
     clock: SharedClock,
 ) -> anyhow::Result<pipeline::Pipeline> {
     Ok(pipeline::Pipeline {
         db,
-        publisher: ConfirmedPublisher::new(amqp.clone()),
-        amqp,
+        broker,
         templates,
         mailer: mailer::Mailer::from_config(&config.smtp)?,
         sealer: Sealer::from_config(&config.seal)?,
@@ -88,11 +87,23 @@ pub fn pipeline(
     })
 }
 
-/// Serves on `listener` until `shutdown`.
+/// Serves on `listener` until `shutdown`, with the RabbitMQ of `config`.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let broker = Broker::connect(config.amqp.clone(), SERVICE);
+    serve_with(config, listener, shutdown, broker).await
+}
+
+/// Serves on `listener` until `shutdown`, taking jobs from and publishing
+/// results to `broker` (the in-process one for `usher dev`).
+pub async fn serve_with(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    broker: Broker,
 ) -> anyhow::Result<()> {
     telemetry::install_metrics(config.server.metrics_listen)?;
     let clock = SystemClock::shared();
@@ -102,26 +113,20 @@ pub async fn serve(
         shutdown.clone(),
     )
     .await?;
-    let amqp = Amqp::start(config.amqp.clone(), SERVICE);
     // Exchanges, work, delay and parking queues (re-declared on reconnect).
-    amqp.declare(broker_topology(&config)).await?;
+    broker.declare(broker_topology(&config)).await?;
     let templates = Arc::new(templates::Templates::new()?);
 
     // Delivery results leave through the outbox, written with each status
     // change; both start once the database's schema is there.
     let relay = database.spawn_when_ready(
-        OutboxRelay::new(
-            database.connection.clone(),
-            Arc::new(ConfirmedPublisher::new(amqp.clone())),
-            shutdown.clone(),
-        )
-        .run(),
+        OutboxRelay::new(database.connection.clone(), broker.sink(), shutdown.clone()).run(),
     );
     let consumer = database.spawn_when_ready(
         Arc::new(pipeline(
             &config,
             database.connection.clone(),
-            amqp.clone(),
+            broker.clone(),
             templates.clone(),
             clock.clone(),
         )?)
@@ -150,7 +155,7 @@ pub async fn serve(
     health::watch(
         server.health(),
         server.service_names(),
-        vec![database.probe(), Probe::amqp(amqp.clone())],
+        vec![database.probe(), broker.probe()],
         Duration::from_secs(1),
         shutdown.clone(),
     );
@@ -159,6 +164,6 @@ pub async fn serve(
     // The consumer finishes its in-flight jobs (ack or requeue) first.
     let _ = consumer.await;
     let _ = relay.await;
-    amqp.close().await;
+    broker.close().await;
     served
 }

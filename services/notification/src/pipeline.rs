@@ -27,19 +27,14 @@
 use std::{sync::Arc, time::Duration};
 
 use chrono::Utc;
-use futures::StreamExt;
-use lapin::{
-    message::Delivery,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
-    types::FieldTable,
-};
 use lettre::message::Mailbox;
 use prost::Message as _;
 use sea_orm::DatabaseConnection;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use usher_kit::{
-    amqp::{Amqp, ConfirmedPublisher, EMAIL_JOB_TYPE, OutgoingMessage, PROTOBUF_CONTENT_TYPE},
+    amqp::{EMAIL_JOB_TYPE, OutgoingMessage, PROTOBUF_CONTENT_TYPE},
+    broker::{Broker, Received},
     clock::SharedClock,
     email::EmailAddress,
     seal::Sealer,
@@ -77,10 +72,8 @@ pub enum Disposition {
 pub struct Pipeline {
     /// The notification database.
     pub db: DatabaseConnection,
-    /// The broker.
-    pub amqp: Amqp,
-    /// Publishes retried and parked copies.
-    pub publisher: ConfirmedPublisher,
+    /// The broker: jobs come from it, retried and parked copies go to it.
+    pub broker: Broker,
     /// The compiled templates.
     pub templates: Arc<Templates>,
     /// SMTP or the mail folder.
@@ -120,22 +113,10 @@ impl Pipeline {
     }
 
     async fn consume_once(self: &Arc<Self>, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        tokio::select! {
+        let mut subscription = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            connected = self.amqp.wait_connected(Duration::from_secs(30)) => connected?,
-        }
-        let channel = self.amqp.channel().await?;
-        channel
-            .basic_qos(self.config.prefetch, BasicQosOptions::default())
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                SEND_QUEUE.into(),
-                crate::SERVICE.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+            subscribed = self.broker.subscribe(SEND_QUEUE, crate::SERVICE, self.config.prefetch) => subscribed?,
+        };
         tracing::info!(queue = SEND_QUEUE, "consuming email jobs");
         // The prefetch bounds the jobs in flight, so the task set too.
         let mut in_flight = JoinSet::new();
@@ -143,7 +124,7 @@ impl Pipeline {
             tokio::select! {
                 () = shutdown.cancelled() => break Ok(()),
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-                next = consumer.next() => match next {
+                next = subscription.next() => match next {
                     Some(Ok(delivery)) => {
                         let this = self.clone();
                         in_flight.spawn(async move { this.handle_delivery(delivery).await });
@@ -155,37 +136,27 @@ impl Pipeline {
         };
         // In-flight jobs finish (and ack or requeue) before we let go.
         while in_flight.join_next().await.is_some() {}
-        let _ = channel.close(200, "consumer stopped".into()).await;
+        subscription.close().await;
         ended
     }
 
-    async fn handle_delivery(&self, delivery: Delivery) {
+    async fn handle_delivery(&self, delivery: Received) {
         let outcome = match self.handle(&delivery.data).await {
-            Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
+            Disposition::Ack => delivery.ack().await,
             Disposition::Requeue(why) => {
                 tracing::warn!(reason = %why, "email job deferred");
                 // Through a delay queue rather than a nack: a quorum queue
                 // counts every return toward its delivery limit, and an
                 // outage on our side must not park good jobs.
-                let message_id = delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default();
+                let message_id = delivery.message_id.clone().unwrap_or_default();
                 match self
                     .publish_delayed(&delivery.data, &message_id, self.delays()[0])
                     .await
                 {
-                    Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+                    Ok(()) => delivery.ack().await,
                     Err(_) => {
                         tokio::time::sleep(REQUEUE_PAUSE).await;
-                        delivery
-                            .nack(BasicNackOptions {
-                                requeue: true,
-                                ..Default::default()
-                            })
-                            .await
+                        delivery.requeue().await
                     }
                 }
             }
@@ -426,7 +397,7 @@ impl Pipeline {
         )
         .with_content_type(PROTOBUF_CONTENT_TYPE)
         .with_header(PARK_REASON_HEADER, store::sanitize_reason(reason));
-        self.publisher
+        self.broker
             .publish(&message)
             .await
             .map_err(|error| format!("parking: {error}"))
@@ -449,7 +420,7 @@ impl Pipeline {
             message = message.with_message_id(message_id);
         }
         let message = message.with_content_type(PROTOBUF_CONTENT_TYPE);
-        self.publisher
+        self.broker
             .publish(&message)
             .await
             .map_err(|error| format!("retry: {error}"))

@@ -298,29 +298,29 @@ impl IdentityApi {
     // -----------------------------------------------------------------------
     // Throttling
 
-    /// The Redis key of the counter `kind` for `subject` (hashed: no email in
-    /// key names).
+    /// The key of the counter `kind` for `subject` (hashed: no email in key
+    /// names).
     fn throttle_key(&self, kind: &str, subject: &[&str]) -> String {
         let mut digest = Sha256::new();
         for part in subject {
             digest.update(part.as_bytes());
             digest.update([0]);
         }
-        self.state
-            .redis
-            .key(&["rl", kind, &hex(&digest.finalize())])
+        format!("rl:{kind}:{}", hex(&digest.finalize()))
     }
 
     /// RATE_LIMITED when the counter at `key` reached `max`.
     async fn refuse_if_throttled(&self, key: &str, max: u32) -> ApiResult<()> {
-        let mut conn = self.state.redis.connection();
-        let (count, pttl): (Option<u64>, i64) = redis::pipe()
+        let count = self
+            .state
+            .keys
             .get(key)
-            .pttl(key)
-            .query_async(&mut conn)
-            .await?;
-        if count.unwrap_or(0) >= u64::from(max) {
-            return Err(rate_limited(pttl));
+            .await?
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or(0);
+        if count >= u64::from(max) {
+            let left = self.state.keys.ttl(key).await?.unwrap_or_default();
+            return Err(rate_limited(millis(left)));
         }
         Ok(())
     }
@@ -328,19 +328,12 @@ impl IdentityApi {
     /// Adds one to the counter at `key`, which lives `window` from its first
     /// hit (a fixed window); returns the count and the milliseconds left.
     async fn count_attempt(&self, key: &str, window: Duration) -> ApiResult<(u64, i64)> {
-        let mut conn = self.state.redis.connection();
-        let (count, pttl): (u64, i64) = redis::pipe()
-            .atomic()
-            .incr(key, 1u64)
-            .cmd("PEXPIRE")
-            .arg(key)
-            .arg(window.num_milliseconds().max(1))
-            .arg("NX")
-            .ignore()
-            .pttl(key)
-            .query_async(&mut conn)
-            .await?;
-        Ok((count, pttl))
+        let window = window
+            .to_std()
+            .unwrap_or_default()
+            .max(std::time::Duration::from_millis(1));
+        let (count, left) = self.state.keys.add_in_window(key, 1, window).await?;
+        Ok((u64::try_from(count).unwrap_or(0), millis(left)))
     }
 
     /// Counts one request at `key` and refuses it past `max` in the window.
@@ -353,11 +346,7 @@ impl IdentityApi {
     }
 
     async fn clear_attempts(&self, key: &str) -> ApiResult<()> {
-        let mut conn = self.state.redis.connection();
-        redis::cmd("DEL")
-            .arg(key)
-            .query_async::<()>(&mut conn)
-            .await?;
+        self.state.keys.delete(vec![key.to_owned()]).await?;
         Ok(())
     }
 
@@ -1627,6 +1616,11 @@ impl IdentityApi {
 }
 
 /// RATE_LIMITED, retry after the window's remaining `pttl_ms` (at least 1 s).
+/// `duration` in whole milliseconds.
+fn millis(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
 fn rate_limited(pttl_ms: i64) -> ApiError {
     let after = std::time::Duration::from_millis(u64::try_from(pttl_ms).unwrap_or(0).max(1_000));
     ApiError::retry_later(Reason::RateLimited, "too many attempts, retry later", after)
@@ -3771,6 +3765,58 @@ mod tests {
         assert_eq!(gateway_view(&test, &created.secret).await, None);
         // The other key is untouched.
         assert!(gateway_view(&test, &first.secret).await.is_some());
+        test.stop().await;
+    }
+
+    /// An empty cache (`usher dev` restarted, Redis flushed) gets every
+    /// active key's snapshot back from the table, and no revoked one.
+    #[tokio::test]
+    async fn auth_api_key_snapshots_are_republished_from_the_table() {
+        let test = TestIdentity::start(SystemClock::shared()).await;
+        let t = tenant(&test).await;
+        let mut secrets = Vec::new();
+        for name in ["kept", "revoked"] {
+            let created = test
+                .api
+                .create_api_key(request(&t.admin, key_request(name, &["users.read"])))
+                .await
+                .expect("created")
+                .into_inner();
+            secrets.push((created.api_key.expect("key").id, created.secret));
+        }
+        test.api
+            .revoke_api_key(request(
+                &t.admin,
+                pb::RevokeApiKeyRequest {
+                    api_key_id: secrets[1].0.clone(),
+                },
+            ))
+            .await
+            .expect("revoked");
+        // The cache loses everything.
+        for (id, secret) in &secrets {
+            let row = api_key::Entity::find_by_id(id.parse::<Uuid>().expect("uuid"))
+                .one(&test.state.db)
+                .await
+                .expect("query")
+                .expect("row");
+            // (A deletion would leave a tombstone: the data is lost instead.)
+            let _: () = redis::cmd("DEL")
+                .arg(test.redis.key(&["key", &row.secret_hash]))
+                .query_async(&mut test.redis.connection())
+                .await
+                .expect("del");
+            assert_eq!(gateway_view(&test, secret).await, None);
+        }
+        let published = api_keys::publish_all(&test.state)
+            .await
+            .expect("publish all");
+        assert_eq!(published, 1, "only the active key");
+        let kept = gateway_view(&test, &secrets[0].1)
+            .await
+            .expect("the active key resolves again");
+        assert_eq!(kept.permissions, ["users.read"]);
+        assert_eq!(gateway_view(&test, &secrets[1].1).await, None);
         test.stop().await;
     }
 

@@ -288,6 +288,21 @@ pub async fn refresh_account(state: &Identity, account_id: Uuid) -> ApiResult<()
     Ok(())
 }
 
+/// Rewrites the snapshot of every active key, account and platform ones,
+/// and returns how many: what an empty cache needs (`usher dev`'s in-process
+/// one after a restart, or a Redis that lost its data).
+pub async fn publish_all(state: &Identity) -> ApiResult<usize> {
+    let now = state.clock.now();
+    let keys = api_key::Entity::find()
+        .filter(active_condition(now))
+        .all(&state.db)
+        .await?;
+    for key in &keys {
+        publish(&state.db, state.sessions.as_ref(), key, now).await?;
+    }
+    Ok(keys.len())
+}
+
 /// A platform key created by an operator: its id and the secret, which is
 /// shown once and stored only as its keyed hash.
 #[derive(Debug)]

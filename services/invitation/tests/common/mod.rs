@@ -99,7 +99,13 @@ impl Harness {
         config.identity.url = format!("http://{identity_addr}");
         tune(&mut config);
         let state = Arc::new(
-            usher_invitation::state(&config, db.clone(), redis.clone(), shared).expect("state"),
+            usher_invitation::state(
+                &config,
+                db.clone(),
+                std::sync::Arc::new(usher_kit::ttl::RedisTtlStore::new(redis.clone())),
+                shared,
+            )
+            .expect("state"),
         );
         Self {
             clock,

@@ -134,7 +134,7 @@ impl Harness {
             usher_notification::pipeline(
                 &config,
                 db.clone(),
-                amqp.clone(),
+                usher_kit::broker::Broker::amqp(amqp.clone()),
                 templates,
                 SystemClock::shared(),
             )
