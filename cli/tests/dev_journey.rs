@@ -88,16 +88,26 @@ struct Dev {
 }
 
 impl Dev {
-    fn start(iso: &Isolation, dir: &Path, database_url: &str) -> Self {
-        let mut child = Command::new(USHER)
+    /// `usher dev` on `database_url`, with the machine's Redis and RabbitMQ
+    /// when `real` (isolated by `iso`), else its embedded ones.
+    fn start(iso: &Isolation, dir: &Path, database_url: &str, real: bool) -> Self {
+        let mut command = Command::new(USHER);
+        command
             .arg("dev")
             .args(["--listen", "127.0.0.1:0"])
             .args(["--database-url", database_url])
-            .args(["--redis-prefix", &format!("cli-it:{}:", iso.id)])
-            .args([
-                "--amqp-url",
-                &format!("amqp://guest:guest@127.0.0.1:5672/{}", iso.vhost),
-            ])
+            .env_remove("USHER_DEV_REDIS_URL")
+            .env_remove("USHER_DEV_AMQP_URL");
+        if real {
+            command
+                .args(["--redis-url", "redis://127.0.0.1:6379"])
+                .args(["--redis-prefix", &format!("cli-it:{}:", iso.id)])
+                .args([
+                    "--amqp-url",
+                    &format!("amqp://guest:guest@127.0.0.1:5672/{}", iso.vhost),
+                ]);
+        }
+        let mut child = command
             .arg("--mail-dir")
             .arg(dir.join("mail"))
             .env_remove("USHER_DEV_SMTP_URL")
@@ -235,25 +245,34 @@ async fn a_newcomer_invites_and_the_invitee_joins_through_usher_dev() {
     let iso = Isolation::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let database_url = format!("postgres://postgres@127.0.0.1:5432/{}", iso.database_base());
-    journey(&iso, dir.path(), &database_url).await;
+    journey(&iso, dir.path(), &database_url, true).await;
 }
 
-/// The same journey with the services' databases in SQLite files.
+/// The same journey on the embedded backends, what `usher dev` runs with no
+/// flag: SQLite files, the in-process cache and the in-process broker —
+/// nothing of the machine's PostgreSQL, Redis or RabbitMQ.
 #[tokio::test]
-async fn the_journey_works_on_sqlite_too() {
+async fn the_journey_works_on_the_embedded_backends() {
     let iso = Isolation::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let database_url = format!("sqlite://{}", dir.path().join("dev.db").display());
-    journey(&iso, dir.path(), &database_url).await;
+    journey(&iso, dir.path(), &database_url, false).await;
     for service in ["identity", "invitation", "notification"] {
         let file = dir.path().join(format!("dev_{service}.db"));
         assert!(file.exists(), "{} holds {service}'s data", file.display());
     }
 }
 
-async fn journey(iso: &Isolation, dir: &Path, database_url: &str) {
-    let mut dev = Dev::start(iso, dir, database_url);
+async fn journey(iso: &Isolation, dir: &Path, database_url: &str, real: bool) {
+    let mut dev = Dev::start(iso, dir, database_url, real);
     let (gateway, account, email, password) = dev.ready().await;
+    let (cache, queue) = if real {
+        ("Redis", "RabbitMQ")
+    } else {
+        ("in-process", "in-process")
+    };
+    assert_eq!(dev.value("cache").as_deref(), Some(cache));
+    assert_eq!(dev.value("queue").as_deref(), Some(queue));
     assert!(gateway.starts_with("http://127.0.0.1:"), "{gateway}");
     assert_eq!(account, "demo");
 
@@ -400,6 +419,27 @@ async fn journey(iso: &Isolation, dir: &Path, database_url: &str) {
         "the link is printed"
     );
 
+    // The delivery result came back through the queue to the invitation
+    // service: the invitation shows its email SENT.
+    let mut delivery = serde_json::Value::Null;
+    for _ in 0..100 {
+        let listed = usher(dir, &["invitations", "list", "--json"], "").await;
+        assert!(listed.status.success(), "{}", text(&listed.stderr));
+        let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+        delivery = listed["invitations"]
+            .as_array()
+            .expect("invitations")
+            .iter()
+            .find(|i| i["email"] == "ivy@example.com")
+            .expect("ivy's invitation")["latest_delivery"]["status"]
+            .clone();
+        if delivery == "DELIVERY_STATUS_SENT" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(delivery, "DELIVERY_STATUS_SENT");
+
     // Accepted through the gateway's API.
     let token = link.rsplit("token=").next().expect("token").to_owned();
     let channel = tonic::transport::Endpoint::from_shared(gateway.clone())
@@ -493,7 +533,7 @@ async fn journey(iso: &Isolation, dir: &Path, database_url: &str) {
 
     // A restart prints the same credentials: no second account.
     dev.stop().await;
-    let mut again = Dev::start(iso, dir, database_url);
+    let mut again = Dev::start(iso, dir, database_url, real);
     let (_, account_again, email_again, password_again) = again.ready().await;
     assert_eq!(
         (account_again, email_again, password_again),

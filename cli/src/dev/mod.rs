@@ -3,9 +3,12 @@
 //!
 //! - The gateway listens on `--listen` (127.0.0.1:8080); the services on free
 //!   loopback ports chosen at start, known only to this process.
-//! - Backends: the local PostgreSQL (one database per service, named after
-//!   `--database-url`) or SQLite files, Redis and RabbitMQ. Every URL is a
-//!   flag, so several `usher dev` can run side by side, isolated.
+//! - Backends: embedded by default — SQLite files, an in-process cache
+//!   (sessions, invitation tokens, rate limits; `usher_kit::cache`) and an
+//!   in-process broker fed by the same outboxes (`usher_kit::broker`) — so
+//!   nothing needs installing. `--database-url postgres://…` (one database per
+//!   service), `--redis-url` and `--amqp-url` switch each to the real one;
+//!   several `usher dev` can run side by side, isolated.
 //! - Emails are written to `--mail-dir` (or sent to `--smtp-url`), and each
 //!   one is announced on stdout with its recipient and link ([`mail`]).
 //! - On first start a demo account is created and its owner's credentials
@@ -28,7 +31,13 @@ use tonic::transport::Endpoint;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
-use usher_kit::config::{LogFormat, Secret, TelemetryConfig};
+use usher_kit::{
+    broker::{Broker, MemoryBroker},
+    cache::Cache,
+    clock::SystemClock,
+    config::{LogFormat, Secret, TelemetryConfig},
+    tokens::TokenHasher,
+};
 use usher_notification::config::{SmtpConfig, TlsMode, TransportKind};
 
 use crate::output::{line, note};
@@ -42,36 +51,30 @@ pub struct DevArgs {
     /// The address links in emails point to; default: the gateway's.
     #[arg(long, env = "USHER_DEV_PUBLIC_URL")]
     pub public_url: Option<String>,
-    /// The services' databases, created when missing: PostgreSQL
+    /// The services' databases, created when missing: SQLite files
+    /// (`sqlite://usher-dev.db` → `usher-dev_identity.db`, …) or PostgreSQL
     /// (`postgres://…/<name>` → databases `<name>_identity`,
-    /// `<name>_invitation`, `<name>_notification`) or SQLite files
-    /// (`sqlite://usher-dev.db` → `usher-dev_identity.db`, …).
+    /// `<name>_invitation`, `<name>_notification`).
     #[arg(
         long,
         env = "USHER_DEV_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/usher",
+        default_value = "sqlite://usher-dev.db",
         hide_env_values = true
     )]
     pub database_url: String,
-    /// Redis.
-    #[arg(
-        long,
-        env = "USHER_DEV_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379",
-        hide_env_values = true
-    )]
-    pub redis_url: String,
+    /// Redis for sessions, invitation tokens and rate limits (e.g.
+    /// `redis://127.0.0.1:6379`); default: kept in this process, gone when
+    /// it stops.
+    #[arg(long, env = "USHER_DEV_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
     /// Prefix of every Redis key.
     #[arg(long, env = "USHER_DEV_REDIS_PREFIX", default_value = "usher:")]
     pub redis_prefix: String,
-    /// RabbitMQ (the vhost is the URL's path).
-    #[arg(
-        long,
-        env = "USHER_DEV_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    pub amqp_url: String,
+    /// RabbitMQ for email jobs, results and events (e.g.
+    /// `amqp://guest:guest@127.0.0.1:5672/%2f`; the vhost is the path);
+    /// default: an in-process broker.
+    #[arg(long, env = "USHER_DEV_AMQP_URL", hide_env_values = true)]
+    pub amqp_url: Option<String>,
     /// Send emails to this SMTP server (`smtp://[user:pass@]host[:port]`, or
     /// `smtps://` for TLS) instead of writing them to the mail folder.
     #[arg(long, env = "USHER_DEV_SMTP_URL", hide_env_values = true)]
@@ -238,9 +241,13 @@ pub fn stack(
     identity.server.listen = local(ports[0]);
     identity.server.metrics_listen = None;
     identity.database.url = Secret::new(service_database_url(&args.database_url, "identity")?);
-    identity.redis.url = Secret::new(args.redis_url.clone());
+    if let Some(url) = &args.redis_url {
+        identity.redis.url = Secret::new(url.clone());
+    }
     identity.redis.key_prefix.clone_from(&args.redis_prefix);
-    identity.amqp.url = Secret::new(args.amqp_url.clone());
+    if let Some(url) = &args.amqp_url {
+        identity.amqp.url = Secret::new(url.clone());
+    }
     identity.telemetry = telemetry.clone();
     identity.links = links.clone();
 
@@ -248,9 +255,8 @@ pub fn stack(
     invitation.server.listen = local(ports[1]);
     invitation.server.metrics_listen = None;
     invitation.database.url = Secret::new(service_database_url(&args.database_url, "invitation")?);
-    invitation.redis.url = Secret::new(args.redis_url.clone());
-    invitation.redis.key_prefix.clone_from(&args.redis_prefix);
-    invitation.amqp.url = Secret::new(args.amqp_url.clone());
+    invitation.redis = identity.redis.clone();
+    invitation.amqp = identity.amqp.clone();
     invitation.identity.url = upstream(ports[0]);
     invitation.telemetry = telemetry.clone();
     invitation.links = links.clone();
@@ -260,7 +266,7 @@ pub fn stack(
     notification.server.metrics_listen = None;
     notification.database.url =
         Secret::new(service_database_url(&args.database_url, "notification")?);
-    notification.amqp.url = Secret::new(args.amqp_url.clone());
+    notification.amqp = identity.amqp.clone();
     notification.smtp = smtp_config(args.smtp_url.as_deref(), &args.mail_dir)?;
     notification.telemetry = telemetry.clone();
     notification.links = links;
@@ -268,11 +274,7 @@ pub fn stack(
     let mut gateway_config = usher_gateway::Config::default();
     gateway_config.server.listen = gateway;
     gateway_config.server.metrics_listen = None;
-    gateway_config.redis.url = Secret::new(args.redis_url.clone());
-    gateway_config
-        .redis
-        .key_prefix
-        .clone_from(&args.redis_prefix);
+    gateway_config.redis = identity.redis.clone();
     gateway_config.upstreams.identity = upstream(ports[0]);
     gateway_config.upstreams.invitation = upstream(ports[1]);
     gateway_config.upstreams.notification = upstream(ports[2]);
@@ -298,6 +300,47 @@ pub fn stack(
 }
 
 type Tasks = tokio::task::JoinSet<(&'static str, anyhow::Result<()>)>;
+
+/// The cache and the broker the four share: in-process unless `--redis-url`
+/// or `--amqp-url` names a real one.
+struct Backends {
+    cache: Cache,
+    /// `None`: each service connects to RabbitMQ itself.
+    memory_broker: Option<Broker>,
+    amqp: usher_kit::config::AmqpConfig,
+}
+
+impl Backends {
+    fn new(args: &DevArgs, stack: &Stack) -> anyhow::Result<Self> {
+        let clock = SystemClock::shared();
+        let cache = match args.redis_url {
+            Some(_) => Cache::connect(&stack.identity.redis)?,
+            None => Cache::memory(clock.clone()),
+        };
+        // Identity issues the sessions the gateway resolves: its rules
+        // apply to the one in-process session store.
+        let _ = cache.sessions(
+            stack.identity.sessions.clone(),
+            TokenHasher::from_config(&stack.identity.tokens)?,
+            clock,
+        );
+        Ok(Self {
+            cache,
+            memory_broker: args
+                .amqp_url
+                .is_none()
+                .then(|| Broker::memory(MemoryBroker::new())),
+            amqp: stack.identity.amqp.clone(),
+        })
+    }
+
+    /// The broker of `service`.
+    fn broker(&self, service: &str) -> Broker {
+        self.memory_broker
+            .clone()
+            .unwrap_or_else(|| Broker::connect(self.amqp.clone(), service))
+    }
+}
 
 /// Runs everything until Ctrl-C (or SIGTERM).
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -330,17 +373,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut next = || listeners.next().context("a listener per service");
     let (identity, invitation, notification) = (next()?, next()?, next()?);
     let identity_config = stack.identity.clone();
+    let backends = Backends::new(&args, &stack)?;
+    let (cache, broker) = (backends.cache.clone(), backends.broker("usher-identity"));
     spawn(&mut tasks, "usher-identity", shutdown.clone(), |s| {
-        usher_identity::serve(stack.identity, identity, s)
+        usher_identity::serve_with(stack.identity, identity, s, cache, broker)
     });
+    let (cache, broker) = (backends.cache.clone(), backends.broker("usher-invitation"));
     spawn(&mut tasks, "usher-invitation", shutdown.clone(), |s| {
-        usher_invitation::serve(stack.invitation, invitation, s)
+        usher_invitation::serve_with(stack.invitation, invitation, s, cache, broker)
     });
+    let broker = backends.broker("usher-notification");
     spawn(&mut tasks, "usher-notification", shutdown.clone(), |s| {
-        usher_notification::serve(stack.notification, notification, s)
+        usher_notification::serve_with(stack.notification, notification, s, broker)
     });
+    let cache = backends.cache.clone();
     spawn(&mut tasks, "usher-gateway", shutdown.clone(), |s| {
-        usher_gateway::serve(stack.gateway, gateway_listener, s)
+        usher_gateway::serve_with(stack.gateway, gateway_listener, s, cache)
     });
 
     let gateway_url = default_public_url(gateway_addr);
@@ -440,6 +488,30 @@ fn banner(
 ) {
     line("usher dev: ready");
     line(format!("  gateway: {gateway}"));
+    line(format!(
+        "  database: {}",
+        if args.database_url.starts_with("sqlite:") {
+            "SQLite files"
+        } else {
+            "PostgreSQL"
+        }
+    ));
+    line(format!(
+        "  cache: {}",
+        if args.redis_url.is_some() {
+            "Redis"
+        } else {
+            "in-process"
+        }
+    ));
+    line(format!(
+        "  queue: {}",
+        if args.amqp_url.is_some() {
+            "RabbitMQ"
+        } else {
+            "in-process"
+        }
+    ));
     if public_url != gateway {
         line(format!("  links: {public_url}"));
     }
@@ -490,8 +562,9 @@ async fn wait_serving(ports: [u16; 3], gateway: SocketAddr) -> anyhow::Result<()
             }
             if !reported && started.elapsed() > Duration::from_secs(10) {
                 note(
-                    "usher dev: still waiting for PostgreSQL, Redis and RabbitMQ \
-                     (deploy/local/services.sh starts them; --log info shows what fails)",
+                    "usher dev: still waiting for the services' database, Redis or RabbitMQ \
+                     (those given by flags; deploy/local/services.sh starts local ones; \
+                     --log info shows what fails)",
                 );
                 reported = true;
             }
@@ -580,9 +653,9 @@ mod tests {
             listen: "127.0.0.1:0".parse().expect("addr"),
             public_url: None,
             database_url: "postgres://postgres@127.0.0.1:5432/dev_1".into(),
-            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_url: Some("redis://127.0.0.1:6380".into()),
             redis_prefix: "dev1:".into(),
-            amqp_url: "amqp://guest:guest@127.0.0.1:5672/dev1".into(),
+            amqp_url: Some("amqp://guest:guest@127.0.0.1:5672/dev1".into()),
             smtp_url: None,
             mail_dir: PathBuf::from("/tmp/x/mail"),
             state_file: None,
@@ -598,6 +671,14 @@ mod tests {
         assert_eq!(stack.invitation.identity.url, "http://127.0.0.1:1");
         assert_eq!(stack.gateway.upstreams.notification, "http://127.0.0.1:3");
         assert_eq!(stack.gateway.redis.key_prefix, "dev1:");
+        assert_eq!(
+            stack.invitation.redis.url.expose(),
+            "redis://127.0.0.1:6380"
+        );
+        assert_eq!(
+            stack.notification.amqp.url.expose(),
+            "amqp://guest:guest@127.0.0.1:5672/dev1"
+        );
         assert_eq!(
             stack.notification.links.public_base_url,
             "http://127.0.0.1:18080"
