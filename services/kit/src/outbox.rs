@@ -1003,6 +1003,84 @@ mod tests {
         db.close().await.expect("close");
     }
 
+    /// The same relay on either broker `usher dev` may run with: on SQLite
+    /// (its default database), committed rows arrive once each and in order,
+    /// rolled-back ones never, and an unroutable one is set aside.
+    async fn outbox_delivers_through(broker: crate::broker::Broker) {
+        use crate::amqp::{QueueSpec, Topology};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("outbox.db").display()
+        );
+        let db = Database::connect(&url).await.expect("sqlite");
+        TestMigrator::up(&db, None).await.expect("migrate");
+        let (exchange, queue) = (unique("outbox-x"), unique("outbox-q"));
+        broker
+            .declare(
+                Topology::new()
+                    .topic_exchange(&exchange)
+                    .queue(QueueSpec::exclusive(&queue))
+                    .bind(&queue, &exchange, "email.send.#"),
+            )
+            .await
+            .expect("declare");
+        let mut subscription = broker.subscribe(&queue, "outbox", 100).await.expect("sub");
+
+        let poison = OutgoingMessage::new(&exchange, "nobody.bound", "test.Job", b"p".to_vec());
+        enqueue(&db, &[poison]).await.expect("enqueue");
+        let sent = messages(&exchange, 30, "either");
+        let txn = db.begin().await.expect("begin");
+        enqueue(&txn, &sent).await.expect("enqueue");
+        txn.commit().await.expect("commit");
+        let txn = db.begin().await.expect("begin");
+        enqueue(&txn, &messages(&exchange, 3, "gone"))
+            .await
+            .expect("enqueue");
+        txn.rollback().await.expect("rollback");
+
+        let relay = OutboxRelay::new(db.clone(), broker.sink(), CancellationToken::new())
+            .with_batch_size(20);
+        assert_eq!(relay.relay_once().await.expect("cycle").published, 19);
+        assert_eq!(relay.relay_once().await.expect("cycle").published, 11);
+        assert_eq!(
+            pending(&db).await.expect("pending"),
+            1,
+            "the unroutable row"
+        );
+
+        let mut received = Vec::new();
+        for _ in 0..30 {
+            let message = tokio::time::timeout(Duration::from_secs(5), subscription.next())
+                .await
+                .expect("in time")
+                .expect("open")
+                .expect("message");
+            received.push(String::from_utf8_lossy(&message.data).into_owned());
+            message.ack().await.expect("ack");
+        }
+        let expected: Vec<_> = (0..30).map(|i| format!("either-{i}")).collect();
+        assert_eq!(received, expected, "each once, in id order");
+        let more = tokio::time::timeout(Duration::from_millis(300), subscription.next()).await;
+        assert!(more.is_err(), "nothing else arrives");
+        subscription.close().await;
+        db.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn outbox_delivers_through_the_in_process_broker() {
+        let memory = crate::broker::MemoryBroker::new();
+        outbox_delivers_through(crate::broker::Broker::memory(memory)).await;
+    }
+
+    #[tokio::test]
+    async fn outbox_delivers_through_rabbitmq() {
+        let broker = crate::broker::Broker::connect(test_config(), "outbox-either");
+        outbox_delivers_through(broker.clone()).await;
+        broker.close().await;
+    }
+
     #[test]
     fn retry_delay_grows_and_is_capped() {
         assert_eq!(retry_delay(1), Duration::from_secs(2));
