@@ -10,6 +10,8 @@ target="${CARGO_TARGET_DIR:-target}"
 # `cargo build --release -p <service>` builds them), not the bench's.
 cargo build --release --locked \
   -p usher-identity -p usher-invitation -p usher-notification -p usher-gateway --bins
+# usher dev, measured on its embedded backends.
+cargo build --release --locked -p usher
 cargo build --release --locked -p usher-bench
 readme=(--readme bench/README.md)
 # A quick run writes its results but leaves the README's full-run table alone.
