@@ -136,7 +136,7 @@ pub enum AmqpError {
 impl AmqpError {
     /// Maps a lapin error: a channel-level refusal (soft error) is about this
     /// operation; everything else means the connection is not usable.
-    fn from_lapin(error: &lapin::Error) -> Self {
+    pub(crate) fn from_lapin(error: &lapin::Error) -> Self {
         match error.kind() {
             lapin::ErrorKind::ProtocolError(amqp)
                 if matches!(amqp.kind(), AMQPErrorKind::Soft(_)) =>

@@ -127,7 +127,7 @@ impl Broker {
             Backend::Amqp { amqp, .. } => {
                 amqp.wait_connected(CONNECT_WAIT).await?;
                 let channel = amqp.channel().await?;
-                let lapin = |e: lapin::Error| AmqpError::Protocol(e.to_string());
+                let lapin = |e: lapin::Error| AmqpError::from_lapin(&e);
                 channel
                     .basic_qos(prefetch, BasicQosOptions::default())
                     .await
@@ -211,7 +211,7 @@ impl Subscription {
                 Some(
                     delivery
                         .map(Received::from_delivery)
-                        .map_err(|e| AmqpError::Protocol(e.to_string())),
+                        .map_err(|e| AmqpError::from_lapin(&e)),
                 )
             }
             Source::Memory { queue, permits } => {
@@ -269,7 +269,7 @@ impl fmt::Debug for Received {
 }
 
 impl Received {
-    fn from_delivery(delivery: Delivery) -> Self {
+    fn from_delivery(mut delivery: Delivery) -> Self {
         let headers = delivery
             .properties
             .headers()
@@ -290,7 +290,8 @@ impl Received {
             })
             .unwrap_or_default();
         Self {
-            data: delivery.data.clone(),
+            // Taken, not copied: acking needs only the delivery tag.
+            data: std::mem::take(&mut delivery.data),
             message_id: delivery
                 .properties
                 .message_id()
@@ -308,7 +309,7 @@ impl Received {
                 .ack(BasicAckOptions::default())
                 .await
                 .map(drop)
-                .map_err(|e| AmqpError::Protocol(e.to_string())),
+                .map_err(|e| AmqpError::from_lapin(&e)),
             Ack::Memory { message, .. } => {
                 message.take();
                 Ok(())
@@ -326,7 +327,7 @@ impl Received {
                 })
                 .await
                 .map(drop)
-                .map_err(|e| AmqpError::Protocol(e.to_string())),
+                .map_err(|e| AmqpError::from_lapin(&e)),
             Ack::Memory { queue, message, .. } => {
                 if let Some(message) = message.take() {
                     queue.push_front(message);
