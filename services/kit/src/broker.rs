@@ -83,11 +83,6 @@ impl Broker {
         }
     }
 
-    /// Whether this is the in-process broker.
-    pub fn is_memory(&self) -> bool {
-        matches!(self.inner, Backend::Memory(_))
-    }
-
     /// Declares `topology` (on RabbitMQ: again on every reconnect).
     pub async fn declare(&self, topology: Topology) -> Result<(), AmqpError> {
         match &self.inner {

@@ -942,8 +942,14 @@ mod tests {
         drop_database(db, &name).await;
     }
 
-    #[tokio::test]
-    async fn outbox_works_on_sqlite() {
+    /// A migrated SQLite outbox holding, in id order, `poison` (first in
+    /// line), 30 committed messages `<tag>-<i>` to `exchange`, and nothing of
+    /// 3 more whose transaction rolled back. Keep the folder while it is used.
+    async fn sqlite_outbox(
+        poison: OutgoingMessage,
+        exchange: &str,
+        tag: &str,
+    ) -> (tempfile::TempDir, DatabaseConnection) {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!(
             "sqlite://{}?mode=rwc",
@@ -951,20 +957,25 @@ mod tests {
         );
         let db = Database::connect(&url).await.expect("sqlite");
         TestMigrator::up(&db, None).await.expect("migrate");
-        let (amqp, exchange, queue) = connected_with_queue("outbox-sqlite").await;
-
-        // First in line: an unroutable message, set aside after one try.
-        let poison = OutgoingMessage::new("", unique("no-such-queue"), "test.Job", b"p".to_vec());
         enqueue(&db, &[poison]).await.expect("enqueue");
-        let sent = messages(&exchange, 30, "sqlite");
         let txn = db.begin().await.expect("begin");
-        enqueue(&txn, &sent).await.expect("enqueue");
+        enqueue(&txn, &messages(exchange, 30, tag))
+            .await
+            .expect("enqueue");
         txn.commit().await.expect("commit");
         let txn = db.begin().await.expect("begin");
-        enqueue(&txn, &messages(&exchange, 3, "gone"))
+        enqueue(&txn, &messages(exchange, 3, "gone"))
             .await
             .expect("enqueue");
         txn.rollback().await.expect("rollback");
+        (dir, db)
+    }
+
+    #[tokio::test]
+    async fn outbox_works_on_sqlite() {
+        let (amqp, exchange, queue) = connected_with_queue("outbox-sqlite").await;
+        let poison = OutgoingMessage::new("", unique("no-such-queue"), "test.Job", b"p".to_vec());
+        let (_dir, db) = sqlite_outbox(poison, &exchange, "sqlite").await;
         assert_eq!(pending(&db).await.expect("pending"), 31);
 
         let relay = OutboxRelay::new(
@@ -1009,13 +1020,6 @@ mod tests {
     async fn outbox_delivers_through(broker: crate::broker::Broker) {
         use crate::amqp::{QueueSpec, Topology};
 
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("outbox.db").display()
-        );
-        let db = Database::connect(&url).await.expect("sqlite");
-        TestMigrator::up(&db, None).await.expect("migrate");
         let (exchange, queue) = (unique("outbox-x"), unique("outbox-q"));
         broker
             .declare(
@@ -1029,16 +1033,7 @@ mod tests {
         let mut subscription = broker.subscribe(&queue, "outbox", 100).await.expect("sub");
 
         let poison = OutgoingMessage::new(&exchange, "nobody.bound", "test.Job", b"p".to_vec());
-        enqueue(&db, &[poison]).await.expect("enqueue");
-        let sent = messages(&exchange, 30, "either");
-        let txn = db.begin().await.expect("begin");
-        enqueue(&txn, &sent).await.expect("enqueue");
-        txn.commit().await.expect("commit");
-        let txn = db.begin().await.expect("begin");
-        enqueue(&txn, &messages(&exchange, 3, "gone"))
-            .await
-            .expect("enqueue");
-        txn.rollback().await.expect("rollback");
+        let (_dir, db) = sqlite_outbox(poison, &exchange, "either").await;
 
         let relay = OutboxRelay::new(db.clone(), broker.sink(), CancellationToken::new())
             .with_batch_size(20);
