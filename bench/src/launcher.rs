@@ -104,12 +104,18 @@ impl Isolation {
         if let Ok(client) = redis::Client::open(REDIS)
             && let Ok(mut conn) = client.get_multiplexed_async_connection().await
         {
-            let pattern = format!("{}*", self.redis_prefix());
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(&pattern)
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_default();
+            // SCAN, not KEYS: the server is shared with whatever else runs.
+            let keys = match usher_kit::redis::Redis::connect(&usher_kit::config::RedisConfig {
+                url: usher_kit::config::Secret::new(REDIS),
+                key_prefix: String::new(),
+                ..Default::default()
+            }) {
+                Ok(redis) => redis
+                    .scan_keys(&format!("{}*", self.redis_prefix()))
+                    .await
+                    .unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
             for chunk in keys.chunks(1_000) {
                 let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
             }

@@ -247,7 +247,10 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// Connections kept open when idle.
     pub min_connections: u32,
-    /// How long to wait for a connection, in milliseconds.
+    /// How long a call waits for a pooled connection, opening one included,
+    /// in milliseconds. A refused connection is retried until then; under
+    /// load it is queueing time, so it stays well above scheduling delays on
+    /// a saturated host (and below the calls' deadline).
     pub connect_timeout_ms: u64,
     /// Apply pending migrations when `serve` starts (a Helm hook Job runs
     /// `migrate` instead and sets this to false).
@@ -261,7 +264,7 @@ impl DatabaseConfig {
             url: Secret::new(format!("postgres://postgres@127.0.0.1:5432/{database}")),
             max_connections: 16,
             min_connections: 1,
-            connect_timeout_ms: 3_000,
+            connect_timeout_ms: 5_000,
             migrate_on_start: true,
         }
     }
@@ -304,7 +307,15 @@ pub struct RedisConfig {
     /// Prefix of every key this deployment writes (lets tests and several
     /// deployments share one server).
     pub key_prefix: String,
-    /// Deadline of one command, in milliseconds.
+    /// Deadline to open (or re-open) the connection, in milliseconds: a
+    /// Redis that is down or unreachable is detected here (or at once, when
+    /// the connection is refused or reset).
+    pub connect_timeout_ms: u64,
+    /// Deadline of one command on an open connection, in milliseconds. It
+    /// only bounds a server that stalls: a live Redis on a saturated host
+    /// can answer late, and a late answer is not a Redis that is down, so
+    /// it is kept well above scheduling delays (and below the calls'
+    /// deadline).
     pub command_timeout_ms: u64,
 }
 
@@ -313,7 +324,8 @@ impl Default for RedisConfig {
         Self {
             url: Secret::new("redis://127.0.0.1:6379"),
             key_prefix: "usher:".into(),
-            command_timeout_ms: 1_000,
+            connect_timeout_ms: 1_000,
+            command_timeout_ms: 5_000,
         }
     }
 }
@@ -325,6 +337,12 @@ impl Validate for RedisConfig {
             return Err(ConfigError::invalid(
                 "redis.url",
                 "must be a redis:// or rediss:// URL",
+            ));
+        }
+        if self.connect_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "redis.connect_timeout_ms",
+                "must be positive",
             ));
         }
         if self.command_timeout_ms == 0 {

@@ -27,15 +27,14 @@ impl std::fmt::Debug for Redis {
 }
 
 impl Redis {
-    /// Prepares the connection; it is opened on first use and re-opened after
-    /// failures, with every command bounded by `command_timeout_ms`. Must be
-    /// called inside a tokio runtime.
+    /// Prepares the connection; it is opened on first use (within
+    /// `connect_timeout_ms`) and re-opened after failures, with every command
+    /// bounded by `command_timeout_ms`. Must be called inside a tokio runtime.
     pub fn connect(config: &RedisConfig) -> Result<Self, RedisError> {
         let client = Client::open(config.url.expose())?;
-        let timeout = Duration::from_millis(config.command_timeout_ms);
         let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
+            .set_response_timeout(Some(Duration::from_millis(config.command_timeout_ms)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(2));
         let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
@@ -55,6 +54,35 @@ impl Redis {
         let mut key = self.prefix.clone();
         key.push_str(&parts.join(":"));
         key
+    }
+
+    /// Every key matching `pattern` (e.g. `<prefix>inv:*`), found with `SCAN`
+    /// in bounded steps. Tests and tools use it instead of `KEYS`, which
+    /// walks the whole keyspace in one command and stalls every other
+    /// client of a shared server (on a busy host, past their command
+    /// deadline).
+    pub async fn scan_keys(&self, pattern: &str) -> Result<Vec<String>, RedisError> {
+        let mut conn = self.connection();
+        let mut cursor: u64 = 0;
+        let mut keys = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1_000)
+                .query_async(&mut conn)
+                .await?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
     }
 
     /// Whether Redis answers `PING`.
@@ -88,10 +116,51 @@ mod tests {
         assert!(up.ping().await, "local redis should answer");
         let down = Redis::connect(&RedisConfig {
             url: Secret::new("redis://127.0.0.1:1"),
+            connect_timeout_ms: 200,
             command_timeout_ms: 200,
             ..Default::default()
         })
         .expect("url");
         assert!(!down.ping().await);
+    }
+
+    #[tokio::test]
+    async fn scan_finds_every_key_of_a_prefix_and_no_other() {
+        let prefix = format!("t:{}:", uuid::Uuid::new_v4().simple());
+        let redis = Redis::connect(&RedisConfig {
+            key_prefix: prefix.clone(),
+            ..Default::default()
+        })
+        .expect("url");
+        let mut conn = redis.connection();
+        let mut written: Vec<String> = (0..2_500)
+            .map(|i| redis.key(&["k", &i.to_string()]))
+            .collect();
+        let mut pipe = redis::pipe();
+        for key in &written {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("PX")
+                .arg(60_000)
+                .ignore();
+        }
+        let other = format!("t:{}:k:0", uuid::Uuid::new_v4().simple());
+        pipe.cmd("SET")
+            .arg(&other)
+            .arg(1)
+            .arg("PX")
+            .arg(60_000)
+            .ignore();
+        let () = pipe.query_async(&mut conn).await.expect("set");
+        let found = redis.scan_keys(&redis.key(&["*"])).await.expect("scan");
+        written.sort();
+        assert_eq!(found, written, "every key of the prefix, once, no other");
+        let _: () = redis::cmd("DEL")
+            .arg(&written)
+            .arg(&other)
+            .query_async(&mut conn)
+            .await
+            .expect("del");
     }
 }

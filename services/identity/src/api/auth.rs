@@ -2089,7 +2089,11 @@ mod tests {
     /// Every Redis key and value of the test, as text.
     async fn redis_dump(test: &TestIdentity) -> Vec<String> {
         let mut conn = test.redis.connection();
-        let keys: Vec<String> = conn.keys(test.redis.key(&["*"])).await.expect("keys");
+        let keys = test
+            .redis
+            .scan_keys(&test.redis.key(&["*"]))
+            .await
+            .expect("keys");
         let mut dump = Vec::new();
         for key in keys {
             let kind: String = redis::cmd("TYPE")
@@ -2501,8 +2505,9 @@ mod tests {
         assert!((800..=900).contains(&delay.as_secs()), "{delay:?}");
         // One counter, namespaced and hashed (no email in key names).
         let mut conn = test.redis.connection();
-        let keys: Vec<String> = conn
-            .keys(test.redis.key(&["rl", "signin", "*"]))
+        let keys = test
+            .redis
+            .scan_keys(&test.redis.key(&["rl", "signin", "*"]))
             .await
             .expect("keys");
         assert_eq!(keys.len(), 1);
@@ -2517,8 +2522,9 @@ mod tests {
                 .expect_err("wrong");
         }
         session_of(&test, &t.slug, "other@acme.example", PASSWORD).await;
-        let keys: Vec<String> = conn
-            .keys(test.redis.key(&["rl", "signin", "*"]))
+        let keys = test
+            .redis
+            .scan_keys(&test.redis.key(&["rl", "signin", "*"]))
             .await
             .expect("keys");
         assert_eq!(keys.len(), 1, "the successful login's counter is gone");

@@ -321,7 +321,7 @@ mod tests {
             .await
             .expect("put");
         let mut conn = redis.connection();
-        let keys: Vec<String> = conn.keys(redis.key(&["*"])).await.expect("keys");
+        let keys = redis.scan_keys(&redis.key(&["*"])).await.expect("keys");
         assert_eq!(keys, [redis.key(&["inv", "tok", &hash])]);
         assert!(!keys[0].contains(token.as_str()));
         let value: String = conn.get(&keys[0]).await.expect("value");

@@ -259,10 +259,9 @@ impl Harness {
 
     /// Every Redis key of the test, without its prefix.
     pub async fn redis_keys(&self) -> Vec<String> {
-        let mut conn = self.redis.connection();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.redis_prefix))
-            .query_async(&mut conn)
+        let keys = self
+            .redis
+            .scan_keys(&format!("{}*", self.redis_prefix))
             .await
             .expect("keys");
         keys.into_iter()
