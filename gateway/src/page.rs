@@ -904,6 +904,70 @@ mod tests {
         assert!(failed.contains("Ce lien ne peut pas être utilisé"));
     }
 
+    #[tokio::test]
+    async fn password_pages_post_to_themselves_in_their_language_with_the_same_headers() {
+        let pages = Pages::new().expect("template");
+        let response = pages.render_at(
+            SET_PASSWORD_PATH,
+            StatusCode::OK,
+            Lang::Fr,
+            "t<o>k",
+            View::PasswordForm {
+                page: PasswordPage::SetPassword,
+                error: None,
+            },
+        );
+        let headers = response.headers().clone();
+        let html = body_of(response).await;
+        assert!(html.contains("<html lang=\"fr\">"), "{html}");
+        assert!(html.contains("<title>Choisissez votre mot de passe</title>"), "{html}");
+        assert!(html.contains("action=\"/set-password\""), "{html}");
+        assert!(html.contains("value=\"t&lt;o&gt;k\""), "the token is escaped: {html}");
+        assert!(html.contains("href=\"/set-password?token=t%3Co%3Ek&amp;lang=en\""), "{html}");
+        assert!(!html.contains("Accepter"), "{html}");
+        assert_eq!(headers[CONTENT_SECURITY_POLICY], pages.csp);
+        assert_eq!(headers[REFERRER_POLICY], "no-referrer");
+        assert_eq!(headers[CACHE_CONTROL], "no-store");
+        assert_eq!(headers[CONTENT_LANGUAGE], "fr");
+
+        let reset = body_of(pages.render_at(
+            RESET_PATH,
+            StatusCode::OK,
+            Lang::En,
+            "tok",
+            View::PasswordForm {
+                page: PasswordPage::Reset,
+                error: Some(EN.bad_new_password),
+            },
+        ))
+        .await;
+        assert!(reset.contains("<h1>Choose a new password</h1>"), "{reset}");
+        assert!(reset.contains("action=\"/reset\""), "{reset}");
+        assert!(reset.contains(EN.bad_new_password), "{reset}");
+
+        let saved = body_of(pages.render_at(
+            RESET_PATH,
+            StatusCode::OK,
+            Lang::En,
+            "",
+            View::PasswordSaved {
+                login: "<b>sam@example.com</b>".into(),
+            },
+        ))
+        .await;
+        assert!(saved.contains("&lt;b&gt;sam@example.com"), "{saved}");
+        let failed = body_of(pages.render_at(
+            SET_PASSWORD_PATH,
+            StatusCode::GONE,
+            Lang::Fr,
+            "",
+            View::PasswordFailed,
+        ))
+        .await;
+        assert!(failed.contains("Ce lien ne peut pas être utilisé"), "{failed}");
+        assert!(!failed.contains("invitation"), "{failed}");
+    }
+
     #[test]
     fn form_fields_are_decoded() {
         let form =
