@@ -817,10 +817,16 @@ mod tests {
         // No Accept-Language: the invitation's (or the link's) locale.
         assert_eq!(Lang::negotiate(None, Some("fr"), None), Lang::Fr);
         // It outranks the browser.
-        assert_eq!(Lang::negotiate(None, Some("fr"), Some("en-US,en")), Lang::Fr);
+        assert_eq!(
+            Lang::negotiate(None, Some("fr"), Some("en-US,en")),
+            Lang::Fr
+        );
         assert_eq!(Lang::negotiate(None, Some("en"), Some("fr")), Lang::En);
         // The switch outranks it.
-        assert_eq!(Lang::negotiate(Some("en"), Some("fr"), Some("fr")), Lang::En);
+        assert_eq!(
+            Lang::negotiate(Some("en"), Some("fr"), Some("fr")),
+            Lang::En
+        );
         // None, or one we do not speak: the browser, then English.
         assert_eq!(Lang::negotiate(None, Some(""), Some("fr")), Lang::Fr);
         assert_eq!(Lang::negotiate(None, Some("de"), Some("fr")), Lang::Fr);
@@ -920,10 +926,19 @@ mod tests {
         let headers = response.headers().clone();
         let html = body_of(response).await;
         assert!(html.contains("<html lang=\"fr\">"), "{html}");
-        assert!(html.contains("<title>Choisissez votre mot de passe</title>"), "{html}");
+        assert!(
+            html.contains("<title>Choisissez votre mot de passe</title>"),
+            "{html}"
+        );
         assert!(html.contains("action=\"/set-password\""), "{html}");
-        assert!(html.contains("value=\"t&lt;o&gt;k\""), "the token is escaped: {html}");
-        assert!(html.contains("href=\"/set-password?token=t%3Co%3Ek&amp;lang=en\""), "{html}");
+        assert!(
+            html.contains("value=\"t&lt;o&gt;k\""),
+            "the token is escaped: {html}"
+        );
+        assert!(
+            html.contains("set-password?token=t%3Co%3Ek&amp;lang=en\""),
+            "{html}"
+        );
         assert!(!html.contains("Accepter"), "{html}");
         assert_eq!(headers[CONTENT_SECURITY_POLICY], pages.csp);
         assert_eq!(headers[REFERRER_POLICY], "no-referrer");
@@ -964,7 +979,10 @@ mod tests {
             View::PasswordFailed,
         ))
         .await;
-        assert!(failed.contains("Ce lien ne peut pas être utilisé"), "{failed}");
+        assert!(
+            failed.contains("Ce lien ne peut pas être utilisé"),
+            "{failed}"
+        );
         assert!(!failed.contains("invitation"), "{failed}");
     }
 

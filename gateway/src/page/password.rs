@@ -194,7 +194,13 @@ fn saved_or_failed(
             } else {
                 user.email
             };
-            pages.render_at(path, StatusCode::OK, lang, "", View::PasswordSaved { login })
+            pages.render_at(
+                path,
+                StatusCode::OK,
+                lang,
+                "",
+                View::PasswordSaved { login },
+            )
         }
         Err(status) if status.code() == Code::InvalidArgument => match ApiError::from(status) {
             ApiError::InvalidArgument(violations)

@@ -13,7 +13,9 @@ use usher_proto::{
         auth_service_client::AuthServiceClient, sign_in_request::Login,
         user_service_client::UserServiceClient,
     },
-    invitation::v1::{CreateInvitationsRequest, invitation_service_client::InvitationServiceClient},
+    invitation::v1::{
+        CreateInvitationsRequest, invitation_service_client::InvitationServiceClient,
+    },
     notification::v1::{
         DeliveryStatus, EmailTemplate, ListDeliveriesRequest,
         notification_service_client::NotificationServiceClient,
@@ -53,7 +55,12 @@ fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
     form.finish().into_bytes()
 }
 
-async fn try_sign_in(stack: &MailStack, slug: &str, email: &str, password: &str) -> Result<(), tonic::Status> {
+async fn try_sign_in(
+    stack: &MailStack,
+    slug: &str,
+    email: &str,
+    password: &str,
+) -> Result<(), tonic::Status> {
     AuthServiceClient::new(stack.gateway.channel())
         .sign_in(SignInRequest {
             account_slug: slug.into(),
@@ -95,11 +102,11 @@ async fn created_without_password_the_user_sets_it_from_the_emailed_link_once() 
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
 
     // The email, in French, with the link to the page in French.
-    let (subject, text) = stack
-        .emails_to("sam@setpw.example", 1)
-        .await
-        .remove(0);
-    assert!(subject.contains("Choisissez votre mot de passe"), "{subject}");
+    let (subject, text) = stack.emails_to("sam@setpw.example", 1).await.remove(0);
+    assert!(
+        subject.contains("Choisissez votre mot de passe"),
+        "{subject}"
+    );
     assert!(text.contains("Setpw Co"), "{text}");
     let token = link_token(&text, "/set-password");
     assert!(
@@ -169,19 +176,25 @@ async fn created_without_password_the_user_sets_it_from_the_emailed_link_once() 
         .expect("the first sign-in works");
 
     // The link works once.
-    let again = form(&[("token", &token), ("lang", "fr"), ("password", "another long passphrase")]);
+    let again = form(&[
+        ("token", &token),
+        ("lang", "fr"),
+        ("password", "another long passphrase"),
+    ]);
     let (status, _, page) = http(&stack.gateway, "POST", "/set-password", &[FORM], &again).await;
     assert_eq!(status, 410);
     assert!(String::from_utf8_lossy(&page).contains("Ce lien ne peut pas être utilisé"));
-    try_sign_in(&stack, &slug, "sam@setpw.example", "another long passphrase")
-        .await
-        .expect_err("the second use changed nothing");
+    try_sign_in(
+        &stack,
+        &slug,
+        "sam@setpw.example",
+        "another long passphrase",
+    )
+    .await
+    .expect_err("the second use changed nothing");
 
     // P24: the user is told the password was set.
-    let (subject, _) = stack
-        .emails_to("sam@setpw.example", 2)
-        .await
-        .remove(1);
+    let (subject, _) = stack.emails_to("sam@setpw.example", 2).await.remove(1);
     assert!(!subject.contains("Choisissez"), "{subject}");
 }
 
@@ -225,12 +238,25 @@ async fn pages_open_in_the_invitation_or_link_locale_without_accept_language() {
     let english_browser = [("accept-language", "en-US,en;q=0.9")];
     let (_, _, page) = http(&stack.gateway, "GET", &invite, &english_browser, b"").await;
     assert_eq!(lang_of(&page), "fr");
-    let (_, _, page) = http(&stack.gateway, "GET", &format!("{invite}&lang=en"), &[], b"").await;
+    let (_, _, page) = http(
+        &stack.gateway,
+        "GET",
+        &format!("{invite}&lang=en"),
+        &[],
+        b"",
+    )
+    .await;
     assert_eq!(lang_of(&page), "en");
     // An unusable link has no invitation: the browser, then English.
     let french_browser = [("accept-language", "fr")];
-    let (status, _, page) =
-        http(&stack.gateway, "GET", "/invite?token=made-up", &french_browser, b"").await;
+    let (status, _, page) = http(
+        &stack.gateway,
+        "GET",
+        "/invite?token=made-up",
+        &french_browser,
+        b"",
+    )
+    .await;
     assert_eq!(status, 410);
     assert_eq!(lang_of(&page), "fr");
     let (_, _, page) = http(&stack.gateway, "GET", "/invite?token=made-up", &[], b"").await;
@@ -249,7 +275,10 @@ async fn pages_open_in_the_invitation_or_link_locale_without_accept_language() {
         .expect("requested");
     let text = stack.email_to("owner@pagelang.example").await;
     let token = link_token(&text, "/reset");
-    assert!(text.contains(&format!("/reset?token={token}&locale=en")), "{text}");
+    assert!(
+        text.contains(&format!("/reset?token={token}&locale=en")),
+        "{text}"
+    );
     let reset = format!("/reset?token={token}&locale=en");
     let (status, _, page) = http(&stack.gateway, "GET", &reset, &french_browser, b"").await;
     assert_eq!(status, 200);

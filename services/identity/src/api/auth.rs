@@ -14,8 +14,11 @@
 //!   (`rl:reset:…`) and per user (`rl:reset-user:…`); past the configured
 //!   number in the window the answer is RATE_LIMITED with a RetryInfo. Per-IP
 //!   limits are the gateway's job: identity never sees the client address.
-//! - **Reset tokens (P1–P3).** 256 bits from the OS CSPRNG, stored only as
-//!   their keyed hash (`TokenPurpose::PasswordReset`) in `password_resets`;
+//! - **Reset and set-password tokens (P1–P3, P5).** 256 bits from the OS
+//!   CSPRNG, stored only as their keyed hash in `password_resets`, hashed for
+//!   their purpose (`TokenPurpose::PasswordReset` for ResetPassword,
+//!   `TokenPurpose::SetPassword` for the link a user created without a
+//!   password gets, consumed by SetPassword), so one never works as the other;
 //!   PostgreSQL is the guard: one conditional `UPDATE … WHERE use_time IS NULL
 //!   AND expire_time > now` consumes a token, so exactly one of any number of
 //!   concurrent resets wins. The raw token exists only in the sealed link of
@@ -3598,7 +3601,10 @@ mod tests {
             .expect("expiry")
             .seconds;
         let lifetime = test.state.settings.reset_token_lifetime.num_seconds();
-        assert!((expires - now.timestamp() - lifetime).abs() <= 5, "{expires}");
+        assert!(
+            (expires - now.timestamp() - lifetime).abs() <= 5,
+            "{expires}"
+        );
         let (token, locale) = link_parts(&test, job, "/set-password");
         assert_eq!(locale, "fr", "the page opens in her locale");
         assert_eq!(token.len(), 43);
@@ -3666,8 +3672,7 @@ mod tests {
             .len(),
             1
         );
-        let changed: Vec<events::PasswordChanged> =
-            events_of(&test, "user.password_changed").await;
+        let changed: Vec<events::PasswordChanged> = events_of(&test, "user.password_changed").await;
         assert_eq!(changed.len(), 1);
         assert_eq!(
             changed[0].method,
@@ -3721,7 +3726,11 @@ mod tests {
             let test = &test;
             async move {
                 let jobs = jobs_to(test, notification::EmailTemplate::SetPassword, email).await;
-                link_parts(test, jobs.last().expect("a set-password email"), "/set-password")
+                link_parts(
+                    test,
+                    jobs.last().expect("a set-password email"),
+                    "/set-password",
+                )
             }
         };
 
