@@ -237,8 +237,9 @@ pub async fn serve_with(
         // CORS for gRPC-Web from the configured origins (preflights answered
         // here); nothing when none is configured.
         .option_layer(cors(&config.grpc_web))
-        // The invitation page (`/invite`, HTML over HTTP/1.1 or 2). It calls
-        // the invitation service through the layers below, as a client would.
+        // The invitation and password pages (`/invite`, `/reset`,
+        // `/set-password`, HTML over HTTP/1.1 or 2). They call the services
+        // through the layers below, as a client would.
         .layer(page::PageLayer::new(page::Pages::new()?))
         // gRPC-Web (HTTP/1.1 or 2) translated to gRPC; other HTTP/1.1
         // requests answer 400.

@@ -59,6 +59,7 @@ pub const PUBLIC_PATHS: &[&str] = &[
     "/usher.identity.v1.AuthService/RefreshSession",
     "/usher.identity.v1.AuthService/RequestPasswordReset",
     "/usher.identity.v1.AuthService/ResetPassword",
+    "/usher.identity.v1.AuthService/SetPassword",
     "/usher.invitation.v1.InvitationService/PreviewInvitation",
     "/usher.invitation.v1.InvitationService/AcceptInvitation",
     "/usher.invitation.v1.InvitationService/DeclineInvitation",

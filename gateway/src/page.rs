@@ -1,7 +1,11 @@
-//! The invitation page at `/invite?token=…`: what an invitee's link opens.
+//! The invitation page at `/invite?token=…`: what an invitee's link opens;
+//! and the password pages `/reset` and `/set-password` (see [`password`]).
 //!
-//! Server-rendered (minijinja, HTML auto-escaping), English or French by
-//! `Accept-Language` with a switch link, no script and no external asset.
+//! Server-rendered (minijinja, HTML auto-escaping), English or French, no
+//! script and no external asset. The language is the page's switch (`lang`),
+//! else the invitation's locale (from `PreviewInvitation`; for the password
+//! pages, the `locale` their link carries), else `Accept-Language`, else
+//! English.
 //! `GET` shows the invitation from `PreviewInvitation` (consuming nothing)
 //! and a form for a name and a password, with the password policy; `POST`
 //! accepts or declines. Every unusable link shows the same page.
@@ -38,8 +42,17 @@ use tower::{Layer, Service, ServiceExt};
 use usher_kit::error::{ApiError, Reason};
 use usher_proto::invitation::v1::{self as pb, invitation_service_client::InvitationServiceClient};
 
-/// The page's path.
+mod password;
+
+pub use password::PasswordPage;
+
+/// The invitation page's path.
 pub const PATH: &str = "/invite";
+/// The password-reset page's path (the link of a reset email).
+pub const RESET_PATH: &str = "/reset";
+/// The set-password page's path (the link emailed to a user created without
+/// a password).
+pub const SET_PASSWORD_PATH: &str = "/set-password";
 /// Largest form body accepted.
 const MAX_FORM_BYTES: usize = 16 * 1024;
 /// Longest token passed on (the service refuses longer ones anyway).
@@ -88,10 +101,19 @@ impl Lang {
         }
     }
 
-    /// The language asked for explicitly (`lang`), else the best of
+    /// The language asked for explicitly (the page's switch, `lang`), else
+    /// the one the link or its invitation names (`preferred`: the
+    /// invitation's or the user's locale), else the best of
     /// `Accept-Language` we speak, else English.
-    pub fn negotiate(explicit: Option<&str>, accept_language: Option<&str>) -> Self {
+    pub fn negotiate(
+        explicit: Option<&str>,
+        preferred: Option<&str>,
+        accept_language: Option<&str>,
+    ) -> Self {
         if let Some(lang) = explicit.and_then(Self::parse) {
+            return lang;
+        }
+        if let Some(lang) = preferred.and_then(Self::parse) {
             return lang;
         }
         let mut best: Option<(Self, f32)> = None;
@@ -142,6 +164,17 @@ struct Texts {
     bad_name: &'static str,
     bad_password: &'static str,
     bad_input: &'static str,
+    reset_title: &'static str,
+    reset_lead: &'static str,
+    set_title: &'static str,
+    set_lead: &'static str,
+    new_password: &'static str,
+    password_hint: &'static str,
+    save: &'static str,
+    saved_heading: &'static str,
+    saved: &'static str,
+    password_failed: &'static str,
+    bad_new_password: &'static str,
 }
 
 const EN: Texts = Texts {
@@ -172,6 +205,17 @@ const EN: Texts = Texts {
     bad_name: "Enter your name (at most 200 characters).",
     bad_password: "Choose a password within the length shown.",
     bad_input: "Please check what you entered.",
+    reset_title: "Choose a new password",
+    reset_lead: "Choose the new password of your account. Every device signed in with the old one is signed out.",
+    set_title: "Choose your password",
+    set_lead: "Your account is ready. Choose the password you will sign in with.",
+    new_password: "New password",
+    password_hint: "Use a long password: a phrase of several words is easy to remember.",
+    save: "Save the password",
+    saved_heading: "Password saved",
+    saved: "You can now sign in with {login} and your new password.",
+    password_failed: "The link may have expired or been used already. Ask for a new password-reset email, or ask your administrator to send you one.",
+    bad_new_password: "This password does not meet the rules (too short or too long). Choose another one.",
 };
 
 const FR: Texts = Texts {
@@ -202,6 +246,17 @@ const FR: Texts = Texts {
     bad_name: "Indiquez votre nom (200 caractères au plus).",
     bad_password: "Choisissez un mot de passe de la longueur indiquée.",
     bad_input: "Vérifiez ce que vous avez saisi.",
+    reset_title: "Choisissez un nouveau mot de passe",
+    reset_lead: "Choisissez le nouveau mot de passe de votre compte. Tous les appareils connectés avec l’ancien sont déconnectés.",
+    set_title: "Choisissez votre mot de passe",
+    set_lead: "Votre compte est prêt. Choisissez le mot de passe avec lequel vous vous connecterez.",
+    new_password: "Nouveau mot de passe",
+    password_hint: "Choisissez un mot de passe long : une phrase de plusieurs mots se retient facilement.",
+    save: "Enregistrer le mot de passe",
+    saved_heading: "Mot de passe enregistré",
+    saved: "Vous pouvez maintenant vous connecter avec {login} et votre nouveau mot de passe.",
+    password_failed: "Le lien a peut-être expiré ou déjà été utilisé. Demandez un nouvel e-mail de réinitialisation du mot de passe, ou demandez à votre administrateur de vous l’envoyer.",
+    bad_new_password: "Ce mot de passe ne respecte pas les règles (trop court ou trop long). Choisissez-en un autre.",
 };
 
 fn texts(lang: Lang) -> &'static Texts {
@@ -238,11 +293,23 @@ impl Pages {
     }
 
     fn render(&self, status: StatusCode, lang: Lang, token: &str, view: View) -> Response<Body> {
+        self.render_at(PATH, status, lang, token, view)
+    }
+
+    /// The page at `path` (the form posts there, the switch links there).
+    fn render_at(
+        &self,
+        path: &str,
+        status: StatusCode,
+        lang: Lang,
+        token: &str,
+        view: View,
+    ) -> Response<Body> {
         let switch_href = if token.is_empty() {
-            format!("{PATH}?lang={}", lang.other().code())
+            format!("{path}?lang={}", lang.other().code())
         } else {
             let token: String = url::form_urlencoded::byte_serialize(token.as_bytes()).collect();
-            format!("{PATH}?token={token}&lang={}", lang.other().code())
+            format!("{path}?token={token}&lang={}", lang.other().code())
         };
         let html = self
             .env
@@ -254,6 +321,7 @@ impl Pages {
                     switch_href,
                     t => minijinja::value::Serde(texts(lang)),
                     style => STYLE,
+                    path,
                     token,
                     ..view.context()
                 })
@@ -296,6 +364,17 @@ enum View {
     Failed,
     Busy,
     Unavailable,
+    /// The form of a reset or set-password page.
+    PasswordForm {
+        page: PasswordPage,
+        error: Option<&'static str>,
+    },
+    /// The password was saved; `login` is the user's email or username.
+    PasswordSaved {
+        login: String,
+    },
+    /// The reset or set-password link cannot be used.
+    PasswordFailed,
 }
 
 impl View {
@@ -329,6 +408,11 @@ impl View {
             Self::Accepted { account, email } => {
                 context! { kind => "accepted", account, email }
             }
+            Self::PasswordForm { page, error } => {
+                context! { kind => "password_form", password_page => page.name(), error }
+            }
+            Self::PasswordSaved { login } => context! { kind => "password_saved", login },
+            Self::PasswordFailed => context! { kind => "password_failed" },
             Self::Declined => context! { kind => "declined" },
             Self::Failed => context! { kind => "failed" },
             Self::Busy => context! { kind => "busy" },
@@ -387,7 +471,7 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        if request.uri().path() != PATH {
+        if ![PATH, RESET_PATH, SET_PASSWORD_PATH].contains(&request.uri().path()) {
             let clone = self.inner.clone();
             let inner = std::mem::replace(&mut self.inner, clone);
             return Box::pin(inner.oneshot(request));
@@ -495,6 +579,14 @@ where
     S::Future: Send + 'static,
     S::Error: Into<BoxError> + Send,
 {
+    let page = match request.uri().path() {
+        RESET_PATH => Some(PasswordPage::Reset),
+        SET_PASSWORD_PATH => Some(PasswordPage::SetPassword),
+        _ => None,
+    };
+    if let Some(page) = page {
+        return password::handle(pages, inner, request, page).await;
+    }
     let (parts, body) = request.into_parts();
     let accept_language = parts
         .headers
@@ -508,12 +600,21 @@ where
     match parts.method {
         Method::GET | Method::HEAD => {
             let query = parts.uri.query();
-            let lang = Lang::negotiate(query_param(query, "lang").as_deref(), accept_language);
+            let switch = query_param(query, "lang");
             let token = query_param(query, "token").unwrap_or_default();
-            show_form(pages, &mut client, lang, token, String::new(), None).await
+            show_form(
+                pages,
+                &mut client,
+                Chooser {
+                    switch: switch.as_deref(),
+                    accept_language,
+                },
+                token,
+            )
+            .await
         }
         Method::POST => {
-            let lang = Lang::negotiate(None, accept_language);
+            let lang = Lang::negotiate(None, None, accept_language);
             let bytes = match http_body_util::Limited::new(body, MAX_FORM_BYTES)
                 .collect()
                 .await
@@ -524,7 +625,7 @@ where
                 }
             };
             let form = parse_form(&bytes);
-            let lang = Lang::negotiate(Some(&form.lang), accept_language);
+            let lang = Lang::negotiate(Some(&form.lang), None, accept_language);
             submit(pages, &mut client, lang, form).await
         }
         _ => {
@@ -540,20 +641,37 @@ where
 
 type Client<S> = InvitationServiceClient<Loopback<S>>;
 
-/// The invitation form, or the page saying why it cannot be shown.
+/// What a GET's language is chosen from: the page's switch (`lang`), the
+/// browser's `Accept-Language`, and (see [`Chooser::lang`]) the locale of the
+/// invitation or of the link.
+#[derive(Clone, Copy)]
+struct Chooser<'a> {
+    switch: Option<&'a str>,
+    accept_language: Option<&'a str>,
+}
+
+impl Chooser<'_> {
+    /// The switch, else `preferred`, else the browser, else English.
+    fn lang(self, preferred: Option<&str>) -> Lang {
+        Lang::negotiate(self.switch, preferred, self.accept_language)
+    }
+}
+
+/// The invitation form (in the invitation's locale unless the switch or, for
+/// an invitation without one, the browser says otherwise), or the page saying
+/// why it cannot be shown.
 async fn show_form<S>(
     pages: &Pages,
     client: &mut Client<S>,
-    lang: Lang,
+    chooser: Chooser<'_>,
     token: String,
-    display_name: String,
-    error: Option<&'static str>,
 ) -> Response<Body>
 where
     S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError> + Send,
 {
+    let lang = chooser.lang(None);
     if token.is_empty() || token.len() > MAX_TOKEN_CHARS {
         return pages.render(StatusCode::GONE, lang, "", View::Failed);
     }
@@ -565,22 +683,14 @@ where
     {
         Ok(preview) => {
             let preview = preview.into_inner();
-            let display_name = if display_name.is_empty() {
-                preview.display_name.clone()
-            } else {
-                display_name
-            };
-            let status = if error.is_some() {
-                StatusCode::UNPROCESSABLE_ENTITY
-            } else {
-                StatusCode::OK
-            };
+            let lang = chooser.lang(Some(&preview.locale));
+            let display_name = preview.display_name.clone();
             let view = View::Form {
                 preview,
                 display_name,
-                error,
+                error: None,
             };
-            pages.render(status, lang, &token, view)
+            pages.render(StatusCode::OK, lang, &token, view)
         }
         Err(status) => {
             let (code, view) = failure(&status);
@@ -687,19 +797,40 @@ mod tests {
 
     #[test]
     fn the_language_follows_the_switch_then_the_browser() {
-        assert_eq!(Lang::negotiate(None, None), Lang::En);
+        assert_eq!(Lang::negotiate(None, None, None), Lang::En);
         assert_eq!(
-            Lang::negotiate(None, Some("fr-FR,fr;q=0.9,en;q=0.8")),
+            Lang::negotiate(None, None, Some("fr-FR,fr;q=0.9,en;q=0.8")),
             Lang::Fr
         );
         assert_eq!(
-            Lang::negotiate(None, Some("de-DE,en;q=0.5,fr;q=0.7")),
+            Lang::negotiate(None, None, Some("de-DE,en;q=0.5,fr;q=0.7")),
             Lang::Fr
         );
-        assert_eq!(Lang::negotiate(None, Some("de, ja")), Lang::En);
-        assert_eq!(Lang::negotiate(None, Some("fr;q=0, en")), Lang::En);
-        assert_eq!(Lang::negotiate(Some("en"), Some("fr")), Lang::En);
-        assert_eq!(Lang::negotiate(Some("xx"), Some("fr-CA")), Lang::Fr);
+        assert_eq!(Lang::negotiate(None, None, Some("de, ja")), Lang::En);
+        assert_eq!(Lang::negotiate(None, None, Some("fr;q=0, en")), Lang::En);
+        assert_eq!(Lang::negotiate(Some("en"), None, Some("fr")), Lang::En);
+        assert_eq!(Lang::negotiate(Some("xx"), None, Some("fr-CA")), Lang::Fr);
+    }
+
+    #[test]
+    fn the_invitation_or_link_locale_comes_after_the_switch_and_before_the_browser() {
+        // No Accept-Language: the invitation's (or the link's) locale.
+        assert_eq!(Lang::negotiate(None, Some("fr"), None), Lang::Fr);
+        // It outranks the browser.
+        assert_eq!(
+            Lang::negotiate(None, Some("fr"), Some("en-US,en")),
+            Lang::Fr
+        );
+        assert_eq!(Lang::negotiate(None, Some("en"), Some("fr")), Lang::En);
+        // The switch outranks it.
+        assert_eq!(
+            Lang::negotiate(Some("en"), Some("fr"), Some("fr")),
+            Lang::En
+        );
+        // None, or one we do not speak: the browser, then English.
+        assert_eq!(Lang::negotiate(None, Some(""), Some("fr")), Lang::Fr);
+        assert_eq!(Lang::negotiate(None, Some("de"), Some("fr")), Lang::Fr);
+        assert_eq!(Lang::negotiate(None, Some("de"), None), Lang::En);
     }
 
     fn preview(name: &str) -> pb::PreviewInvitationResponse {
@@ -777,6 +908,82 @@ mod tests {
         assert!(html.contains("lang=en"), "a switch to English");
         let failed = body_of(pages.render(StatusCode::GONE, Lang::Fr, "", View::Failed)).await;
         assert!(failed.contains("Ce lien ne peut pas être utilisé"));
+    }
+
+    #[tokio::test]
+    async fn password_pages_post_to_themselves_in_their_language_with_the_same_headers() {
+        let pages = Pages::new().expect("template");
+        let response = pages.render_at(
+            SET_PASSWORD_PATH,
+            StatusCode::OK,
+            Lang::Fr,
+            "t<o>k",
+            View::PasswordForm {
+                page: PasswordPage::SetPassword,
+                error: None,
+            },
+        );
+        let headers = response.headers().clone();
+        let html = body_of(response).await;
+        assert!(html.contains("<html lang=\"fr\">"), "{html}");
+        assert!(
+            html.contains("<title>Choisissez votre mot de passe</title>"),
+            "{html}"
+        );
+        assert!(html.contains("action=\"/set-password\""), "{html}");
+        assert!(
+            html.contains("value=\"t&lt;o&gt;k\""),
+            "the token is escaped: {html}"
+        );
+        assert!(
+            html.contains("set-password?token=t%3Co%3Ek&amp;lang=en\""),
+            "{html}"
+        );
+        assert!(!html.contains("Accepter"), "{html}");
+        assert_eq!(headers[CONTENT_SECURITY_POLICY], pages.csp);
+        assert_eq!(headers[REFERRER_POLICY], "no-referrer");
+        assert_eq!(headers[CACHE_CONTROL], "no-store");
+        assert_eq!(headers[CONTENT_LANGUAGE], "fr");
+
+        let reset = body_of(pages.render_at(
+            RESET_PATH,
+            StatusCode::OK,
+            Lang::En,
+            "tok",
+            View::PasswordForm {
+                page: PasswordPage::Reset,
+                error: Some(EN.bad_new_password),
+            },
+        ))
+        .await;
+        assert!(reset.contains("<h1>Choose a new password</h1>"), "{reset}");
+        assert!(reset.contains("action=\"/reset\""), "{reset}");
+        assert!(reset.contains(EN.bad_new_password), "{reset}");
+
+        let saved = body_of(pages.render_at(
+            RESET_PATH,
+            StatusCode::OK,
+            Lang::En,
+            "",
+            View::PasswordSaved {
+                login: "<b>sam@example.com</b>".into(),
+            },
+        ))
+        .await;
+        assert!(saved.contains("&lt;b&gt;sam@example.com"), "{saved}");
+        let failed = body_of(pages.render_at(
+            SET_PASSWORD_PATH,
+            StatusCode::GONE,
+            Lang::Fr,
+            "",
+            View::PasswordFailed,
+        ))
+        .await;
+        assert!(
+            failed.contains("Ce lien ne peut pas être utilisé"),
+            "{failed}"
+        );
+        assert!(!failed.contains("invitation"), "{failed}");
     }
 
     #[test]

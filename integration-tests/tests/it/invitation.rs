@@ -487,9 +487,15 @@ async fn the_invitation_page_shows_accepts_and_speaks_french() {
     let (status, _, _) = page(&gateway, "GET", "/invite?token=made-up", &[], "").await;
     assert_eq!(status, 410);
 
-    // In French, by the browser's preference; then accepted in French.
+    // The invitation's locale (the account's default, English) outranks the
+    // browser's preference; the page's switch outranks both. Then accepted
+    // in French.
     let french = [("accept-language", "fr-FR,fr;q=0.9,en;q=0.5")];
-    let (status, headers, body) = page(&gateway, "GET", &url(&fred), &french, "").await;
+    let (status, headers, _) = page(&gateway, "GET", &url(&fred), &french, "").await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "content-language"), "en");
+    let switched = format!("{}&lang=fr", url(&fred));
+    let (status, headers, body) = page(&gateway, "GET", &switched, &french, "").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(header(&headers, "content-language"), "fr");
     assert!(

@@ -20,6 +20,7 @@ mod journey;
 mod limits;
 mod notification;
 mod proxy;
+mod set_password;
 mod shutdown;
 // The SMTP sink of the notification crate's tests, shared rather than copied.
 #[allow(dead_code)]

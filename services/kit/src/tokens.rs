@@ -1,5 +1,5 @@
-//! Secrets handed to users: invitation and password-reset links, session
-//! access and refresh tokens, API key secrets (P1, P5).
+//! Secrets handed to users: invitation, password-reset and set-password
+//! links, session access and refresh tokens, API key secrets (P1, P5).
 //!
 //! A [`Token`] is 256 bits from the operating system's CSPRNG, written as
 //! base64url without padding (43 characters). Usher keeps only its keyed hash:
@@ -116,16 +116,19 @@ pub enum TokenPurpose {
     SessionRefresh,
     /// An API key's secret.
     ApiKey,
+    /// The "choose your password" link of a user created without one.
+    SetPassword,
 }
 
 impl TokenPurpose {
     /// Every purpose.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Invitation,
         Self::PasswordReset,
         Self::SessionAccess,
         Self::SessionRefresh,
         Self::ApiKey,
+        Self::SetPassword,
     ];
 
     /// The tag hashed before the token. It never changes: stored hashes depend on it.
@@ -136,6 +139,7 @@ impl TokenPurpose {
             Self::SessionAccess => "session_access",
             Self::SessionRefresh => "session_refresh",
             Self::ApiKey => "api_key",
+            Self::SetPassword => "set_password",
         }
     }
 }

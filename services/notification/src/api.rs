@@ -222,10 +222,10 @@ impl NotificationApi {
         };
         let locale = templates::resolve_locale(tag, account_locale.as_deref().unwrap_or(""));
         let now = self.clock.now();
-        let path = if template == pb::EmailTemplate::PasswordReset {
-            "reset"
-        } else {
-            "invite"
+        let path = match template {
+            pb::EmailTemplate::PasswordReset => "reset",
+            pb::EmailTemplate::SetPassword => "set-password",
+            _ => "invite",
         };
         let values = EmailValues {
             recipient_name: "Ada Lovelace".into(),

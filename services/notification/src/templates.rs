@@ -23,7 +23,7 @@ pub const MAX_VALUE_CHARS: usize = 200;
 /// Zero-width space: breaks auto-linking without changing what is read.
 const BREAK: char = '\u{200B}';
 
-const SOURCES: [(&str, &str); 10] = [
+const SOURCES: [(&str, &str); 12] = [
     (
         "invitation.en",
         include_str!("../templates/invitation.en.j2"),
@@ -63,6 +63,14 @@ const SOURCES: [(&str, &str); 10] = [
     (
         "invitation_accepted.fr",
         include_str!("../templates/invitation_accepted.fr.j2"),
+    ),
+    (
+        "set_password.en",
+        include_str!("../templates/set_password.en.j2"),
+    ),
+    (
+        "set_password.fr",
+        include_str!("../templates/set_password.fr.j2"),
     ),
 ];
 
@@ -131,6 +139,7 @@ pub fn stem(template: EmailTemplate) -> Option<&'static str> {
         EmailTemplate::PasswordReset => Some("password_reset"),
         EmailTemplate::PasswordChanged => Some("password_changed"),
         EmailTemplate::InvitationAccepted => Some("invitation_accepted"),
+        EmailTemplate::SetPassword => Some("set_password"),
     }
 }
 
@@ -138,7 +147,10 @@ pub fn stem(template: EmailTemplate) -> Option<&'static str> {
 pub fn needs_link(template: EmailTemplate) -> bool {
     matches!(
         template,
-        EmailTemplate::Invitation | EmailTemplate::Reinvitation | EmailTemplate::PasswordReset
+        EmailTemplate::Invitation
+            | EmailTemplate::Reinvitation
+            | EmailTemplate::PasswordReset
+            | EmailTemplate::SetPassword
     )
 }
 
@@ -343,13 +355,14 @@ mod tests {
         Templates::new().expect("templates compile")
     }
 
-    fn all() -> [EmailTemplate; 5] {
+    fn all() -> [EmailTemplate; 6] {
         [
             EmailTemplate::Invitation,
             EmailTemplate::Reinvitation,
             EmailTemplate::PasswordReset,
             EmailTemplate::PasswordChanged,
             EmailTemplate::InvitationAccepted,
+            EmailTemplate::SetPassword,
         ]
     }
 

@@ -298,6 +298,7 @@ async fn previews_render_every_template_in_both_locales_and_send_nothing() {
         pb::EmailTemplate::PasswordReset,
         pb::EmailTemplate::PasswordChanged,
         pb::EmailTemplate::InvitationAccepted,
+        pb::EmailTemplate::SetPassword,
     ] {
         for (asked, expected) in [("fr", "fr"), ("en-GB", "en"), ("", "en"), ("de", "en")] {
             let preview = api
@@ -315,6 +316,13 @@ async fn previews_render_every_template_in_both_locales_and_send_nothing() {
             assert!(preview.html_body.contains(&format!("lang=\"{expected}\"")));
             if usher_notification::templates::needs_link(template) {
                 assert!(preview.text_body.contains("https://usher.test/"));
+            }
+            if template == pb::EmailTemplate::SetPassword {
+                assert!(
+                    preview
+                        .text_body
+                        .contains("https://usher.test/set-password?token=")
+                );
             }
         }
     }

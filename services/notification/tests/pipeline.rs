@@ -27,12 +27,13 @@ fn jobs_to_send() -> usize {
         .unwrap_or(DEFAULT_JOBS)
 }
 
-const TEMPLATES: [EmailTemplate; 5] = [
+const TEMPLATES: [EmailTemplate; 6] = [
     EmailTemplate::Invitation,
     EmailTemplate::Reinvitation,
     EmailTemplate::PasswordReset,
     EmailTemplate::PasswordChanged,
     EmailTemplate::InvitationAccepted,
+    EmailTemplate::SetPassword,
 ];
 
 /// A word every subject of `template` holds in `locale`.
@@ -48,6 +49,8 @@ fn subject_marker(template: EmailTemplate, locale: &str) -> &'static str {
         (EmailTemplate::PasswordChanged, _) => "was changed",
         (EmailTemplate::InvitationAccepted, "fr") => "a rejoint",
         (EmailTemplate::InvitationAccepted, _) => "joined",
+        (EmailTemplate::SetPassword, "fr") => "Choisissez votre mot de passe",
+        (EmailTemplate::SetPassword, _) => "Choose your password",
         (EmailTemplate::Unspecified, _) => "",
     }
 }

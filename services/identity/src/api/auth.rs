@@ -14,8 +14,11 @@
 //!   (`rl:reset:…`) and per user (`rl:reset-user:…`); past the configured
 //!   number in the window the answer is RATE_LIMITED with a RetryInfo. Per-IP
 //!   limits are the gateway's job: identity never sees the client address.
-//! - **Reset tokens (P1–P3).** 256 bits from the OS CSPRNG, stored only as
-//!   their keyed hash (`TokenPurpose::PasswordReset`) in `password_resets`;
+//! - **Reset and set-password tokens (P1–P3, P5).** 256 bits from the OS
+//!   CSPRNG, stored only as their keyed hash in `password_resets`, hashed for
+//!   their purpose (`TokenPurpose::PasswordReset` for ResetPassword,
+//!   `TokenPurpose::SetPassword` for the link a user created without a
+//!   password gets, consumed by SetPassword), so one never works as the other;
 //!   PostgreSQL is the guard: one conditional `UPDATE … WHERE use_time IS NULL
 //!   AND expire_time > now` consumes a token, so exactly one of any number of
 //!   concurrent resets wins. The raw token exists only in the sealed link of
@@ -251,7 +254,28 @@ fn email_job(
     }
 }
 
-/// Ends the pending reset links of a user (a new link, a new password).
+/// The locale a link opens its page in: the job's (the user's or the
+/// request's), else the account's default; empty when neither is set.
+fn link_locale(job: &notification::EmailJob) -> &str {
+    if job.locale.is_empty() {
+        &job.account_default_locale
+    } else {
+        &job.locale
+    }
+}
+
+/// A link to the gateway page `path` carrying `token`, and the locale the
+/// page opens in (after its own language switch, before the browser's).
+fn page_link(base: &str, path: &str, token: &Token, locale: &str) -> String {
+    if locale.is_empty() {
+        format!("{base}{path}?token={}", token.as_str())
+    } else {
+        format!("{base}{path}?token={}&locale={locale}", token.as_str())
+    }
+}
+
+/// Ends the pending reset and set-password links of a user (a new link, a
+/// new password).
 async fn expire_reset_links<C: ConnectionTrait>(
     db: &C,
     user_id: Uuid,
@@ -879,7 +903,7 @@ impl IdentityApi {
             &account,
             &current,
             &user_actor(&current),
-            "",
+            events::PasswordChangeMethod::Change,
             now,
         )
         .await?;
@@ -911,20 +935,20 @@ impl IdentityApi {
         account: &account::Model,
         target: &user::Model,
         actor: &Actor,
-        locale: &str,
+        method: events::PasswordChangeMethod,
         now: DateTime<Utc>,
     ) -> ApiResult<()> {
-        let method = if actor.kind == "anonymous" {
-            events::PasswordChangeMethod::Reset
-        } else {
-            events::PasswordChangeMethod::Change
+        let method_name = match method {
+            events::PasswordChangeMethod::Reset => "reset",
+            events::PasswordChangeMethod::SetLink => "set_link",
+            _ => "change",
         };
         if target.email_canonical.is_some() {
             let mut job = email_job(
                 notification::EmailTemplate::PasswordChanged,
                 account,
                 target,
-                locale,
+                "",
                 request_id,
                 now,
             );
@@ -957,9 +981,7 @@ impl IdentityApi {
                 target_type: "user",
                 target_id: target.id.to_string(),
                 target_name: target.display_name.clone(),
-                details: Some(serde_json::json!({
-                    "method": if method == events::PasswordChangeMethod::Reset { "reset" } else { "change" },
-                })),
+                details: Some(serde_json::json!({ "method": method_name })),
                 request_id,
             },
             now,
@@ -1057,10 +1079,11 @@ impl IdentityApi {
             &call.request_id,
             now,
         );
-        let link = format!(
-            "{}/reset?token={}",
-            self.state.settings.public_base_url,
-            token.as_str()
+        let link = page_link(
+            &self.state.settings.public_base_url,
+            "/reset",
+            &token,
+            link_locale(&job),
         );
         job.sealed_link = self
             .state
@@ -1105,6 +1128,64 @@ impl IdentityApi {
         Ok(())
     }
 
+    /// Queues, in the caller's transaction, the "choose your password" email
+    /// of `target` (just created with an email and no password): a new
+    /// set-password token whose hash is stored with the reset lifetime, and a
+    /// SET_PASSWORD email job with the sealed link to the gateway's
+    /// `/set-password` page in the user's locale. Returns when the link
+    /// expires.
+    pub(crate) async fn queue_set_password_link(
+        &self,
+        txn: &DatabaseTransaction,
+        account: &account::Model,
+        target: &user::Model,
+        request_id: &str,
+        now: DateTime<Utc>,
+    ) -> ApiResult<DateTime<Utc>> {
+        let token = Token::try_generate().map_err(internal)?;
+        let token_hash = self
+            .state
+            .tokens
+            .hash(TokenPurpose::SetPassword, token.as_str());
+        let expire_time = now + self.state.settings.reset_token_lifetime;
+        let mut job = email_job(
+            notification::EmailTemplate::SetPassword,
+            account,
+            target,
+            "",
+            request_id,
+            now,
+        );
+        let link = page_link(
+            &self.state.settings.public_base_url,
+            "/set-password",
+            &token,
+            link_locale(&job),
+        );
+        job.sealed_link = self
+            .state
+            .sealer
+            .try_seal(&job.job_id, &link)
+            .map_err(internal)?;
+        job.seal_key_id = self.state.sealer.key_id().to_owned();
+        if let Some(variables) = job.variables.as_mut() {
+            variables.expire_time = Some(convert::timestamp(expire_time));
+        }
+        password_reset::ActiveModel {
+            id: Set(Uuid::now_v7()),
+            account_id: Set(account.id),
+            user_id: Set(target.id),
+            token_hash: Set(token_hash),
+            expire_time: Set(expire_time),
+            use_time: Set(None),
+            create_time: Set(now),
+        }
+        .insert(txn)
+        .await?;
+        outbox::enqueue(txn, &[email_job_message(&job)]).await?;
+        Ok(expire_time)
+    }
+
     /// What [`IdentityApi::issue_reset`] costs, without its effects: a token,
     /// its hash, a seal and a transaction that changes nothing, so a request
     /// for an unknown email takes about as long as one for a known email (P7).
@@ -1115,11 +1196,7 @@ impl IdentityApi {
             .tokens
             .hash(TokenPurpose::PasswordReset, token.as_str());
         let job_id = Uuid::new_v4().to_string();
-        let link = format!(
-            "{}/reset?token={}",
-            self.state.settings.public_base_url,
-            token.as_str()
-        );
+        let link = page_link(&self.state.settings.public_base_url, "/reset", &token, "en");
         let sealed = self
             .state
             .sealer
@@ -1145,12 +1222,66 @@ impl IdentityApi {
         user_agent: Option<String>,
         request: pb::ResetPasswordRequest,
     ) -> ApiResult<pb::ResetPasswordResponse> {
+        let (session, user) = self
+            .consume_password_link(
+                &call,
+                user_agent,
+                &request.token,
+                &request.new_password,
+                TokenPurpose::PasswordReset,
+            )
+            .await?;
+        Ok(pb::ResetPasswordResponse {
+            session: Some(session),
+            user: Some(user),
+        })
+    }
+
+    async fn inner_set_password(
+        &self,
+        call: Call,
+        user_agent: Option<String>,
+        request: pb::SetPasswordRequest,
+    ) -> ApiResult<pb::SetPasswordResponse> {
+        let (session, user) = self
+            .consume_password_link(
+                &call,
+                user_agent,
+                &request.token,
+                &request.new_password,
+                TokenPurpose::SetPassword,
+            )
+            .await?;
+        Ok(pb::SetPasswordResponse {
+            session: Some(session),
+            user: Some(user),
+        })
+    }
+
+    /// Consumes a reset link (`PasswordReset`) or a set-password link
+    /// (`SetPassword`): the token is hashed for that purpose only, so a link
+    /// of one kind never works as the other (P5). Sets the password, ends
+    /// every session and every other pending link of the user, notifies
+    /// (P24) and returns a new session.
+    async fn consume_password_link(
+        &self,
+        call: &Call,
+        user_agent: Option<String>,
+        token: &str,
+        password: &str,
+        purpose: TokenPurpose,
+    ) -> ApiResult<(pb::Session, pb::User)> {
+        let method = if purpose == TokenPurpose::SetPassword {
+            events::PasswordChangeMethod::SetLink
+        } else {
+            events::PasswordChangeMethod::Reset
+        };
         let mut violations = Violations::new();
-        bounded(&mut violations, "token", &request.token, MAX_TOKEN_CHARS);
+        bounded(&mut violations, "token", token, MAX_TOKEN_CHARS);
         let new_password = self
             .state
             .password_policy
-            .check(&request.new_password, "new_password")
+            .check(password, "new_password")
             .map_err(|e| violations.absorb(e))
             .ok();
         violations.into_result()?;
@@ -1160,10 +1291,7 @@ impl IdentityApi {
         // Hashed before the token is looked at: every answer costs one argon2id
         // run (P7), and a failed hash never burns the link.
         let new_hash = self.state.passwords.hash(new_password).await?;
-        let token_hash = self
-            .state
-            .tokens
-            .hash(TokenPurpose::PasswordReset, &request.token);
+        let token_hash = self.state.tokens.hash(purpose, token);
 
         let now = self.state.clock.now();
         let txn = self.state.db.begin().await?;
@@ -1210,7 +1338,7 @@ impl IdentityApi {
             &account,
             &target,
             &reset_actor(&target),
-            "",
+            method,
             now,
         )
         .await?;
@@ -1228,10 +1356,7 @@ impl IdentityApi {
             .create(account.id, target.id, meta)
             .await?;
         principals::refresh_user(&self.state, target.id).await?;
-        Ok(pb::ResetPasswordResponse {
-            session: Some(session_view(&issued, false)),
-            user: Some(view),
-        })
+        Ok((session_view(&issued, false), view))
     }
 
     /// Sends a reset link to a user of the caller's account (an admin's
@@ -1719,6 +1844,18 @@ impl pb::auth_service_server::AuthService for IdentityApi {
             .map_err(status)
     }
 
+    async fn set_password(
+        &self,
+        request: Request<pb::SetPasswordRequest>,
+    ) -> Result<Response<pb::SetPasswordResponse>, Status> {
+        let call = call(&request)?;
+        let agent = user_agent(&request);
+        self.inner_set_password(call, agent, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
     async fn create_api_key(
         &self,
         request: Request<pb::CreateApiKeyRequest>,
@@ -2034,17 +2171,87 @@ mod tests {
 
     /// The token inside the sealed link of a reset email.
     fn token_in(test: &TestIdentity, job: &notification::EmailJob) -> String {
+        link_parts(test, job, "/reset").0
+    }
+
+    /// The token and the locale of the sealed link to the page `path`.
+    fn link_parts(
+        test: &TestIdentity,
+        job: &notification::EmailJob,
+        path: &str,
+    ) -> (String, String) {
         let link = test
             .state
             .sealer
             .open(&job.job_id, &job.sealed_link)
             .expect("the sealed link opens");
-        link.strip_prefix(&format!(
-            "{}/reset?token=",
-            test.state.settings.public_base_url
-        ))
-        .expect("a link to the reset page")
-        .to_owned()
+        let query = link
+            .strip_prefix(&format!(
+                "{}{path}?token=",
+                test.state.settings.public_base_url
+            ))
+            .expect("a link to the page");
+        match query.split_once("&locale=") {
+            Some((token, locale)) => (token.to_owned(), locale.to_owned()),
+            None => (query.to_owned(), String::new()),
+        }
+    }
+
+    /// The built-in User role of `tenant`.
+    async fn user_role(test: &TestIdentity, tenant: &Tenant) -> Uuid {
+        role::Entity::find()
+            .filter(role::Column::AccountId.eq(tenant.account_id))
+            .filter(role::Column::Name.eq(USER_ROLE))
+            .one(&test.state.db)
+            .await
+            .expect("query")
+            .expect("user role")
+            .id
+    }
+
+    /// A user created by the admin with an email and no password.
+    async fn create_without_password(
+        test: &TestIdentity,
+        tenant: &Tenant,
+        username: &str,
+        email: &str,
+        locale: &str,
+    ) -> pb::User {
+        let role_id = user_role(test, tenant).await;
+        test.api
+            .create_user(request(
+                &tenant.admin,
+                pb::CreateUserRequest {
+                    username: username.into(),
+                    email: email.into(),
+                    display_name: format!("User {username}"),
+                    role_id: role_id.to_string(),
+                    locale: locale.into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("created")
+            .into_inner()
+            .user
+            .expect("user")
+    }
+
+    async fn set_password(
+        test: &TestIdentity,
+        token: &str,
+        password: &str,
+    ) -> Result<pb::SetPasswordResponse, Status> {
+        test.api
+            .set_password(request(
+                &anonymous(),
+                pb::SetPasswordRequest {
+                    token: token.into(),
+                    new_password: password.into(),
+                },
+            ))
+            .await
+            .map(Response::into_inner)
     }
 
     async fn request_reset(test: &TestIdentity, slug: &str, email: &str) -> Result<(), Status> {
@@ -3367,6 +3574,207 @@ mod tests {
                 .len(),
             1
         );
+        test.stop().await;
+    }
+
+    #[tokio::test]
+    async fn auth_created_user_without_password_gets_a_single_use_set_password_link() {
+        let test = TestIdentity::start(SystemClock::shared()).await;
+        let t = tenant(&test).await;
+        let now = test.state.clock.now();
+        let nina = create_without_password(&test, &t, "nina", "Nina@Acme.example", "fr").await;
+        let nina_id: Uuid = nina.id.parse().expect("uuid");
+
+        // One SET_PASSWORD email to her, in her locale, its link sealed.
+        let jobs = jobs_to(
+            &test,
+            notification::EmailTemplate::SetPassword,
+            "nina@acme.example",
+        )
+        .await;
+        assert_eq!(jobs.len(), 1, "one set-password email");
+        let job = &jobs[0];
+        assert_eq!(job.source, notification::EmailSource::Identity as i32);
+        assert_eq!(job.user_id, nina_id.to_string());
+        assert_eq!(job.account_id, t.account_id.to_string());
+        assert_eq!(job.locale, "fr");
+        assert_eq!(job.seal_key_id, test.state.sealer.key_id());
+        let expires = job
+            .variables
+            .clone()
+            .expect("variables")
+            .expire_time
+            .expect("expiry")
+            .seconds;
+        let lifetime = test.state.settings.reset_token_lifetime.num_seconds();
+        assert!(
+            (expires - now.timestamp() - lifetime).abs() <= 5,
+            "{expires}"
+        );
+        let (token, locale) = link_parts(&test, job, "/set-password");
+        assert_eq!(locale, "fr", "the page opens in her locale");
+        assert_eq!(token.len(), 43);
+        assert_stored_nowhere(&test, &token).await;
+        assert!(
+            jobs_to(
+                &test,
+                notification::EmailTemplate::PasswordReset,
+                "nina@acme.example"
+            )
+            .await
+            .is_empty()
+        );
+
+        // Until she chooses a password, sign-in answers the generic failure.
+        for password in [PASSWORD, "", "x"] {
+            let err = sign_in(&test, &t.slug, "nina@acme.example", password)
+                .await
+                .expect_err("no password yet");
+            if password.is_empty() {
+                assert_eq!(err.code(), Code::InvalidArgument);
+            } else {
+                assert_reason(&err, Code::Unauthenticated, "INVALID_CREDENTIALS");
+            }
+        }
+        // The link is not a reset link (P5), and a password breaking the
+        // policy is refused before the link is consumed.
+        let err = reset(&test, &token, PASSWORD)
+            .await
+            .expect_err("not a reset token");
+        assert_reason(&err, Code::FailedPrecondition, "RESET_TOKEN_NOT_USABLE");
+        let err = set_password(&test, &token, "short")
+            .await
+            .expect_err("policy");
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(fields(&err), ["new_password"]);
+
+        // The link sets the password and signs her in.
+        let done = set_password(&test, &token, PASSWORD)
+            .await
+            .expect("password set");
+        assert_eq!(done.user.expect("user").id, nina_id.to_string());
+        assert!(works(&test, &done.session.expect("session")).await);
+        assert!(
+            stored_user(&test, nina_id)
+                .await
+                .password_hash
+                .is_some_and(|h| h.starts_with(PHC_PREFIX))
+        );
+        // Once.
+        let err = set_password(&test, &token, "another long secret")
+            .await
+            .expect_err("used");
+        assert_reason(&err, Code::FailedPrecondition, "RESET_TOKEN_NOT_USABLE");
+        session_of(&test, &t.slug, "nina@acme.example", PASSWORD).await;
+
+        // P24: she is told, the event says how, the audit log has it.
+        assert_eq!(
+            jobs_to(
+                &test,
+                notification::EmailTemplate::PasswordChanged,
+                "nina@acme.example"
+            )
+            .await
+            .len(),
+            1
+        );
+        let changed: Vec<events::PasswordChanged> = events_of(&test, "user.password_changed").await;
+        assert_eq!(changed.len(), 1);
+        assert_eq!(
+            changed[0].method,
+            events::PasswordChangeMethod::SetLink as i32
+        );
+        let actions = audit_actions(&test, nina_id).await;
+        assert!(actions.contains(&"user.created".to_owned()), "{actions:?}");
+        assert!(
+            actions.contains(&"user.password_changed".to_owned()),
+            "{actions:?}"
+        );
+
+        // A user created with a password, or without an email, gets no link.
+        let role_id = user_role(&test, &t).await;
+        for (username, email, password) in [
+            ("kiosk", "", PASSWORD),
+            ("omar", "omar@acme.example", PASSWORD),
+        ] {
+            test.api
+                .create_user(request(
+                    &t.admin,
+                    pb::CreateUserRequest {
+                        username: username.into(),
+                        email: email.into(),
+                        display_name: "Someone".into(),
+                        password: password.into(),
+                        role_id: role_id.to_string(),
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .expect("created");
+        }
+        let set_links = email_jobs(&test)
+            .await
+            .into_iter()
+            .filter(|(_, job)| job.template == notification::EmailTemplate::SetPassword as i32)
+            .count();
+        assert_eq!(set_links, 1);
+        test.stop().await;
+    }
+
+    #[tokio::test]
+    async fn auth_set_password_links_expire_with_the_reset_lifetime_and_yield_to_resets() {
+        let start = DateTime::from_timestamp(1_780_000_000, 0).expect("time");
+        let clock = ManualClock::new(start);
+        let test = TestIdentity::start(clock.clone()).await;
+        let t = tenant(&test).await;
+        let lifetime = test.state.settings.reset_token_lifetime;
+        let link = |email: &'static str| {
+            let test = &test;
+            async move {
+                let jobs = jobs_to(test, notification::EmailTemplate::SetPassword, email).await;
+                link_parts(
+                    test,
+                    jobs.last().expect("a set-password email"),
+                    "/set-password",
+                )
+            }
+        };
+
+        // No locale on the user: the account's default goes into the link.
+        create_without_password(&test, &t, "early", "early@acme.example", "").await;
+        let (token, locale) = link("early@acme.example").await;
+        assert_eq!(locale, "en");
+        clock.advance(lifetime - Duration::seconds(1));
+        set_password(&test, &token, PASSWORD)
+            .await
+            .expect("lifetime - 1 s works");
+
+        create_without_password(&test, &t, "late", "late@acme.example", "").await;
+        let (token, _) = link("late@acme.example").await;
+        clock.advance(lifetime + Duration::seconds(1));
+        let err = set_password(&test, &token, PASSWORD)
+            .await
+            .expect_err("lifetime + 1 s fails");
+        assert_reason(&err, Code::FailedPrecondition, "RESET_TOKEN_NOT_USABLE");
+        let err = sign_in(&test, &t.slug, "late@acme.example", PASSWORD)
+            .await
+            .expect_err("still no password");
+        assert_reason(&err, Code::Unauthenticated, "INVALID_CREDENTIALS");
+
+        // An expired link's user asks for a reset: that sets the password,
+        // and a reset link replaces a pending set-password link.
+        let reset_link = reset_token(&test, &t.slug, "late@acme.example").await;
+        reset(&test, &reset_link, PASSWORD).await.expect("reset");
+        session_of(&test, &t.slug, "late@acme.example", PASSWORD).await;
+
+        create_without_password(&test, &t, "both", "both@acme.example", "fr").await;
+        let (token, _) = link("both@acme.example").await;
+        let reset_link = reset_token(&test, &t.slug, "both@acme.example").await;
+        let err = set_password(&test, &token, PASSWORD)
+            .await
+            .expect_err("replaced by the reset link");
+        assert_reason(&err, Code::FailedPrecondition, "RESET_TOKEN_NOT_USABLE");
+        reset(&test, &reset_link, PASSWORD).await.expect("reset");
         test.stop().await;
     }
 

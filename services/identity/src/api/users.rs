@@ -662,8 +662,7 @@ impl IdentityApi {
                 ));
             }
             // The user has an email and cannot sign in until they choose a
-            // password: the set-password email arrives with the password-reset
-            // work (AuthService.RequestPasswordReset), which will send it here.
+            // password with the link emailed below (AuthService.SetPassword).
             None => None,
         };
 
@@ -753,8 +752,8 @@ impl IdentityApi {
         }
         .insert(&txn)
         .await;
-        match inserted {
-            Ok(_) => {}
+        let inserted = match inserted {
+            Ok(inserted) => inserted,
             Err(err) if is_unique_violation(&err) => {
                 return Err(ApiError::rejected(
                     Reason::AlreadyExists,
@@ -762,7 +761,16 @@ impl IdentityApi {
                 ));
             }
             Err(err) => return Err(err.into()),
-        }
+        };
+        // No password: the "choose your password" email, in this
+        // transaction (the outbox), so a committed user always gets it.
+        let set_password_link = match (&password_hash, &canonical) {
+            (None, Some(_)) => Some(
+                self.queue_set_password_link(&txn, &account, &inserted, &call.request_id, now)
+                    .await?,
+            ),
+            _ => None,
+        };
 
         let actor = actor(&txn, &call).await?;
         audit::record(
@@ -782,6 +790,7 @@ impl IdentityApi {
                     "products": products,
                     "origin": Origin::Direct.as_str(),
                     "password_set": password_hash.is_some(),
+                    "set_password_link_expire_time": set_password_link,
                     "require_password_change": request.require_password_change,
                 })),
                 request_id: &call.request_id,
