@@ -162,13 +162,19 @@ pub struct OutgoingMessage {
     /// The body, usually an encoded protobuf message.
     #[serde(with = "base64_bytes")]
     pub payload: Vec<u8>,
-    /// AMQP `content_type`, e.g. `application/x-protobuf`.
+    /// AMQP `content_type`: [`PROTOBUF_CONTENT_TYPE`] unless replaced.
     pub content_type: String,
     /// AMQP `message_id`: consumers deduplicate on it (delivery is at least once).
     pub message_id: String,
     /// AMQP `type`: what the payload is, e.g. `usher.events.v1.InvitationAccepted`.
     pub kind: String,
-    /// Application headers, e.g. CloudEvents attributes (`cloudEvents:source`).
+    /// AMQP `timestamp`, in seconds since the Unix epoch: when the message
+    /// was made (for a domain event, when its change was committed). A
+    /// message without one (an outbox row written by an older version) is
+    /// stamped when it is published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<u64>,
+    /// Application headers, e.g. CloudEvents attributes (`cloudEvents_source`).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Published `mandatory`: a message no queue receives comes back as
@@ -184,8 +190,9 @@ fn mandatory_by_default() -> bool {
 }
 
 impl OutgoingMessage {
-    /// A protobuf message for `exchange`/`routing_key` with a fresh random
-    /// message id, of type `kind`.
+    /// A protobuf message ([`PROTOBUF_CONTENT_TYPE`]) for
+    /// `exchange`/`routing_key` with a fresh random message id, of type
+    /// `kind`, timestamped now.
     pub fn new(
         exchange: impl Into<String>,
         routing_key: impl Into<String>,
@@ -196,9 +203,10 @@ impl OutgoingMessage {
             exchange: exchange.into(),
             routing_key: routing_key.into(),
             payload,
-            content_type: "application/x-protobuf".into(),
+            content_type: PROTOBUF_CONTENT_TYPE.into(),
             message_id: uuid::Uuid::new_v4().to_string(),
             kind: kind.into(),
+            timestamp: Some(unix_seconds(chrono::Utc::now())),
             headers: BTreeMap::new(),
             mandatory: true,
         }
@@ -226,6 +234,20 @@ impl OutgoingMessage {
         self
     }
 
+    /// Replaces the AMQP timestamp (e.g. with the time of the change an
+    /// event describes).
+    #[must_use]
+    pub fn with_timestamp(mut self, time: chrono::DateTime<chrono::Utc>) -> Self {
+        self.timestamp = Some(unix_seconds(time));
+        self
+    }
+
+    /// The AMQP timestamp to send: the message's own, or now.
+    pub fn timestamp_or_now(&self) -> u64 {
+        self.timestamp
+            .unwrap_or_else(|| unix_seconds(chrono::Utc::now()))
+    }
+
     /// Adds an application header.
     #[must_use]
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
@@ -247,8 +269,15 @@ impl OutgoingMessage {
             .with_content_type(short(&self.content_type)?)
             .with_message_id(short(&self.message_id)?)
             .with_type(short(&self.kind)?)
+            .with_timestamp(self.timestamp_or_now())
             .with_headers(headers))
     }
+}
+
+/// Seconds since the Unix epoch (AMQP timestamps have a one-second
+/// resolution); 0 for a time before it.
+fn unix_seconds(time: chrono::DateTime<chrono::Utc>) -> u64 {
+    u64::try_from(time.timestamp()).unwrap_or(0)
 }
 
 // Payloads never reach logs: `Debug` shows their size only.
@@ -261,6 +290,7 @@ impl fmt::Debug for OutgoingMessage {
             .field("content_type", &self.content_type)
             .field("message_id", &self.message_id)
             .field("kind", &self.kind)
+            .field("timestamp", &self.timestamp)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .field("mandatory", &self.mandatory)
             .finish()
@@ -1235,7 +1265,12 @@ pub(crate) mod tests {
                     .as_ref()
                     .map(ToString::to_string)
                     .as_deref(),
-                Some("application/x-protobuf")
+                Some(PROTOBUF_CONTENT_TYPE)
+            );
+            assert_eq!(
+                *delivery.properties.timestamp(),
+                original.timestamp,
+                "the AMQP timestamp"
             );
             assert_eq!(delivery.data, original.payload);
             assert_eq!(delivery.routing_key.as_str(), original.routing_key);

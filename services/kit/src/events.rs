@@ -25,8 +25,10 @@ pub struct DomainEvent<'a> {
 
 impl DomainEvent<'_> {
     /// The outbox message carrying `payload` (a `usher.events.v1` message
-    /// named `kind`). The CloudEvents id doubles as the AMQP message id, so
-    /// consumers dedupe redeliveries on either.
+    /// named `kind`), as events.proto describes it: `content_type`
+    /// `application/protobuf`, `type` the full message name, `timestamp` the
+    /// time of the change. The CloudEvents id doubles as the AMQP message id,
+    /// so consumers dedupe redeliveries on either.
     pub fn into_message<M: Message>(self, kind: &str, payload: &M) -> OutgoingMessage {
         let id = Uuid::now_v7().to_string();
         let mut message = OutgoingMessage::new(
@@ -36,6 +38,7 @@ impl DomainEvent<'_> {
             payload.encode_to_vec(),
         )
         .with_message_id(id.clone())
+        .with_timestamp(self.time)
         .with_header("cloudEvents_specversion", "1.0")
         .with_header("cloudEvents_id", id)
         .with_header("cloudEvents_source", format!("/usher/{}", self.service))
@@ -96,5 +99,8 @@ mod tests {
             "2027-01-15T08:00:00.000Z"
         );
         assert_eq!(message.payload, payload.encode_to_vec());
+        assert_eq!(message.content_type, "application/protobuf");
+        assert_eq!(message.kind, "usher.events.v1.UserDeactivated");
+        assert_eq!(message.timestamp, Some(1_800_000_000));
     }
 }
