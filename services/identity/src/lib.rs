@@ -55,6 +55,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Before anything records (the broker's supervisor takes its gauge at once).
+    telemetry::install_metrics(config.server.metrics_listen)?;
     let cache = Cache::connect(&config.redis)?;
     let broker = Broker::connect(config.amqp.clone(), SERVICE);
     serve_with(config, listener, shutdown, cache, broker).await

@@ -771,7 +771,9 @@ async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut failures: u32 = 0;
     let mut generation: u64 = 0;
     let name = shared.connection_name.clone();
-    let connected_gauge = metrics::gauge!("usher_amqp_connected", "connection" => name.clone());
+    // Looked up on each change rather than held: a handle taken before the
+    // process installed its recorder would record nowhere.
+    let connected_gauge = ConnectedGauge(name.clone());
     connected_gauge.set(0.0);
     loop {
         let attempt = tokio::select! {
@@ -835,6 +837,15 @@ async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
     shared.state.send_replace(None);
     connected_gauge.set(0.0);
     tracing::info!(connection = %name, "amqp supervisor stopped");
+}
+
+/// `usher_amqp_connected{connection}`: 1 while the connection is up.
+struct ConnectedGauge(String);
+
+impl ConnectedGauge {
+    fn set(&self, value: f64) {
+        metrics::gauge!("usher_amqp_connected", "connection" => self.0.clone()).set(value);
+    }
 }
 
 /// One connection attempt, bounded by [`CONNECT_TIMEOUT`].

@@ -296,7 +296,8 @@ impl Received {
                     .collect()
             })
             .unwrap_or_default();
-        let text = |value: &Option<lapin::types::ShortString>| value.as_ref().map(ToString::to_string);
+        let text =
+            |value: &Option<lapin::types::ShortString>| value.as_ref().map(ToString::to_string);
         Self {
             // Taken, not copied: acking needs only the delivery tag.
             data: std::mem::take(&mut delivery.data),
