@@ -84,14 +84,22 @@ pub const PROTOBUF_CONTENT_TYPE: &str = "application/protobuf";
 /// the message id, binary protobuf.
 pub fn email_job_message(job: &usher_proto::notification::v1::EmailJob) -> OutgoingMessage {
     use prost::Message as _;
-    OutgoingMessage::new(
+    let message = OutgoingMessage::new(
         EMAIL_EXCHANGE,
         EMAIL_SEND_ROUTING_KEY,
         EMAIL_JOB_TYPE,
         job.encode_to_vec(),
     )
     .with_message_id(job.job_id.clone())
-    .with_content_type(PROTOBUF_CONTENT_TYPE)
+    .with_content_type(PROTOBUF_CONTENT_TYPE);
+    match job
+        .create_time
+        .as_ref()
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, 0))
+    {
+        Some(created) => message.with_timestamp(created),
+        None => message,
+    }
 }
 
 /// AMQP `delivery_mode` of a message the broker writes to disk.
@@ -169,9 +177,9 @@ pub struct OutgoingMessage {
     /// AMQP `type`: what the payload is, e.g. `usher.events.v1.InvitationAccepted`.
     pub kind: String,
     /// AMQP `timestamp`, in seconds since the Unix epoch: when the message
-    /// was made (for a domain event, when its change was committed). A
-    /// message without one (an outbox row written by an older version) is
-    /// stamped when it is published.
+    /// was made (for a domain event, when its change was committed; for an
+    /// email job, its `create_time`). A message without one is stamped when
+    /// it is published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<u64>,
     /// Application headers, e.g. CloudEvents attributes (`cloudEvents_source`).
@@ -192,7 +200,8 @@ fn mandatory_by_default() -> bool {
 impl OutgoingMessage {
     /// A protobuf message ([`PROTOBUF_CONTENT_TYPE`]) for
     /// `exchange`/`routing_key` with a fresh random message id, of type
-    /// `kind`, timestamped now.
+    /// `kind` (timestamped when published unless [`Self::with_timestamp`]
+    /// says otherwise).
     pub fn new(
         exchange: impl Into<String>,
         routing_key: impl Into<String>,
@@ -206,7 +215,7 @@ impl OutgoingMessage {
             content_type: PROTOBUF_CONTENT_TYPE.into(),
             message_id: uuid::Uuid::new_v4().to_string(),
             kind: kind.into(),
-            timestamp: Some(unix_seconds(chrono::Utc::now())),
+            timestamp: None,
             headers: BTreeMap::new(),
             mandatory: true,
         }
@@ -245,7 +254,7 @@ impl OutgoingMessage {
     /// The AMQP timestamp to send: the message's own, or now.
     pub fn timestamp_or_now(&self) -> u64 {
         self.timestamp
-            .unwrap_or_else(|| unix_seconds(chrono::Utc::now()))
+            .unwrap_or_else(|| unix_seconds(crate::clock::Clock::now(&crate::clock::SystemClock)))
     }
 
     /// Adds an application header.
@@ -1278,11 +1287,10 @@ pub(crate) mod tests {
                     .as_deref(),
                 Some(PROTOBUF_CONTENT_TYPE)
             );
-            assert_eq!(
-                *delivery.properties.timestamp(),
-                original.timestamp,
-                "the AMQP timestamp"
-            );
+            // Stamped when published (the test messages carry no time).
+            let stamped = delivery.properties.timestamp().expect("an AMQP timestamp");
+            let now = unix_seconds(crate::clock::Clock::now(&crate::clock::SystemClock));
+            assert!(now.abs_diff(stamped) <= 60, "{stamped} vs {now}");
             assert_eq!(delivery.data, original.payload);
             assert_eq!(delivery.routing_key.as_str(), original.routing_key);
             assert_eq!(

@@ -754,7 +754,8 @@ pub(crate) mod conformance {
         assert_eq!(one.routing_key, "job.a.b");
         assert_eq!(one.content_type.as_deref(), Some("application/protobuf"));
         assert_eq!(one.kind.as_deref(), Some("test"));
-        let now = u64::try_from(chrono::Utc::now().timestamp()).expect("after 1970");
+        let now = u64::try_from(crate::clock::Clock::now(&crate::clock::SystemClock).timestamp())
+            .expect("after 1970");
         let stamped = one.timestamp.expect("a timestamp");
         assert!(now.abs_diff(stamped) <= 60, "{stamped} vs {now}");
         assert_eq!(one.headers.get("x-test").map(String::as_str), Some("one"));
