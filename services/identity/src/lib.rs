@@ -3,6 +3,7 @@
 //! integration tests start the service in-process through [`serve`].
 
 pub mod api;
+pub mod audit_ingest;
 pub mod config;
 pub mod domain;
 pub mod migration;
@@ -79,7 +80,8 @@ pub async fn serve_with(
         shutdown.clone(),
     )
     .await?;
-    // The exchanges this service publishes to (re-declared on reconnect).
+    // The exchanges this service publishes to, and the queue it ingests
+    // invitation events from (re-declared on reconnect).
     broker
         .declare(
             Topology::new()
@@ -87,6 +89,7 @@ pub async fn serve_with(
                 .topic_exchange(EMAIL_EXCHANGE),
         )
         .await?;
+    broker.declare(usher_kit::events::audit_topology()).await?;
 
     let tokens = TokenHasher::from_config(&config.tokens)?;
     let sessions = cache.sessions(config.sessions.clone(), tokens.clone(), clock.clone());
@@ -103,6 +106,12 @@ pub async fn serve_with(
     });
     let relay = OutboxRelay::new(database.connection.clone(), broker.sink(), shutdown.clone());
     database.spawn_when_ready(relay.run());
+    database.spawn_when_ready(audit_ingest::consume(
+        broker.clone(),
+        database.connection.clone(),
+        clock.clone(),
+        shutdown.clone(),
+    ));
     if cache.is_memory() {
         // An in-process cache starts empty: the gateway would refuse every
         // API key until its snapshot is written again.

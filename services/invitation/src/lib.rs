@@ -129,6 +129,9 @@ pub async fn serve_with(
                 .bind(results::QUEUE, EMAIL_EXCHANGE, results::ROUTING_KEY),
         )
         .await?;
+    // Identity's audit queue: declared here too, so the invitation events
+    // published before identity first starts wait for it.
+    broker.declare(usher_kit::events::audit_topology()).await?;
 
     let state = Arc::new(state(
         &config,

@@ -6,7 +6,24 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use prost::Message;
 use uuid::Uuid;
 
-use crate::amqp::{EVENTS_EXCHANGE, OutgoingMessage};
+use crate::amqp::{EVENTS_EXCHANGE, OutgoingMessage, QueueSpec, Topology};
+
+/// The durable quorum queue from which identity ingests the `invitation.*`
+/// events into the account's audit log.
+pub const AUDIT_QUEUE: &str = "usher.identity.audit";
+/// Its binding on [`EVENTS_EXCHANGE`].
+pub const AUDIT_BINDING: &str = "invitation.*";
+
+/// The audit queue and its binding. Identity, which consumes it, and the
+/// invitation service, which publishes the events, both declare it (the same
+/// arguments, so either may come first): an event published before identity
+/// ever started is kept for it rather than dropped for want of a queue.
+pub fn audit_topology() -> Topology {
+    Topology::new()
+        .topic_exchange(EVENTS_EXCHANGE)
+        .queue(QueueSpec::durable(AUDIT_QUEUE).quorum())
+        .bind(AUDIT_QUEUE, EVENTS_EXCHANGE, AUDIT_BINDING)
+}
 
 /// One domain event, ready for the outbox.
 #[derive(Debug)]
