@@ -481,13 +481,19 @@ mod tests {
         }
 
         fn amqp(&self) -> Amqp {
+            self.amqp_named("usher-identity-audit-test")
+        }
+
+        fn amqp_named(&self, name: &str) -> Amqp {
             Amqp::start(
                 AmqpConfig {
                     url: Secret::new(format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0)),
                     heartbeat_secs: 2,
+                    reconnect_min_ms: 100,
+                    reconnect_max_ms: 500,
                     ..AmqpConfig::default()
                 },
-                "usher-identity-audit-test",
+                name,
             )
         }
 
@@ -723,6 +729,93 @@ mod tests {
         shutdown.cancel();
         consumer.await.expect("consumer stops");
         broker.close().await;
+        vhost.delete().await;
+        test.stop().await;
+    }
+
+    /// Closes the broker connection named `name` from the broker side, as a
+    /// broker restart would.
+    async fn close_connection(name: &str) {
+        for _ in 0..40 {
+            let output = tokio::process::Command::new("rabbitmqctl")
+                .args([
+                    "-q",
+                    "list_connections",
+                    "--no-table-headers",
+                    "pid",
+                    "client_properties",
+                ])
+                .output()
+                .await
+                .expect("rabbitmqctl runs");
+            let listing = String::from_utf8_lossy(&output.stdout).into_owned();
+            if let Some(pid) = listing
+                .lines()
+                .find(|line| line.contains(name))
+                .and_then(|line| line.split_whitespace().next())
+            {
+                rabbitmqctl(&["close_connection", pid, "audit outage test"]).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("connection {name} not listed");
+    }
+
+    #[tokio::test]
+    async fn audit_ingestion_survives_a_broker_outage() {
+        let test = TestIdentity::start(Arc::new(SystemClock)).await;
+        let (account_id, owner_id, _, admin) = account(&test).await;
+        let vhost = Vhost::create().await;
+        let name = format!("usher-identity-audit-outage-{}", Uuid::new_v4().simple());
+        let consumer_amqp = vhost.amqp_named(&name);
+        let consumer_broker = Broker::amqp(consumer_amqp.clone());
+        consumer_broker
+            .declare(audit_topology())
+            .await
+            .expect("declare");
+        consumer_amqp
+            .wait_connected(Duration::from_secs(10))
+            .await
+            .expect("broker");
+        // The invitation service's side: its own connection.
+        let publisher_amqp = vhost.amqp();
+        publisher_amqp
+            .wait_connected(Duration::from_secs(10))
+            .await
+            .expect("broker");
+        let publisher = Broker::amqp(publisher_amqp);
+        publisher.declare(audit_topology()).await.expect("declare");
+        let shutdown = CancellationToken::new();
+        let consumer = tokio::spawn(consume(
+            consumer_broker.clone(),
+            test.state.db.clone(),
+            test.state.clock.clone(),
+            shutdown.clone(),
+        ));
+        publisher
+            .publish(&revoked(account_id, owner_id, Uuid::now_v7()))
+            .await
+            .expect("publish");
+        wait_for_entries(&test, &admin, 1).await;
+
+        // The consumer's connection drops; what is published meanwhile waits
+        // in the durable queue and is ingested once it is back.
+        close_connection(&name).await;
+        publisher
+            .publish(&resent(account_id, Uuid::now_v7()))
+            .await
+            .expect("publish during the outage");
+        let entries = wait_for_entries(&test, &admin, 2).await;
+        assert!(
+            entries.iter().any(|e| e.action == "invitation.resent"),
+            "{entries:?}"
+        );
+
+        shutdown.cancel();
+        consumer.await.expect("consumer stops");
+        publisher.close().await;
+        consumer_broker.close().await;
         vhost.delete().await;
         test.stop().await;
     }
