@@ -59,7 +59,11 @@ pub fn install_metrics(listen: Option<SocketAddr>) -> anyhow::Result<()> {
             tracing::info!(%listen, "metrics endpoint listening");
             Ok(())
         }
-        Err(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_)) => Ok(()),
+        Err(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_)) => {
+            // Another recorder was there first: keep it, and bind no more.
+            let _ = METRICS_INSTALLED.set(());
+            Ok(())
+        }
         Err(err) => Err(anyhow::anyhow!("metrics endpoint on {listen}: {err}")),
     }
 }
