@@ -122,6 +122,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Before anything records.
+    telemetry::install_metrics(config.server.metrics_listen)?;
     let cache = Cache::connect(&config.redis)?;
     serve_with(config, listener, shutdown, cache).await
 }

@@ -252,6 +252,13 @@ pub struct RateLimitLayer {
 impl RateLimitLayer {
     /// Applies `config` (nothing when it is disabled), counting in `keys`.
     pub fn new(keys: SharedTtlStore, config: &RateLimitsConfig, clock: SharedClock) -> Self {
+        // Served from the start, at zero, for every class.
+        for class in [Class::Public, Class::Invitations] {
+            metrics::counter!("usher_gateway_rate_limited_total", "class" => class.as_str())
+                .increment(0);
+            metrics::counter!("usher_gateway_rate_limit_errors_total", "class" => class.as_str())
+                .increment(0);
+        }
         Self {
             trust_forwarded_for: config.trust_forwarded_for,
             limiter: config

@@ -198,3 +198,100 @@ async fn services_refuse_calls_without_a_valid_principal_assertion() {
         "forged assertion: {status:?}"
     );
 }
+
+/// The metrics docs/operations.md lists, with the binaries serving each
+/// (`all`, or names such as `identity`).
+fn documented_metrics() -> Vec<(String, Vec<String>)> {
+    let operations = include_str!("../../../docs/operations.md");
+    let section = operations
+        .split("\n## Metrics\n")
+        .nth(1)
+        .expect("docs/operations.md has a Metrics section");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    let metrics: Vec<(String, Vec<String>)> = section
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let name = cells.get(1)?.strip_prefix("`usher_")?;
+            let name = format!("usher_{}", name.split(['{', '`']).next()?);
+            let binaries = cells
+                .get(2)?
+                .split(',')
+                .map(|b| b.trim().to_owned())
+                .collect();
+            Some((name, binaries))
+        })
+        .collect();
+    assert!(metrics.len() >= 10, "the table parsed: {metrics:?}");
+    metrics
+}
+
+#[tokio::test]
+async fn every_documented_metric_is_served_right_after_start() {
+    let documented = documented_metrics();
+    let stack = Stack::start();
+    let binaries: [(&Service, &str, &str); 4] = [
+        (&stack.identity, "identity", "usher.identity.v1.UserService"),
+        (
+            &stack.invitation,
+            "invitation",
+            "usher.invitation.v1.InvitationService",
+        ),
+        (
+            &stack.notification,
+            "notification",
+            "usher.notification.v1.NotificationService",
+        ),
+        (&stack.gateway, "gateway", "usher.identity.v1.UserService"),
+    ];
+    for (service, short, name) in binaries {
+        service
+            .wait_for(name, ServingStatus::Serving, STARTUP)
+            .await;
+        let metrics = scrape(service.metrics).await;
+        let mut expected = 0;
+        for (metric, served_by) in &documented {
+            if !served_by.iter().any(|b| b == "all" || b == short) {
+                continue;
+            }
+            expected += 1;
+            assert!(
+                metrics.contains(&format!("# TYPE {metric} ")),
+                "{} does not serve {metric} right after start:\n{metrics}",
+                service.name
+            );
+        }
+        assert!(expected >= 4, "{short}: {expected} metrics checked");
+        assert!(
+            metrics.contains("usher_ready 1"),
+            "{}:\n{metrics}",
+            service.name
+        );
+        // The broker's gauge is recorded, and up once SERVING.
+        if short != "gateway" {
+            let connected = format!("usher_amqp_connected{{connection=\"{}\"}} 1", service.name);
+            assert!(
+                metrics.contains(&connected),
+                "{}: no {connected}:\n{metrics}",
+                service.name
+            );
+        }
+    }
+    // And the other way round: every usher_* metric served is documented.
+    for (service, _, _) in binaries {
+        let metrics = scrape(service.metrics).await;
+        for line in metrics.lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let metric = rest.split(' ').next().unwrap_or_default();
+            if metric.starts_with("usher_") {
+                assert!(
+                    documented.iter().any(|(name, _)| name == metric),
+                    "{} serves {metric}, which docs/operations.md does not list",
+                    service.name
+                );
+            }
+        }
+    }
+}

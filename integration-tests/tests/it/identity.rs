@@ -105,6 +105,26 @@ async fn accounts_sign_in_and_events_through_the_real_binary() {
             .await
             .expect("basic_get")
         {
+            // The AMQP properties events.proto promises.
+            let properties = &message.delivery.properties;
+            let text = |value: &Option<lapin::types::ShortString>| {
+                value.as_ref().map(ToString::to_string).unwrap_or_default()
+            };
+            assert_eq!(text(properties.content_type()), "application/protobuf");
+            assert!(
+                text(properties.kind()).starts_with("usher.events.v1."),
+                "{properties:?}"
+            );
+            assert_eq!(*properties.delivery_mode(), Some(2));
+            let stamped = properties.timestamp().expect("an AMQP timestamp");
+            let now = u64::try_from(
+                usher_kit::clock::Clock::now(&usher_kit::clock::SystemClock).timestamp(),
+            )
+            .expect("after 1970");
+            assert!(
+                stamped <= now && now - stamped < 300,
+                "timestamp {stamped}, now {now}"
+            );
             routing_keys.push(message.delivery.routing_key.to_string());
         }
         if routing_keys.iter().any(|k| k == "account.created")

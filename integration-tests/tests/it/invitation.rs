@@ -525,3 +525,137 @@ async fn the_invitation_page_shows_accepts_and_speaks_french() {
         .expect("the French member signs in");
     amqp.close().await;
 }
+
+#[tokio::test]
+async fn the_audit_log_shows_invitations_created_resent_accepted_and_revoked() {
+    use usher_proto::identity::v1::{
+        ActorKind, AuditEvent, GetCurrentUserRequest, ListAuditEventsRequest,
+        audit_service_client::AuditServiceClient,
+    };
+    let Setup {
+        gateway,
+        amqp,
+        admin,
+        user_role,
+        _isolation,
+        _identity,
+        _invitation,
+        ..
+    } = setup(DAY).await;
+    let owner = AuthServiceClient::new(gateway.channel())
+        .get_current_user(bearer(&admin, GetCurrentUserRequest {}))
+        .await
+        .expect("me")
+        .into_inner()
+        .user
+        .expect("user");
+    let mut invitations = InvitationServiceClient::new(gateway.channel());
+    let created = invitations
+        .create_invitations(bearer(
+            &admin,
+            pb::CreateInvitationsRequest {
+                raw_text: "ivy@invite.example, rex@invite.example".into(),
+                role_id: user_role.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("created")
+        .into_inner();
+    assert_eq!(created.invited_count, 2, "{created:?}");
+    let id_of = |email: &str| {
+        created
+            .results
+            .iter()
+            .filter_map(|r| r.invitation.clone())
+            .find(|i| i.email == email)
+            .expect("invited")
+            .id
+    };
+    let (ivy, rex) = (id_of("ivy@invite.example"), id_of("rex@invite.example"));
+    for _ in 0..2 {
+        next_job(&amqp).await;
+    }
+    invitations
+        .resend_invitations(bearer(
+            &admin,
+            pb::ResendInvitationsRequest {
+                request_id: String::new(),
+                invitation_ids: vec![ivy.clone()],
+            },
+        ))
+        .await
+        .expect("resent");
+    let token = token_of(&next_job(&amqp).await);
+    invitations
+        .accept_invitation(pb::AcceptInvitationRequest {
+            token,
+            display_name: "Ivy Invitee".into(),
+            password: "a long enough passphrase".into(),
+            locale: String::new(),
+        })
+        .await
+        .expect("accepted");
+    invitations
+        .revoke_invitations(bearer(
+            &admin,
+            pb::RevokeInvitationsRequest {
+                invitation_ids: vec![rex.clone()],
+            },
+        ))
+        .await
+        .expect("revoked");
+
+    // Identity ingests the events a moment later.
+    let mut audit = AuditServiceClient::new(gateway.channel());
+    let expected = [
+        ("invitation.created", &ivy),
+        ("invitation.created", &rex),
+        ("invitation.resent", &ivy),
+        ("invitation.accepted", &ivy),
+        ("invitation.revoked", &rex),
+    ];
+    let mut entries: Vec<AuditEvent> = Vec::new();
+    for _ in 0..150 {
+        entries = audit
+            .list_audit_events(bearer(
+                &admin,
+                ListAuditEventsRequest {
+                    action: "invitation.".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("audit log")
+            .into_inner()
+            .audit_events;
+        if entries.len() >= expected.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(entries.len(), expected.len(), "{entries:#?}");
+    for (action, target) in expected {
+        let entry = entries
+            .iter()
+            .find(|e| e.action == action && &e.target_id == target)
+            .unwrap_or_else(|| panic!("no {action} on {target}: {entries:#?}"));
+        assert_eq!(entry.target_type, "invitation");
+        let email = if target == &ivy {
+            "ivy@invite.example"
+        } else {
+            "rex@invite.example"
+        };
+        assert_eq!(entry.target_display_name, email);
+        let actor = entry.actor.clone().expect("actor");
+        if action == "invitation.accepted" {
+            assert_eq!(actor.kind(), ActorKind::Anonymous, "{entry:?}");
+            assert_eq!(actor.display_name, "Ivy Invitee");
+        } else {
+            assert_eq!(actor.kind(), ActorKind::User, "{entry:?}");
+            assert_eq!(actor.id, owner.id);
+            assert_eq!(actor.display_name, "Oona Owner", "{entry:?}");
+        }
+    }
+    amqp.close().await;
+}

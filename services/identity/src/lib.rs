@@ -3,6 +3,7 @@
 //! integration tests start the service in-process through [`serve`].
 
 pub mod api;
+pub mod audit_ingest;
 pub mod config;
 pub mod domain;
 pub mod migration;
@@ -55,6 +56,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Before anything records (the broker's supervisor takes its gauge at once).
+    telemetry::install_metrics(config.server.metrics_listen)?;
     let cache = Cache::connect(&config.redis)?;
     let broker = Broker::connect(config.amqp.clone(), SERVICE);
     serve_with(config, listener, shutdown, cache, broker).await
@@ -77,7 +80,8 @@ pub async fn serve_with(
         shutdown.clone(),
     )
     .await?;
-    // The exchanges this service publishes to (re-declared on reconnect).
+    // The exchanges this service publishes to, and the queue it ingests
+    // invitation events from (re-declared on reconnect).
     broker
         .declare(
             Topology::new()
@@ -85,6 +89,7 @@ pub async fn serve_with(
                 .topic_exchange(EMAIL_EXCHANGE),
         )
         .await?;
+    broker.declare(usher_kit::events::audit_topology()).await?;
 
     let tokens = TokenHasher::from_config(&config.tokens)?;
     let sessions = cache.sessions(config.sessions.clone(), tokens.clone(), clock.clone());
@@ -101,6 +106,12 @@ pub async fn serve_with(
     });
     let relay = OutboxRelay::new(database.connection.clone(), broker.sink(), shutdown.clone());
     database.spawn_when_ready(relay.run());
+    database.spawn_when_ready(audit_ingest::consume(
+        broker.clone(),
+        database.connection.clone(),
+        clock.clone(),
+        shutdown.clone(),
+    ));
     if cache.is_memory() {
         // An in-process cache starts empty: the gateway would refuse every
         // API key until its snapshot is written again.

@@ -303,6 +303,11 @@ impl PasswordHasher {
             }
         };
         let pool_size = config.pool_size.max(1);
+        // Served from the start (docs/operations.md lists them).
+        metrics::gauge!(POOL_IN_USE).increment(0.0);
+        for op in ["hash", "verify"] {
+            let _ = metrics::histogram!(HASH_SECONDS, "op" => op);
+        }
         Self {
             inner: Arc::new(Inner {
                 argon2,

@@ -90,6 +90,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Before anything records (the broker's supervisor takes its gauge at once).
+    telemetry::install_metrics(config.server.metrics_listen)?;
     let cache = Cache::connect(&config.redis)?;
     let broker = Broker::connect(config.amqp.clone(), SERVICE);
     serve_with(config, listener, shutdown, cache, broker).await
@@ -106,6 +108,9 @@ pub async fn serve_with(
     broker: Broker,
 ) -> anyhow::Result<()> {
     telemetry::install_metrics(config.server.metrics_listen)?;
+    // Served from the start (docs/operations.md lists them).
+    metrics::counter!("usher_invitations_created_total").increment(0);
+    metrics::counter!("usher_invitations_accepted_total").increment(0);
     let clock = SystemClock::shared();
     let database = ServiceDatabase::start::<migration::Migrator>(
         &config.database,
@@ -124,6 +129,9 @@ pub async fn serve_with(
                 .bind(results::QUEUE, EMAIL_EXCHANGE, results::ROUTING_KEY),
         )
         .await?;
+    // Identity's audit queue: declared here too, so the invitation events
+    // published before identity first starts wait for it.
+    broker.declare(usher_kit::events::audit_topology()).await?;
 
     let state = Arc::new(state(
         &config,

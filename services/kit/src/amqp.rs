@@ -84,14 +84,22 @@ pub const PROTOBUF_CONTENT_TYPE: &str = "application/protobuf";
 /// the message id, binary protobuf.
 pub fn email_job_message(job: &usher_proto::notification::v1::EmailJob) -> OutgoingMessage {
     use prost::Message as _;
-    OutgoingMessage::new(
+    let message = OutgoingMessage::new(
         EMAIL_EXCHANGE,
         EMAIL_SEND_ROUTING_KEY,
         EMAIL_JOB_TYPE,
         job.encode_to_vec(),
     )
     .with_message_id(job.job_id.clone())
-    .with_content_type(PROTOBUF_CONTENT_TYPE)
+    .with_content_type(PROTOBUF_CONTENT_TYPE);
+    match job
+        .create_time
+        .as_ref()
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, 0))
+    {
+        Some(created) => message.with_timestamp(created),
+        None => message,
+    }
 }
 
 /// AMQP `delivery_mode` of a message the broker writes to disk.
@@ -162,13 +170,19 @@ pub struct OutgoingMessage {
     /// The body, usually an encoded protobuf message.
     #[serde(with = "base64_bytes")]
     pub payload: Vec<u8>,
-    /// AMQP `content_type`, e.g. `application/x-protobuf`.
+    /// AMQP `content_type`: [`PROTOBUF_CONTENT_TYPE`] unless replaced.
     pub content_type: String,
     /// AMQP `message_id`: consumers deduplicate on it (delivery is at least once).
     pub message_id: String,
     /// AMQP `type`: what the payload is, e.g. `usher.events.v1.InvitationAccepted`.
     pub kind: String,
-    /// Application headers, e.g. CloudEvents attributes (`cloudEvents:source`).
+    /// AMQP `timestamp`, in seconds since the Unix epoch: when the message
+    /// was made (for a domain event, when its change was committed; for an
+    /// email job, its `create_time`). A message without one is stamped when
+    /// it is published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<u64>,
+    /// Application headers, e.g. CloudEvents attributes (`cloudEvents_source`).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Published `mandatory`: a message no queue receives comes back as
@@ -184,8 +198,10 @@ fn mandatory_by_default() -> bool {
 }
 
 impl OutgoingMessage {
-    /// A protobuf message for `exchange`/`routing_key` with a fresh random
-    /// message id, of type `kind`.
+    /// A protobuf message ([`PROTOBUF_CONTENT_TYPE`]) for
+    /// `exchange`/`routing_key` with a fresh random message id, of type
+    /// `kind` (timestamped when published unless [`Self::with_timestamp`]
+    /// says otherwise).
     pub fn new(
         exchange: impl Into<String>,
         routing_key: impl Into<String>,
@@ -196,9 +212,10 @@ impl OutgoingMessage {
             exchange: exchange.into(),
             routing_key: routing_key.into(),
             payload,
-            content_type: "application/x-protobuf".into(),
+            content_type: PROTOBUF_CONTENT_TYPE.into(),
             message_id: uuid::Uuid::new_v4().to_string(),
             kind: kind.into(),
+            timestamp: None,
             headers: BTreeMap::new(),
             mandatory: true,
         }
@@ -226,6 +243,20 @@ impl OutgoingMessage {
         self
     }
 
+    /// Replaces the AMQP timestamp (e.g. with the time of the change an
+    /// event describes).
+    #[must_use]
+    pub fn with_timestamp(mut self, time: chrono::DateTime<chrono::Utc>) -> Self {
+        self.timestamp = Some(unix_seconds(time));
+        self
+    }
+
+    /// The AMQP timestamp to send: the message's own, or now.
+    pub fn timestamp_or_now(&self) -> u64 {
+        self.timestamp
+            .unwrap_or_else(|| unix_seconds(crate::clock::Clock::now(&crate::clock::SystemClock)))
+    }
+
     /// Adds an application header.
     #[must_use]
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
@@ -247,8 +278,15 @@ impl OutgoingMessage {
             .with_content_type(short(&self.content_type)?)
             .with_message_id(short(&self.message_id)?)
             .with_type(short(&self.kind)?)
+            .with_timestamp(self.timestamp_or_now())
             .with_headers(headers))
     }
+}
+
+/// Seconds since the Unix epoch (AMQP timestamps have a one-second
+/// resolution); 0 for a time before it.
+fn unix_seconds(time: chrono::DateTime<chrono::Utc>) -> u64 {
+    u64::try_from(time.timestamp()).unwrap_or(0)
 }
 
 // Payloads never reach logs: `Debug` shows their size only.
@@ -261,6 +299,7 @@ impl fmt::Debug for OutgoingMessage {
             .field("content_type", &self.content_type)
             .field("message_id", &self.message_id)
             .field("kind", &self.kind)
+            .field("timestamp", &self.timestamp)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .field("mandatory", &self.mandatory)
             .finish()
@@ -741,7 +780,9 @@ async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut failures: u32 = 0;
     let mut generation: u64 = 0;
     let name = shared.connection_name.clone();
-    let connected_gauge = metrics::gauge!("usher_amqp_connected", "connection" => name.clone());
+    // Looked up on each change rather than held: a handle taken before the
+    // process installed its recorder would record nowhere.
+    let connected_gauge = ConnectedGauge(name.clone());
     connected_gauge.set(0.0);
     loop {
         let attempt = tokio::select! {
@@ -805,6 +846,15 @@ async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
     shared.state.send_replace(None);
     connected_gauge.set(0.0);
     tracing::info!(connection = %name, "amqp supervisor stopped");
+}
+
+/// `usher_amqp_connected{connection}`: 1 while the connection is up.
+struct ConnectedGauge(String);
+
+impl ConnectedGauge {
+    fn set(&self, value: f64) {
+        metrics::gauge!("usher_amqp_connected", "connection" => self.0.clone()).set(value);
+    }
 }
 
 /// One connection attempt, bounded by [`CONNECT_TIMEOUT`].
@@ -1235,8 +1285,12 @@ pub(crate) mod tests {
                     .as_ref()
                     .map(ToString::to_string)
                     .as_deref(),
-                Some("application/x-protobuf")
+                Some(PROTOBUF_CONTENT_TYPE)
             );
+            // Stamped when published (the test messages carry no time).
+            let stamped = delivery.properties.timestamp().expect("an AMQP timestamp");
+            let now = unix_seconds(crate::clock::Clock::now(&crate::clock::SystemClock));
+            assert!(now.abs_diff(stamped) <= 60, "{stamped} vs {now}");
             assert_eq!(delivery.data, original.payload);
             assert_eq!(delivery.routing_key.as_str(), original.routing_key);
             assert_eq!(

@@ -215,6 +215,10 @@ impl Subscription {
                 Some(Ok(Received {
                     data: message.payload.clone(),
                     message_id: Some(message.message_id.clone()).filter(|id| !id.is_empty()),
+                    routing_key: message.routing_key.clone(),
+                    content_type: Some(message.content_type.clone()),
+                    kind: Some(message.kind.clone()),
+                    timestamp: Some(message.timestamp),
                     headers: message.headers.clone(),
                     ack: Ack::Memory {
                         queue: queue.clone(),
@@ -240,6 +244,14 @@ pub struct Received {
     pub data: Vec<u8>,
     /// Its message id, when it has one.
     pub message_id: Option<String>,
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// Its AMQP `content_type`, when it has one.
+    pub content_type: Option<String>,
+    /// Its AMQP `type`, when it has one.
+    pub kind: Option<String>,
+    /// Its AMQP `timestamp` (seconds since the Unix epoch), when it has one.
+    pub timestamp: Option<u64>,
     /// Its string headers.
     pub headers: std::collections::BTreeMap<String, String>,
     ack: Ack,
@@ -284,14 +296,16 @@ impl Received {
                     .collect()
             })
             .unwrap_or_default();
+        let text =
+            |value: &Option<lapin::types::ShortString>| value.as_ref().map(ToString::to_string);
         Self {
             // Taken, not copied: acking needs only the delivery tag.
             data: std::mem::take(&mut delivery.data),
-            message_id: delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(ToString::to_string),
+            message_id: text(delivery.properties.message_id()),
+            routing_key: delivery.routing_key.to_string(),
+            content_type: text(delivery.properties.content_type()),
+            kind: text(delivery.properties.kind()),
+            timestamp: *delivery.properties.timestamp(),
             headers,
             ack: Ack::Amqp(Box::new(delivery)),
         }
@@ -356,6 +370,9 @@ struct Stored {
     routing_key: String,
     payload: Vec<u8>,
     message_id: String,
+    content_type: String,
+    kind: String,
+    timestamp: u64,
     headers: std::collections::BTreeMap<String, String>,
 }
 
@@ -583,6 +600,9 @@ impl MemoryBroker {
                 routing_key: message.routing_key.clone(),
                 payload: message.payload.clone(),
                 message_id: message.message_id.clone(),
+                content_type: message.content_type.clone(),
+                kind: message.kind.clone(),
+                timestamp: message.timestamp_or_now(),
                 headers: message.headers.clone(),
             });
         }
@@ -731,6 +751,13 @@ pub(crate) mod conformance {
         let one = next(&mut queue).await;
         assert_eq!(one.data, b"one");
         assert_eq!(one.message_id.as_deref(), Some("m-1"));
+        assert_eq!(one.routing_key, "job.a.b");
+        assert_eq!(one.content_type.as_deref(), Some("application/protobuf"));
+        assert_eq!(one.kind.as_deref(), Some("test"));
+        let now = u64::try_from(crate::clock::Clock::now(&crate::clock::SystemClock).timestamp())
+            .expect("after 1970");
+        let stamped = one.timestamp.expect("a timestamp");
+        assert!(now.abs_diff(stamped) <= 60, "{stamped} vs {now}");
         assert_eq!(one.headers.get("x-test").map(String::as_str), Some("one"));
         assert_eq!(next(&mut other).await.data, b"audit");
 

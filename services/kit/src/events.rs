@@ -6,7 +6,24 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use prost::Message;
 use uuid::Uuid;
 
-use crate::amqp::{EVENTS_EXCHANGE, OutgoingMessage};
+use crate::amqp::{EVENTS_EXCHANGE, OutgoingMessage, QueueSpec, Topology};
+
+/// The durable quorum queue from which identity ingests the `invitation.*`
+/// events into the account's audit log.
+pub const AUDIT_QUEUE: &str = "usher.identity.audit";
+/// Its binding on [`EVENTS_EXCHANGE`].
+pub const AUDIT_BINDING: &str = "invitation.*";
+
+/// The audit queue and its binding. Identity, which consumes it, and the
+/// invitation service, which publishes the events, both declare it (the same
+/// arguments, so either may come first): an event published before identity
+/// ever started is kept for it rather than dropped for want of a queue.
+pub fn audit_topology() -> Topology {
+    Topology::new()
+        .topic_exchange(EVENTS_EXCHANGE)
+        .queue(QueueSpec::durable(AUDIT_QUEUE).quorum())
+        .bind(AUDIT_QUEUE, EVENTS_EXCHANGE, AUDIT_BINDING)
+}
 
 /// One domain event, ready for the outbox.
 #[derive(Debug)]
@@ -25,8 +42,10 @@ pub struct DomainEvent<'a> {
 
 impl DomainEvent<'_> {
     /// The outbox message carrying `payload` (a `usher.events.v1` message
-    /// named `kind`). The CloudEvents id doubles as the AMQP message id, so
-    /// consumers dedupe redeliveries on either.
+    /// named `kind`), as events.proto describes it: `content_type`
+    /// `application/protobuf`, `type` the full message name, `timestamp` the
+    /// time of the change. The CloudEvents id doubles as the AMQP message id,
+    /// so consumers dedupe redeliveries on either.
     pub fn into_message<M: Message>(self, kind: &str, payload: &M) -> OutgoingMessage {
         let id = Uuid::now_v7().to_string();
         let mut message = OutgoingMessage::new(
@@ -36,6 +55,7 @@ impl DomainEvent<'_> {
             payload.encode_to_vec(),
         )
         .with_message_id(id.clone())
+        .with_timestamp(self.time)
         .with_header("cloudEvents_specversion", "1.0")
         .with_header("cloudEvents_id", id)
         .with_header("cloudEvents_source", format!("/usher/{}", self.service))
@@ -96,5 +116,8 @@ mod tests {
             "2027-01-15T08:00:00.000Z"
         );
         assert_eq!(message.payload, payload.encode_to_vec());
+        assert_eq!(message.content_type, "application/protobuf");
+        assert_eq!(message.kind, "usher.events.v1.UserDeactivated");
+        assert_eq!(message.timestamp, Some(1_800_000_000));
     }
 }

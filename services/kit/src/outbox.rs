@@ -150,6 +150,8 @@ struct EnvelopeRef<'a> {
     content_type: &'a str,
     message_id: &'a str,
     kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timestamp: Option<u64>,
     headers: &'a BTreeMap<String, String>,
     mandatory: bool,
 }
@@ -161,6 +163,8 @@ struct Envelope {
     content_type: String,
     message_id: String,
     kind: String,
+    #[serde(default)]
+    timestamp: Option<u64>,
     #[serde(default)]
     headers: BTreeMap<String, String>,
     #[serde(default = "mandatory_by_default")]
@@ -178,6 +182,7 @@ fn envelope_json(message: &OutgoingMessage) -> Result<serde_json::Value, DbErr> 
         content_type: &message.content_type,
         message_id: &message.message_id,
         kind: &message.kind,
+        timestamp: message.timestamp,
         headers: &message.headers,
         mandatory: message.mandatory,
     })
@@ -263,6 +268,7 @@ fn decode(row: &QueryResult) -> Result<Row, DbErr> {
             content_type: e.content_type,
             message_id: e.message_id,
             kind: e.kind,
+            timestamp: e.timestamp,
             headers: e.headers,
             mandatory: e.mandatory,
         })
@@ -308,6 +314,10 @@ impl OutboxRelay {
         sink: Arc<dyn MessageSink>,
         shutdown: CancellationToken,
     ) -> Self {
+        // Served from the start: the gauge at zero until the first cycle counts.
+        metrics::gauge!("usher_outbox_pending").set(0.0);
+        metrics::counter!("usher_outbox_published_total").increment(0);
+        metrics::counter!("usher_outbox_publish_failures_total").increment(0);
         Self {
             db,
             sink,

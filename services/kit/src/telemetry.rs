@@ -30,10 +30,22 @@ pub fn init_logging(config: &TelemetryConfig) {
     drop(result);
 }
 
-/// Serves `/metrics` on `listen`. A second call in the same process keeps the
-/// first exporter (all services of `usher dev` share it).
+/// Whether this process has installed its metrics recorder.
+static METRICS_INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+
+/// Serves `/metrics` on `listen` and installs the global recorder. Call it
+/// before anything records — before connecting to the broker or starting a
+/// background task: a metric handle taken while no recorder is installed
+/// records nowhere for ever. A second call in the same process keeps the
+/// first exporter (all services of `usher dev` share it) and binds nothing.
+///
+/// Registers the metrics every binary serves (`usher_ready`,
+/// `usher_grpc_shed_total`), so a scrape right after start lists them.
 pub fn install_metrics(listen: Option<SocketAddr>) -> anyhow::Result<()> {
     let Some(listen) = listen else { return Ok(()) };
+    if METRICS_INSTALLED.get().is_some() {
+        return Ok(());
+    }
     let installed = metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(listen)
         .set_buckets(&[
@@ -42,10 +54,25 @@ pub fn install_metrics(listen: Option<SocketAddr>) -> anyhow::Result<()> {
         .and_then(|builder| builder.install());
     match installed {
         Ok(()) => {
+            let _ = METRICS_INSTALLED.set(());
+            register_common();
             tracing::info!(%listen, "metrics endpoint listening");
             Ok(())
         }
-        Err(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_)) => Ok(()),
+        Err(metrics_exporter_prometheus::BuildError::FailedToSetGlobalRecorder(_)) => {
+            // Another recorder was there first: keep it, and bind no more.
+            let _ = METRICS_INSTALLED.set(());
+            Ok(())
+        }
         Err(err) => Err(anyhow::anyhow!("metrics endpoint on {listen}: {err}")),
     }
+}
+
+/// The metrics of every binary that have no label to wait for, at their
+/// starting values (`usher_grpc_requests_total` and
+/// `usher_grpc_request_duration_seconds` are per method and appear with the
+/// first call, a health check included).
+fn register_common() {
+    metrics::gauge!("usher_ready").set(0.0);
+    metrics::counter!("usher_grpc_shed_total").increment(0);
 }

@@ -70,6 +70,7 @@ pub fn pipeline(
     templates: Arc<templates::Templates>,
     clock: SharedClock,
 ) -> anyhow::Result<pipeline::Pipeline> {
+    pipeline::register_metrics();
     Ok(pipeline::Pipeline {
         db,
         broker,
@@ -93,6 +94,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Before anything records (the broker's supervisor takes its gauge at once).
+    telemetry::install_metrics(config.server.metrics_listen)?;
     let broker = Broker::connect(config.amqp.clone(), SERVICE);
     serve_with(config, listener, shutdown, broker).await
 }

@@ -97,6 +97,22 @@ struct Rejected {
     reason: String,
 }
 
+/// Registers the pipeline's metrics at zero, so they are served from the
+/// start (docs/notification.md lists them).
+pub(crate) fn register_metrics() {
+    for counter in [
+        "usher_notification_sent_total",
+        "usher_notification_failed_total",
+        "usher_notification_retried_total",
+        "usher_notification_parked_total",
+        "usher_notification_duplicates_total",
+    ] {
+        metrics::counter!(counter).increment(0);
+    }
+    // A histogram is listed (empty) once registered.
+    let _ = metrics::histogram!("usher_notification_queue_lag_seconds");
+}
+
 impl Pipeline {
     /// Consumes `usher.email.send` until `shutdown`, re-subscribing after a
     /// lost connection.

@@ -315,7 +315,11 @@ impl IdentityApi {
         .await?;
 
         let response = pb::CreateAccountResponse {
-            account: Some(convert::account(&created, 1)),
+            account: Some(convert::account(
+                &created,
+                1,
+                self.state.settings.default_invitation_lifetime,
+            )),
             owner: Some(convert::user(&owner, &admin.name, None)),
         };
         if let Some(key) = &idempotency {
@@ -338,7 +342,11 @@ impl IdentityApi {
         let settings = &self.state.settings;
         let policy = &self.state.password_policy;
         Ok(pb::GetAccountResponse {
-            account: Some(convert::account(&account, seats)),
+            account: Some(convert::account(
+                &account,
+                seats,
+                self.state.settings.default_invitation_lifetime,
+            )),
             products: products.iter().map(product_view).collect(),
             min_invitation_lifetime: Some(prost_types::Duration {
                 seconds: settings.min_invitation_lifetime.num_seconds(),
@@ -449,7 +457,11 @@ impl IdentityApi {
             now,
         )
         .await?;
-        let view = convert::account(&updated, accounts::seats_used(&txn, account_id).await?);
+        let view = convert::account(
+            &updated,
+            accounts::seats_used(&txn, account_id).await?,
+            self.state.settings.default_invitation_lifetime,
+        );
         emit(
             &txn,
             "account.updated",
@@ -573,7 +585,11 @@ impl IdentityApi {
             crate::store::api_keys::refresh_account(&self.state, account_id).await?;
         }
         Ok(pb::UpdateSubscriptionResponse {
-            account: Some(convert::account(&updated, seats)),
+            account: Some(convert::account(
+                &updated,
+                seats,
+                self.state.settings.default_invitation_lifetime,
+            )),
         })
     }
 
@@ -638,6 +654,7 @@ impl IdentityApi {
             accounts_out.push(convert::account(
                 row,
                 accounts::seats_used(db, row.id).await?,
+                self.state.settings.default_invitation_lifetime,
             ));
         }
         Ok(pb::ListAccountsResponse {
@@ -1066,6 +1083,92 @@ mod tests {
             .await
             .expect_err("product");
         assert_eq!(fields(&err), ["products[0]"]);
+        test.stop().await;
+    }
+
+    #[tokio::test]
+    async fn accounts_show_the_effective_invitation_lifetime() {
+        let test = TestIdentity::start(Arc::new(SystemClock)).await;
+        let day = Some(prost_types::Duration {
+            seconds: 24 * 3600,
+            nanos: 0,
+        });
+        assert_eq!(
+            test.state
+                .settings
+                .default_invitation_lifetime
+                .num_seconds(),
+            24 * 3600,
+            "the deployment default resources.proto names"
+        );
+        let created = test
+            .api
+            .create_account(request(&platform(), new_account_request(2)))
+            .await
+            .expect("created")
+            .into_inner();
+        let account = created.account.expect("account");
+        assert_eq!(account.invitation_lifetime, day, "CreateAccount");
+        let account_id: Uuid = account.id.parse().expect("uuid");
+        let owner_id: Uuid = created.owner.expect("owner").id.parse().expect("uuid");
+        let admin = member(account_id, owner_id, &crate::testing::admin_permissions());
+        let get = |admin: usher_kit::principal::Principal| {
+            let api = test.api.clone();
+            async move {
+                api.get_account(request(&admin, pb::GetAccountRequest {}))
+                    .await
+                    .expect("get")
+                    .into_inner()
+                    .account
+                    .expect("account")
+                    .invitation_lifetime
+            }
+        };
+        assert_eq!(get(admin.clone()).await, day, "GetAccount, no setting");
+        let listed = test
+            .api
+            .list_accounts(request(&platform(), pb::ListAccountsRequest::default()))
+            .await
+            .expect("listed")
+            .into_inner();
+        let mine = listed
+            .accounts
+            .iter()
+            .find(|a| a.id == account.id)
+            .expect("listed");
+        assert_eq!(mine.invitation_lifetime, day, "ListAccounts");
+
+        // An account setting wins; clearing it returns to the default.
+        let set = |seconds: Option<i64>| pb::UpdateAccountRequest {
+            invitation_lifetime: seconds.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+            update_mask: Some(FieldMask {
+                paths: vec!["invitation_lifetime".into()],
+            }),
+            ..Default::default()
+        };
+        let two_hours = Some(prost_types::Duration {
+            seconds: 7200,
+            nanos: 0,
+        });
+        let updated = test
+            .api
+            .update_account(request(&admin, set(Some(7200))))
+            .await
+            .expect("set")
+            .into_inner();
+        assert_eq!(
+            updated.account.expect("account").invitation_lifetime,
+            two_hours
+        );
+        assert_eq!(get(admin.clone()).await, two_hours);
+        let cleared = test
+            .api
+            .update_account(request(&admin, set(None)))
+            .await
+            .expect("cleared")
+            .into_inner();
+        assert_eq!(cleared.account.expect("account").invitation_lifetime, day);
+        assert_eq!(get(admin.clone()).await, day, "back to the default");
         test.stop().await;
     }
 

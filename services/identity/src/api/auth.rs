@@ -660,7 +660,11 @@ impl IdentityApi {
         let seats = accounts::seats_used(db, account_id).await?;
         let policy = &self.state.password_policy;
         let mut response = pb::GetCurrentUserResponse {
-            account: Some(convert::account(&account, seats)),
+            account: Some(convert::account(
+                &account,
+                seats,
+                self.state.settings.default_invitation_lifetime,
+            )),
             password_policy: Some(pb::PasswordPolicy {
                 min_length: i32::try_from(policy.min_length()).unwrap_or(i32::MAX),
                 max_length: i32::try_from(policy.max_length()).unwrap_or(i32::MAX),

@@ -11,8 +11,14 @@ pub use usher_kit::convert::{
     json_strings, json_to_struct, optional_timestamp, strings, struct_to_json, timestamp,
 };
 
-/// An account as the API shows it.
-pub fn account(model: &account::Model, seats_used: u64) -> pb::Account {
+/// An account as the API shows it. Its invitation lifetime is the effective
+/// one: the account's own, or the deployment default (`default_lifetime`,
+/// `accounts.default_invitation_lifetime_secs`) when it has none.
+pub fn account(
+    model: &account::Model,
+    seats_used: u64,
+    default_lifetime: chrono::Duration,
+) -> pb::Account {
     pb::Account {
         id: model.id.to_string(),
         name: model.name.clone(),
@@ -28,12 +34,12 @@ pub fn account(model: &account::Model, seats_used: u64) -> pb::Account {
         }),
         seats_used: i32::try_from(seats_used).unwrap_or(i32::MAX),
         allowed_email_domains: strings(&model.allowed_email_domains),
-        invitation_lifetime: model
-            .invitation_lifetime_secs
-            .map(|secs| prost_types::Duration {
-                seconds: i64::from(secs),
-                nanos: 0,
-            }),
+        invitation_lifetime: Some(prost_types::Duration {
+            seconds: model
+                .invitation_lifetime_secs
+                .map_or_else(|| default_lifetime.num_seconds(), i64::from),
+            nanos: 0,
+        }),
         create_time: Some(timestamp(model.create_time)),
         update_time: Some(timestamp(model.update_time)),
     }

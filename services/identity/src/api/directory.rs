@@ -298,18 +298,12 @@ impl IdentityApi {
         if let Some(team_id) = team_id {
             response.team_name = scoped::team(db, account_id, team_id).await?.name;
         }
-        let mut view = convert::account(&account, accounts::seats_used(db, account_id).await?);
-        // The effective lifetime: the account's, or the deployment default.
-        view.invitation_lifetime
-            .get_or_insert_with(|| prost_types::Duration {
-                seconds: self
-                    .state
-                    .settings
-                    .default_invitation_lifetime
-                    .num_seconds(),
-                nanos: 0,
-            });
-        response.account = Some(view);
+        // With the effective lifetime: the account's, or the deployment default.
+        response.account = Some(convert::account(
+            &account,
+            accounts::seats_used(db, account_id).await?,
+            self.state.settings.default_invitation_lifetime,
+        ));
         Ok(response)
     }
 

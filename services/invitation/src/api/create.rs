@@ -195,6 +195,11 @@ impl InvitationApi {
             )
             .await?;
         let account = context.account.clone().unwrap_or_default();
+        // Named from here on: the events and identity's audit log show who.
+        let inviter = usher_proto::identity::v1::Actor {
+            display_name: context.inviter_display_name.clone(),
+            ..inviter
+        };
 
         // Verdicts that need no one else: invalid and repeated addresses.
         let mut results: Vec<pb::InviteeResult> = Vec::with_capacity(entries.len());
