@@ -739,8 +739,7 @@ mod tests {
     async fn authorized_stack(
         must_change: bool,
     ) -> (
-        impl Service<Request<Body>, Response = Response<Body>, Error = std::convert::Infallible>
-        + Clone,
+        impl Service<Request<Body>, Response = Response<Body>, Error = std::convert::Infallible> + Clone,
         String,
     ) {
         use usher_kit::{
@@ -803,11 +802,7 @@ mod tests {
             .header(AUTHORIZATION, format!("Bearer {token}"))
             .body(Body::empty())
             .expect("request");
-        let response = stack
-            .clone()
-            .oneshot(request)
-            .await
-            .expect("infallible");
+        let response = stack.clone().oneshot(request).await.expect("infallible");
         Status::from_header_map(response.headers())
     }
 
@@ -826,9 +821,17 @@ mod tests {
                 }
                 Access::Member | Access::Permission => {
                     let status = answer.unwrap_or_else(|| panic!("{} forwarded", rule.path));
-                    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{}", rule.path);
                     assert_eq!(
-                        status.get_error_details().error_info().map(|i| i.reason.clone()),
+                        status.code(),
+                        tonic::Code::FailedPrecondition,
+                        "{}",
+                        rule.path
+                    );
+                    assert_eq!(
+                        status
+                            .get_error_details()
+                            .error_info()
+                            .map(|i| i.reason.clone()),
                         Some("PASSWORD_CHANGE_REQUIRED".to_owned()),
                         "{}",
                         rule.path

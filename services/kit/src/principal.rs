@@ -490,8 +490,8 @@ mod tests {
         // every principal without it, read as settled.
         let token = signer.sign(&member(), PATH, None, now());
         let (payload, _) = token.split_once('.').expect("two parts");
-        let json = String::from_utf8(URL_SAFE_NO_PAD.decode(payload).expect("base64"))
-            .expect("utf-8");
+        let json =
+            String::from_utf8(URL_SAFE_NO_PAD.decode(payload).expect("base64")).expect("utf-8");
         assert!(!json.contains("password_change_required"), "{json}");
         let assertion = verifier.verify(&token, PATH, now()).expect("verifies");
         assert!(!assertion.principal.password_change_required);

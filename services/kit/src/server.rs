@@ -428,9 +428,8 @@ pub fn malformed_request(status: &Status) -> Option<ApiError> {
             let Some((message_name, field)) = head.split_once('.') else {
                 break;
             };
-            let plain = |s: &str| {
-                !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            };
+            let plain =
+                |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !plain(message_name) || !plain(field) {
                 break;
             }
@@ -446,7 +445,8 @@ pub fn malformed_request(status: &Status) -> Option<ApiError> {
     let framing = message == "Unexpected EOF decoding stream."
         || message == "Missing request message."
         || message.starts_with("protocol error: received message with")
-        || (message.starts_with("Error decompressing") && message.ends_with("while sending request"));
+        || (message.starts_with("Error decompressing")
+            && message.ends_with("while sending request"));
     framing.then(|| {
         ApiError::InvalidArgument(vec![Violation {
             field: String::new(),
@@ -667,10 +667,8 @@ mod tests {
         assert!(malformed_request(&internal).is_none(), "{internal:?}");
         assert!(malformed_request(&Status::internal("boom")).is_none());
         assert!(
-            malformed_request(&Status::unavailable(
-                "failed to decode Protobuf message: x"
-            ))
-            .is_none()
+            malformed_request(&Status::unavailable("failed to decode Protobuf message: x"))
+                .is_none()
         );
     }
 
@@ -703,7 +701,9 @@ mod tests {
             Some("INVALID_ARGUMENT")
         );
         assert_eq!(
-            details.bad_request().map(|b| b.field_violations[0].field.as_str()),
+            details
+                .bad_request()
+                .map(|b| b.field_violations[0].field.as_str()),
             Some("account_slug")
         );
         let kept = call(Status::internal("boom")).await;

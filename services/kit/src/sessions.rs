@@ -2521,7 +2521,10 @@ mod tests {
         assert_eq!(principal.account_id, Some(record.account_id));
         assert!(principal.is_member());
         assert!(snapshot.must_change_password(&record));
-        assert!(principal.password_change_required, "the principal carries it");
+        assert!(
+            principal.password_change_required,
+            "the principal carries it"
+        );
         let settled = PrincipalSnapshot {
             password_change_required: false,
             ..snapshot.clone()
