@@ -749,7 +749,8 @@ mod tests {
             },
             tokens::TokenHasher,
         };
-        let clock = ManualClock::new(chrono::Utc::now());
+        let clock =
+            ManualClock::new(chrono::DateTime::from_timestamp(1_800_000_000, 0).expect("valid"));
         let store: SharedSessionStore = Arc::new(MemorySessionStore::new(
             SessionConfig::default(),
             TokenHasher::new(&[7; 32]).expect("hasher"),
