@@ -109,6 +109,7 @@ pub fn admin(account: uuid::Uuid, user: uuid::Uuid) -> Principal {
         .map(String::from)
         .to_vec(),
         service: None,
+        password_change_required: false,
     }
 }
 

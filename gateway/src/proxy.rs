@@ -263,6 +263,11 @@ impl<S> Layer<S> for AuthnLayer {
 /// credential that is present but not valid is refused with
 /// `UNAUTHENTICATED`, whatever the RPC (even a public one), so a client learns
 /// at once that its token is dead. A store failure fails closed (`UNAVAILABLE`).
+/// A session whose user (or the session itself) must change its password
+/// gives a principal flagged `password_change_required`
+/// ([`PrincipalSnapshot::must_change_password`](usher_kit::sessions::PrincipalSnapshot::must_change_password)):
+/// the authorization layer then refuses it every RPC not allowed before the
+/// change, and the flag travels on in the assertion so services refuse it too.
 #[derive(Clone)]
 pub struct AuthnService<S> {
     inner: S,
@@ -315,6 +320,8 @@ async fn authenticate(
         .get_principal(session.user_id)
         .await?
         .ok_or_else(|| unauthenticated("no principal snapshot"))?;
+    // The principal carries `must_change_password`: the policy refuses it
+    // every RPC not allowed before the change.
     snapshot
         .principal_for(&session)
         .ok_or_else(|| unauthenticated("snapshot refuses the session"))
@@ -723,6 +730,127 @@ mod tests {
         assert_eq!(
             format_grpc_timeout(Duration::from_secs(10_000_000)),
             "99999999m"
+        );
+    }
+
+    /// The authentication and authorization layers over a service that
+    /// answers OK, with a session of a user whose snapshot says whether they
+    /// must change their password.
+    async fn authorized_stack(
+        must_change: bool,
+    ) -> (
+        impl Service<Request<Body>, Response = Response<Body>, Error = std::convert::Infallible> + Clone,
+        String,
+    ) {
+        use usher_kit::{
+            clock::ManualClock,
+            sessions::{
+                MemorySessionStore, PrincipalSnapshot, SessionConfig, SessionMeta, UserStatus,
+            },
+            tokens::TokenHasher,
+        };
+        let clock =
+            ManualClock::new(chrono::DateTime::from_timestamp(1_800_000_000, 0).expect("valid"));
+        let store: SharedSessionStore = Arc::new(MemorySessionStore::new(
+            SessionConfig::default(),
+            TokenHasher::new(&[7; 32]).expect("hasher"),
+            clock,
+        ));
+        let (account, user) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let issued = store
+            .create(
+                account,
+                user,
+                SessionMeta {
+                    password_change_required: must_change,
+                    ..SessionMeta::default()
+                },
+            )
+            .await
+            .expect("session");
+        store
+            .put_principal(PrincipalSnapshot {
+                account_id: account,
+                user_id: user,
+                status: UserStatus::Active,
+                permissions: vec!["users.read".into(), "users.manage".into()],
+                role_id: uuid::Uuid::new_v4(),
+                password_change_required: must_change,
+                version: 1,
+            })
+            .await
+            .expect("snapshot");
+        let forwarded = tower::service_fn(|_: Request<Body>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(Body::empty()))
+        });
+        let stack = tower::ServiceBuilder::new()
+            .layer(AuthnLayer::new(store))
+            .layer(AuthzLayer::new(
+                Policy::from_contracts().expect("contracts"),
+            ))
+            .service(forwarded);
+        (stack, issued.access_token.as_str().to_owned())
+    }
+
+    /// The gRPC status the stack answers `path` with, `None` when forwarded.
+    async fn refusal<S>(stack: &S, path: &str, token: &str) -> Option<Status>
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = std::convert::Infallible>
+            + Clone,
+    {
+        let request = Request::builder()
+            .uri(path)
+            .header(AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::empty())
+            .expect("request");
+        let response = stack.clone().oneshot(request).await.expect("infallible");
+        Status::from_header_map(response.headers())
+    }
+
+    #[tokio::test]
+    async fn a_session_that_must_change_its_password_reaches_only_the_allowed_rpcs() {
+        use tonic_types::StatusExt;
+        let policy = Policy::from_contracts().expect("contracts");
+        let (stack, token) = authorized_stack(true).await;
+        let mut allowed = Vec::new();
+        for rule in policy.rules() {
+            let answer = refusal(&stack, &rule.path, &token).await;
+            match rule.access {
+                Access::Member | Access::Permission if rule.allowed_before_password_change => {
+                    assert!(answer.is_none(), "{}: {answer:?}", rule.path);
+                    allowed.push(rule.method.clone());
+                }
+                Access::Member | Access::Permission => {
+                    let status = answer.unwrap_or_else(|| panic!("{} forwarded", rule.path));
+                    assert_eq!(
+                        status.code(),
+                        tonic::Code::FailedPrecondition,
+                        "{}",
+                        rule.path
+                    );
+                    assert_eq!(
+                        status
+                            .get_error_details()
+                            .error_info()
+                            .map(|i| i.reason.clone()),
+                        Some("PASSWORD_CHANGE_REQUIRED".to_owned()),
+                        "{}",
+                        rule.path
+                    );
+                }
+                Access::Public => assert!(answer.is_none(), "{}: {answer:?}", rule.path),
+                _ => assert!(answer.is_some(), "{}", rule.path),
+            }
+        }
+        allowed.sort();
+        assert_eq!(allowed, ["ChangePassword", "GetCurrentUser", "SignOut"]);
+
+        // The same user with the password settled reaches what it holds.
+        let (settled, token) = authorized_stack(false).await;
+        assert!(
+            refusal(&settled, "/usher.identity.v1.UserService/ListUsers", &token)
+                .await
+                .is_none()
         );
     }
 

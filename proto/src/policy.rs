@@ -23,6 +23,9 @@ pub struct MethodRule {
     pub access: Access,
     /// The permission required when `access` is `Permission`.
     pub permission: String,
+    /// Whether a session that must change its password may still call it
+    /// (`Rule.allowed_before_password_change`; only on `Member` RPCs).
+    pub allowed_before_password_change: bool,
 }
 
 /// Why the descriptor set could not be read.
@@ -54,26 +57,28 @@ pub fn method_rules() -> Result<Vec<MethodRule>, PolicyError> {
         }
         for method in service.methods() {
             let options = method.options();
-            let (access, permission) = if options.has_extension(&extension) {
-                read_rule(&options.get_extension(&extension))
-            } else {
-                (Access::Unspecified, String::new())
-            };
+            let (access, permission, allowed_before_password_change) =
+                if options.has_extension(&extension) {
+                    read_rule(&options.get_extension(&extension))
+                } else {
+                    (Access::Unspecified, String::new(), false)
+                };
             rules.push(MethodRule {
                 path: format!("/{}/{}", service.full_name(), method.name()),
                 service: service.full_name().to_owned(),
                 method: method.name().to_owned(),
                 access,
                 permission,
+                allowed_before_password_change,
             });
         }
     }
     Ok(rules)
 }
 
-fn read_rule(value: &Value) -> (Access, String) {
+fn read_rule(value: &Value) -> (Access, String, bool) {
     let Some(rule) = value.as_message() else {
-        return (Access::Unspecified, String::new());
+        return (Access::Unspecified, String::new(), false);
     };
     let access = field_i32(rule, "access")
         .and_then(|n| Access::try_from(n).ok())
@@ -82,7 +87,11 @@ fn read_rule(value: &Value) -> (Access, String) {
         .get_field_by_name("permission")
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
-    (access, permission)
+    let allowed_before_password_change = rule
+        .get_field_by_name("allowed_before_password_change")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    (access, permission, allowed_before_password_change)
 }
 
 fn field_i32(message: &DynamicMessage, name: &str) -> Option<i32> {
@@ -130,6 +139,12 @@ mod tests {
                 )),
                 _ => {}
             }
+            if rule.allowed_before_password_change && rule.access != Access::Member {
+                problems.push(format!(
+                    "{}: allowed_before_password_change given with access {:?}",
+                    rule.path, rule.access
+                ));
+            }
         }
         assert!(
             problems.is_empty(),
@@ -150,6 +165,25 @@ mod tests {
             );
         }
         assert!(rules.iter().any(|r| r.access == Access::Internal));
+    }
+
+    #[test]
+    fn only_reading_oneself_changing_the_password_and_signing_out_precede_a_password_change() {
+        let rules = method_rules().expect("descriptor set decodes");
+        let mut allowed: Vec<_> = rules
+            .iter()
+            .filter(|r| r.allowed_before_password_change)
+            .map(|r| r.path.as_str())
+            .collect();
+        allowed.sort_unstable();
+        assert_eq!(
+            allowed,
+            [
+                "/usher.identity.v1.AuthService/ChangePassword",
+                "/usher.identity.v1.AuthService/GetCurrentUser",
+                "/usher.identity.v1.AuthService/SignOut",
+            ]
+        );
     }
 
     #[test]

@@ -374,6 +374,7 @@ pub fn admin_request<T>(path: &str, message: T) -> tonic::Request<T> {
         .map(String::from)
         .to_vec(),
         service: None,
+        password_change_required: false,
     };
     signed_request(path, &principal, message)
 }

@@ -18,8 +18,11 @@ mod identity;
 mod invitation;
 mod journey;
 mod limits;
+mod malformed;
 mod notification;
+mod password_change;
 mod proxy;
+mod raw;
 mod set_password;
 mod shutdown;
 // The SMTP sink of the notification crate's tests, shared rather than copied.

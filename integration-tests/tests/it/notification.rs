@@ -107,6 +107,7 @@ async fn the_binary_sends_queued_jobs_and_reports_them() {
         credential_id: None,
         permissions: vec!["users.read".into(), "account.manage".into()],
         service: None,
+        password_change_required: false,
     };
     let mut client = NotificationServiceClient::new(service.channel());
     let mut delivery = None;

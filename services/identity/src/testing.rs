@@ -111,6 +111,7 @@ pub fn member(account: Uuid, user: Uuid, permissions: &[&str]) -> Principal {
         credential_id: Some("test-session".into()),
         permissions: permissions.iter().map(|p| (*p).to_owned()).collect(),
         service: None,
+        password_change_required: false,
     }
 }
 

@@ -52,7 +52,9 @@ impl Policy {
     }
 }
 
-/// Decides whether `principal` may call the RPC with `rule`.
+/// Decides whether `principal` may call the RPC with `rule`. A principal that
+/// must change its password gets `PASSWORD_CHANGE_REQUIRED` from every MEMBER
+/// and PERMISSION RPC whose rule is not `allowed_before_password_change`.
 pub fn authorize(rule: &MethodRule, principal: &Principal) -> Result<(), ApiError> {
     let unauthenticated =
         || ApiError::rejected(Reason::Unauthenticated, "a valid credential is required");
@@ -66,6 +68,14 @@ pub fn authorize(rule: &MethodRule, principal: &Principal) -> Result<(), ApiErro
             }
             if !principal.is_member() {
                 return Err(denied());
+            }
+            // Before the permission: a session that must change its password
+            // learns that first, whatever it holds.
+            if principal.password_change_required && !rule.allowed_before_password_change {
+                return Err(ApiError::rejected(
+                    Reason::PasswordChangeRequired,
+                    "choose a new password first (AuthService.ChangePassword)",
+                ));
             }
             if rule.access == Access::Permission && !principal.has_permission(&rule.permission) {
                 return Err(ApiError::rejected(
@@ -103,6 +113,7 @@ mod tests {
             credential_id: None,
             permissions: permissions.iter().map(|p| (*p).to_owned()).collect(),
             service: (kind == PrincipalKind::Service).then(|| "usher-invitation".to_owned()),
+            password_change_required: false,
         }
     }
 
@@ -155,6 +166,48 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_pending_password_change_allows_only_the_rpcs_its_rule_exempts() {
+        let policy = Policy::from_contracts().expect("contracts");
+        let mut pending = principal(
+            PrincipalKind::User,
+            &["users.read", "users.manage", "account.manage"],
+        );
+        pending.password_change_required = true;
+        let mut exempt = Vec::new();
+        for rule in policy.rules() {
+            let decision = policy.authorize(&rule.path, &pending);
+            match rule.access {
+                Access::Member | Access::Permission if rule.allowed_before_password_change => {
+                    assert!(decision.is_ok(), "{}", rule.path);
+                    exempt.push(rule.method.as_str());
+                }
+                Access::Member | Access::Permission => assert_eq!(
+                    decision.expect_err("refused").reason(),
+                    Reason::PasswordChangeRequired,
+                    "{}",
+                    rule.path
+                ),
+                Access::Public => assert!(decision.is_ok(), "{}", rule.path),
+                _ => assert_eq!(
+                    decision.expect_err("refused").reason(),
+                    Reason::PermissionDenied,
+                    "{}",
+                    rule.path
+                ),
+            }
+        }
+        exempt.sort_unstable();
+        assert_eq!(exempt, ["ChangePassword", "GetCurrentUser", "SignOut"]);
+        // Refused before the permission check: even an RPC it lacks the
+        // permission for says what to do first.
+        let err = policy
+            .authorize("/usher.identity.v1.RoleService/CreateRole", &pending)
+            .expect_err("refused");
+        assert_eq!(err.reason(), Reason::PasswordChangeRequired);
+        assert_eq!(err.reason().code(), tonic::Code::FailedPrecondition);
     }
 
     #[test]

@@ -64,6 +64,12 @@ pub struct Principal {
     /// The calling service, for `Service` principals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// The signed-in user must change their password first: MEMBER and
+    /// PERMISSION RPCs refuse this principal with `PASSWORD_CHANGE_REQUIRED`,
+    /// except those whose rule is `allowed_before_password_change`. Only
+    /// sessions carry it (API keys have no password).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub password_change_required: bool,
 }
 
 impl Principal {
@@ -76,6 +82,7 @@ impl Principal {
             credential_id: None,
             permissions: Vec::new(),
             service: None,
+            password_change_required: false,
         }
     }
 
@@ -391,6 +398,7 @@ mod tests {
             credential_id: Some("s1".into()),
             permissions: vec!["users.read".into()],
             service: None,
+            password_change_required: false,
         }
     }
 
@@ -466,6 +474,27 @@ mod tests {
             verifier.verify("garbage", PATH, now()),
             Err(AssertionError::Malformed)
         );
+    }
+
+    #[test]
+    fn the_password_change_flag_travels_in_the_assertion() {
+        let config = AssertionConfig::default();
+        let signer = config.signer("usher-gateway").expect("signer");
+        let verifier = config.verifier().expect("verifier");
+        let mut pending = member();
+        pending.password_change_required = true;
+        let token = signer.sign(&pending, PATH, None, now());
+        let assertion = verifier.verify(&token, PATH, now()).expect("verifies");
+        assert!(assertion.principal.password_change_required);
+        // Absent means false: assertions signed before the flag existed, and
+        // every principal without it, read as settled.
+        let token = signer.sign(&member(), PATH, None, now());
+        let (payload, _) = token.split_once('.').expect("two parts");
+        let json =
+            String::from_utf8(URL_SAFE_NO_PAD.decode(payload).expect("base64")).expect("utf-8");
+        assert!(!json.contains("password_change_required"), "{json}");
+        let assertion = verifier.verify(&token, PATH, now()).expect("verifies");
+        assert!(!assertion.principal.password_change_required);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The gRPC server every service runs: health (`grpc.health.v1`), reflection
 //! (v1 and v1alpha, including the health descriptor, switchable off), limits,
-//! the principal guard, and graceful shutdown (health flips to `NOT_SERVING`
-//! first, then the listener closes, then in-flight calls get a grace period).
+//! the principal guard, `INVALID_ARGUMENT` for requests that do not decode,
+//! and graceful shutdown (health flips to `NOT_SERVING` first, then the
+//! listener closes, then in-flight calls get a grace period).
 
 use std::{
     convert::Infallible,
@@ -27,7 +28,7 @@ use crate::{
     authz::{Policy, is_infrastructure_path},
     clock::SharedClock,
     config::ServerConfig,
-    error::ApiError,
+    error::{ApiError, Violation},
     principal::{ASSERTION_HEADER, AssertionVerifier, Principal},
 };
 
@@ -230,6 +231,8 @@ impl ServiceServer {
             .layer(ShedLayer::new(config.concurrency_limit))
             // Verify the principal assertion and the RPC's access rule.
             .option_layer(guard.map(|guard| GuardLayer { guard: Arc::new(guard) }))
+            // A request that does not decode is the caller's fault.
+            .layer(MalformedRequestLayer)
             .into_inner();
 
         let incoming = incoming(listener);
@@ -379,6 +382,113 @@ where
     }
 }
 
+/// Layer of [`MalformedRequestService`].
+#[derive(Clone, Copy, Debug)]
+pub struct MalformedRequestLayer;
+
+impl<S> Layer<S> for MalformedRequestLayer {
+    type Service = MalformedRequestService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        MalformedRequestService { inner }
+    }
+}
+
+/// Answers `INVALID_ARGUMENT` (reason `INVALID_ARGUMENT`, the field at fault
+/// when the decoder names one) for a request tonic could not decode, instead
+/// of the `INTERNAL` tonic and its prost codec answer: bytes that are not
+/// protobuf, a string field that is not UTF-8, a message or gRPC frame cut
+/// short, a missing message, a bad compression flag. The request was the
+/// caller's fault; it is logged at debug level, never as an error.
+///
+/// Unary requests are decoded before the handler runs, so such a failure is
+/// always a trailers-only answer; it is recognised by tonic's own messages
+/// (pinned by a test against the real decoder). An `INTERNAL` answered by a
+/// handler is opaque (`internal error (correlation id …)`) and never matches.
+#[derive(Clone, Debug)]
+pub struct MalformedRequestService<S> {
+    inner: S,
+}
+
+/// Prefix of every prost decode error (`prost::DecodeError`'s `Display`).
+const PROST_DECODE_PREFIX: &str = "failed to decode Protobuf message: ";
+
+/// The input error of a status tonic answers for a request it cannot decode,
+/// or `None` for any other status.
+pub fn malformed_request(status: &Status) -> Option<ApiError> {
+    if status.code() != tonic::Code::Internal {
+        return None;
+    }
+    let message = status.message();
+    if let Some(detail) = message.strip_prefix(PROST_DECODE_PREFIX) {
+        // `Inner.field: Outer.inner: description`: the innermost field
+        // first, each `Message.field` followed by `: `.
+        let mut fields = Vec::new();
+        let mut rest = detail;
+        while let Some((head, tail)) = rest.split_once(": ") {
+            let Some((message_name, field)) = head.split_once('.') else {
+                break;
+            };
+            let plain =
+                |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !plain(message_name) || !plain(field) {
+                break;
+            }
+            fields.push(field);
+            rest = tail;
+        }
+        fields.reverse();
+        return Some(ApiError::InvalidArgument(vec![Violation {
+            field: fields.join("."),
+            description: format!("the request does not decode: {rest}"),
+        }]));
+    }
+    let framing = message == "Unexpected EOF decoding stream."
+        || message == "Missing request message."
+        || message.starts_with("protocol error: received message with")
+        || (message.starts_with("Error decompressing")
+            && message.ends_with("while sending request"));
+    framing.then(|| {
+        ApiError::InvalidArgument(vec![Violation {
+            field: String::new(),
+            description: format!("the request is not a well-formed gRPC message: {message}"),
+        }])
+    })
+}
+
+impl<S, B> Service<Request<B>> for MalformedRequestService<S>
+where
+    S: Service<Request<B>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let response = inner.call(request).await?;
+            let refused = Status::from_header_map(response.headers())
+                .as_ref()
+                .and_then(malformed_request);
+            Ok(match refused {
+                Some(err) => {
+                    tracing::debug!(%path, error = %err, "request does not decode");
+                    Status::from(err).into_http()
+                }
+                None => response,
+            })
+        })
+    }
+}
+
 /// Layer of [`ShedService`].
 #[derive(Clone, Debug)]
 pub struct ShedLayer {
@@ -502,6 +612,103 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the real prost decoder says for `bytes` as a `T`.
+    fn decode_failure<T: prost::Message + Default + std::fmt::Debug>(bytes: &[u8]) -> Status {
+        let error = T::decode(bytes).expect_err("does not decode");
+        // As tonic-prost maps it.
+        Status::internal(error.to_string())
+    }
+
+    fn violations(err: Option<ApiError>) -> Vec<Violation> {
+        match err {
+            Some(ApiError::InvalidArgument(violations)) => violations,
+            other => panic!("not an input error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_that_do_not_decode_are_input_errors_naming_the_field() {
+        use usher_proto::identity::v1::{SignInRequest, UpdateUserRequest};
+        // `account_slug` (field 1) holding bytes that are not UTF-8.
+        let not_utf8 = decode_failure::<SignInRequest>(&[0x0a, 0x02, 0xc3, 0x28]);
+        let found = violations(malformed_request(&not_utf8));
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].field, "account_slug", "{not_utf8:?}");
+        // A length that runs past the end of the message.
+        let truncated = decode_failure::<SignInRequest>(&[0x0a, 0x05, b'a', b'b']);
+        assert_eq!(
+            violations(malformed_request(&truncated))[0].field,
+            "account_slug",
+            "{truncated:?}"
+        );
+        // A nested field: `update_mask.paths` (8, then 1) of UpdateUserRequest.
+        let nested = decode_failure::<UpdateUserRequest>(&[0x42, 0x04, 0x0a, 0x02, 0xff, 0xfe]);
+        let found = violations(malformed_request(&nested));
+        assert_eq!(found[0].field, "update_mask.paths", "{nested:?}");
+        // A tag cut short: no field to name.
+        let cut = decode_failure::<SignInRequest>(&[0x80]);
+        assert_eq!(violations(malformed_request(&cut))[0].field, "");
+        // tonic's framing failures.
+        for message in [
+            "Unexpected EOF decoding stream.",
+            "Missing request message.",
+            "protocol error: received message with invalid compression flag: 7 (valid flags are 0 and 1), while sending request",
+        ] {
+            violations(malformed_request(&Status::internal(message)));
+        }
+    }
+
+    #[test]
+    fn other_statuses_are_left_alone() {
+        let internal = Status::from(ApiError::Internal(anyhow::anyhow!(
+            "failed to decode Protobuf message: hidden"
+        )));
+        assert!(malformed_request(&internal).is_none(), "{internal:?}");
+        assert!(malformed_request(&Status::internal("boom")).is_none());
+        assert!(
+            malformed_request(&Status::unavailable("failed to decode Protobuf message: x"))
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_layer_rewrites_a_decode_failure_and_nothing_else() {
+        use tower::ServiceExt;
+        let answer = |status: Status| {
+            tower::service_fn(move |_: Request<Body>| {
+                let status = status.clone();
+                async move { Ok::<_, Infallible>(status.into_http()) }
+            })
+        };
+        let call = |status: Status| async move {
+            let response = MalformedRequestLayer
+                .layer(answer(status))
+                .oneshot(Request::new(Body::empty()))
+                .await
+                .expect("infallible");
+            Status::from_header_map(response.headers()).expect("a status")
+        };
+        let rewritten = call(Status::internal(
+            "failed to decode Protobuf message: SignInRequest.account_slug: invalid string value: data is not UTF-8 encoded",
+        ))
+        .await;
+        assert_eq!(rewritten.code(), tonic::Code::InvalidArgument);
+        use tonic_types::StatusExt;
+        let details = rewritten.get_error_details();
+        assert_eq!(
+            details.error_info().map(|i| i.reason.as_str()),
+            Some("INVALID_ARGUMENT")
+        );
+        assert_eq!(
+            details
+                .bad_request()
+                .map(|b| b.field_violations[0].field.as_str()),
+            Some("account_slug")
+        );
+        let kept = call(Status::internal("boom")).await;
+        assert_eq!(kept.code(), tonic::Code::Internal);
+    }
 
     #[tokio::test]
     async fn accepted_connections_do_not_wait_for_delayed_acks() {

@@ -322,6 +322,8 @@ pub struct PrincipalSnapshot {
 impl PrincipalSnapshot {
     /// The principal of `session`, or `None` when the snapshot refuses it: the
     /// user is not active, or the snapshot belongs to another user or account.
+    /// It carries [`must_change_password`](Self::must_change_password), so
+    /// the policy refuses it every RPC not allowed before the change.
     pub fn principal_for(&self, session: &SessionRecord) -> Option<Principal> {
         if self.status != UserStatus::Active
             || self.user_id != session.user_id
@@ -336,6 +338,7 @@ impl PrincipalSnapshot {
             credential_id: Some(session.id.to_string()),
             permissions: self.permissions.clone(),
             service: None,
+            password_change_required: self.must_change_password(session),
         })
     }
 
@@ -385,6 +388,7 @@ impl ApiKeySnapshot {
             credential_id: Some(self.key_id.to_string()),
             permissions: self.permissions.clone(),
             service: None,
+            password_change_required: false,
         })
     }
 }
@@ -2517,6 +2521,31 @@ mod tests {
         assert_eq!(principal.account_id, Some(record.account_id));
         assert!(principal.is_member());
         assert!(snapshot.must_change_password(&record));
+        assert!(
+            principal.password_change_required,
+            "the principal carries it"
+        );
+        let settled = PrincipalSnapshot {
+            password_change_required: false,
+            ..snapshot.clone()
+        };
+        assert!(
+            !settled
+                .principal_for(&record)
+                .expect("active user")
+                .password_change_required
+        );
+        let pending_session = SessionRecord {
+            password_change_required: true,
+            ..record.clone()
+        };
+        assert!(
+            settled
+                .principal_for(&pending_session)
+                .expect("active user")
+                .password_change_required,
+            "either the user or the session requires it"
+        );
         let inactive = PrincipalSnapshot {
             status: UserStatus::Inactive,
             ..snapshot.clone()

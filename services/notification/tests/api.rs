@@ -29,6 +29,7 @@ fn member(account: Uuid) -> Principal {
         credential_id: None,
         permissions: vec!["users.read".into(), "account.manage".into()],
         service: None,
+        password_change_required: false,
     }
 }
 

@@ -168,6 +168,7 @@ pub async fn resolve_api_key(state: &Identity, secret: &str) -> ApiResult<Option
             credential_id: Some(key.id.to_string()),
             permissions,
             service: None,
+            password_change_required: false,
         }
     } else {
         let Some(account_id) = key.account_id else {
@@ -188,6 +189,7 @@ pub async fn resolve_api_key(state: &Identity, secret: &str) -> ApiResult<Option
             credential_id: Some(key.id.to_string()),
             permissions,
             service: None,
+            password_change_required: false,
         }
     };
     api_key::Entity::update_many()
