@@ -2741,7 +2741,7 @@ mod tests {
         name: &str,
         permissions: &[&str],
     ) -> Uuid {
-        let now = chrono::Utc::now();
+        let now = test.state.clock.now();
         role::ActiveModel {
             id: Set(Uuid::new_v4()),
             account_id: Set(acct.id),
