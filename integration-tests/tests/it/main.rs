@@ -11,6 +11,7 @@ mod account_journey;
 mod browser;
 mod faults;
 mod gateway;
+mod grants;
 mod grpc_web;
 mod harness;
 mod health;

@@ -233,6 +233,92 @@ async fn a_dry_run_gives_verdicts_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn an_inviter_cannot_invite_to_a_role_beyond_its_own() {
+    use id::role_service_server::RoleService;
+    let h = Harness::start().await;
+    let account = h.account(10).await;
+    // A member whose role holds users.read + users.invite only.
+    let inviters = RoleService::create_role(
+        &h.identity.api,
+        request(
+            &account.admin,
+            id::CreateRoleRequest {
+                name: "Inviters".into(),
+                permissions: vec!["users.read".into(), "users.invite".into()],
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .expect("role")
+    .into_inner()
+    .role
+    .expect("role");
+    let ivy = UserService::create_user(
+        &h.identity.api,
+        request(
+            &account.admin,
+            id::CreateUserRequest {
+                username: "ivy".into(),
+                display_name: "Ivy".into(),
+                password: "a long enough passphrase".into(),
+                role_id: inviters.id.clone(),
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .expect("ivy")
+    .into_inner()
+    .user
+    .expect("ivy");
+    let as_ivy = member(
+        account.id,
+        ivy.id.parse().expect("uuid"),
+        &["users.read", "users.invite"],
+    );
+
+    // The Admin role: refused as a whole, dry run or not; nothing reserved,
+    // stored or sent.
+    for dry_run in [true, false] {
+        let mut message = create_request(&account, &["mallory@acme.example"]);
+        message.role_id = account.admin_role.clone();
+        message.dry_run = dry_run;
+        let status = h
+            .api
+            .create_invitations(request(&as_ivy, message))
+            .await
+            .expect_err("beyond the inviter");
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(reason(&status), "PERMISSION_DENIED");
+    }
+    assert_eq!(count(&h, "SELECT count(*) AS n FROM invitations").await, 0);
+    assert!(h.outbox_kinds().await.is_empty());
+    let users = UserService::list_users(
+        &h.identity.api,
+        request(&account.admin, id::ListUsersRequest::default()),
+    )
+    .await
+    .expect("users")
+    .into_inner();
+    assert_eq!(users.total_size, 2, "the owner and Ivy only");
+
+    // Her own role or User: invited, and the invitee holds no more.
+    for role in [inviters.id.clone(), account.user_role.clone()] {
+        let mut message = create_request(&account, &[&format!("{}@acme.example", Uuid::new_v4())]);
+        message.role_id = role;
+        let response = h
+            .api
+            .create_invitations(request(&as_ivy, message))
+            .await
+            .expect("within the inviter")
+            .into_inner();
+        assert_eq!(verdicts(&response), [pb::InviteeVerdict::Invited]);
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn a_repeated_request_id_answers_the_first_result_without_new_invitations() {
     let h = Harness::start().await;
     let account = h.account(10).await;

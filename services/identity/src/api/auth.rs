@@ -1533,13 +1533,14 @@ impl IdentityApi {
         let Some(name) = name else {
             return Err(internal("validated name missing"));
         };
-        // No escalation: a key never holds what its creator does not.
-        if let Some(missing) = permissions.iter().find(|p| !principal.has_permission(p)) {
-            return Err(ApiError::rejected(
-                Reason::PermissionDenied,
-                format!("cannot grant {missing}: the caller does not hold it"),
-            ));
-        }
+        // No escalation (P26): a key never holds what its creator does not.
+        let permissions: Vec<String> = permissions.into_iter().collect();
+        super::roles::check_grant(
+            &self.state.db,
+            principal,
+            &crate::domain::grants::Grant::Permissions(&permissions),
+        )
+        .await?;
 
         let secret = Token::try_generate_with_prefix(API_KEY_PREFIX).map_err(internal)?;
         let txn = self.state.db.begin().await?;
@@ -1550,7 +1551,6 @@ impl IdentityApi {
                 "an active API key has that name",
             ));
         }
-        let permissions: Vec<String> = permissions.into_iter().collect();
         let created = api_key::ActiveModel {
             id: Set(Uuid::now_v7()),
             account_id: Set(Some(account_id)),

@@ -47,11 +47,12 @@ use super::{
 };
 use crate::{
     domain::{
-        Origin, USERS_MANAGE, UserStatus, parse_id, parse_optional_id, validate_locale,
-        validate_name,
+        Origin, USERS_MANAGE, UserStatus,
+        grants::{self, Grant, Grantor},
+        parse_id, parse_optional_id, validate_locale, validate_name,
     },
     store::{
-        accounts,
+        accounts, api_keys,
         audit::{self, Actor, AuditEntry},
         entities::{account, api_key, audit_event, role, team, user},
         events::emit,
@@ -126,6 +127,56 @@ fn actor_of(given: Option<&pb::Actor>, principal: &Principal) -> Actor {
             .filter(|c| !c.is_control())
             .take(MAX_ACTOR_CHARS)
             .collect(),
+    }
+}
+
+/// What the inviter holds now, as identity knows it (P26): the effective
+/// permissions of an ACTIVE user's role, or those of an active API key still
+/// enabled on the account. Anyone else (no inviter, another kind of actor, a
+/// user or key of another account, an inactive user, a revoked or expired
+/// key) holds nothing, so it can grant nothing.
+async fn inviter_permissions<C: ConnectionTrait>(
+    db: &C,
+    account: &account::Model,
+    inviter: Option<&pb::Actor>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> ApiResult<Vec<String>> {
+    let Some(actor) = inviter else {
+        return Ok(Vec::new());
+    };
+    let Ok(id) = Uuid::parse_str(actor.id.trim()) else {
+        return Ok(Vec::new());
+    };
+    match pb::ActorKind::try_from(actor.kind) {
+        Ok(pb::ActorKind::User) => {
+            let Some(inviter) = user::Entity::find_by_id(id)
+                .filter(user::Column::AccountId.eq(account.id))
+                .one(db)
+                .await?
+                .filter(|u| UserStatus::parse(&u.status) == Some(UserStatus::Active))
+            else {
+                return Ok(Vec::new());
+            };
+            match role::Entity::find_by_id(inviter.role_id).one(db).await? {
+                Some(role) => accounts::effective_permissions(db, &role).await,
+                None => Ok(Vec::new()),
+            }
+        }
+        Ok(pb::ActorKind::ApiKey) => {
+            let Some(key) = api_key::Entity::find_by_id(id)
+                .filter(api_key::Column::AccountId.eq(account.id))
+                .one(db)
+                .await?
+                .filter(|k| api_keys::is_active(k, now))
+            else {
+                return Ok(Vec::new());
+            };
+            Ok(api_keys::enabled_permissions(
+                convert::strings(&key.permissions),
+                &convert::strings(&account.products),
+            ))
+        }
+        _ => Ok(Vec::new()),
     }
 }
 
@@ -418,6 +469,23 @@ impl IdentityApi {
         // reservations are counted one after the other.
         let account = accounts::lock(&txn, account_id).await?;
         let role = scoped::role(&txn, account_id, role_id).await?;
+        // No escalation (P26): the invitees' role carries nothing the inviter
+        // lacks. The inviter's permissions are read here, where the role is
+        // resolved, not taken from the calling service.
+        let granted = accounts::effective_permissions(&txn, &role).await?;
+        let held = inviter_permissions(&txn, &account, request.inviter.as_ref(), now).await?;
+        grants::check_grant(
+            &Grantor {
+                user_id: None,
+                role_id: None,
+                permissions: &held,
+            },
+            &Grant::Role {
+                user: None,
+                role_id,
+                permissions: &granted,
+            },
+        )?;
         let team = match team_id {
             Some(team_id) => Some(scoped::team(&txn, account_id, team_id).await?),
             None => None,
@@ -1166,7 +1234,7 @@ impl internal::directory_service_server::DirectoryService for IdentityApi {
 mod tests {
     use std::{sync::Arc, time::Instant};
 
-    use sea_orm::{ActiveModelTrait, PaginatorTrait};
+    use sea_orm::{ActiveModelTrait, IntoActiveModel, PaginatorTrait};
     use tonic::Code;
     use tonic_types::StatusExt;
     use usher_kit::clock::SystemClock;
@@ -1458,6 +1526,134 @@ mod tests {
         .await
         .expect("inactive user");
         id
+    }
+
+    // -- ReserveInvitees: nobody grants what they do not hold (P26) --------
+
+    #[tokio::test]
+    async fn the_invitees_role_carries_nothing_the_inviter_lacks() {
+        let test = start().await;
+        let acct = account(&test, 20).await;
+        let now = test.state.clock.now();
+        // An inviter whose role holds users.read + users.invite only.
+        let inviters = role::ActiveModel {
+            id: Set(Uuid::new_v4()),
+            account_id: Set(acct.id),
+            name: Set("Inviters".into()),
+            description: Set(String::new()),
+            permissions: Set(convert::json_strings(["users.invite", "users.read"])),
+            built_in: Set(false),
+            create_time: Set(now),
+            update_time: Set(now),
+        }
+        .insert(&test.state.db)
+        .await
+        .expect("role");
+        let ivy = inactive_member(&test, &acct, "ivy@acme.example").await;
+        let mut row = user::Entity::find_by_id(ivy)
+            .one(&test.state.db)
+            .await
+            .expect("query")
+            .expect("ivy")
+            .into_active_model();
+        row.role_id = Set(inviters.id);
+        row.status = Set(UserStatus::Active.as_str().into());
+        row.update(&test.state.db).await.expect("ivy active");
+        let key_with = |permissions: &[&str]| api_key::ActiveModel {
+            id: Set(Uuid::new_v4()),
+            account_id: Set(Some(acct.id)),
+            name: Set(format!("key {}", Uuid::new_v4())),
+            secret_hash: Set(Uuid::new_v4().to_string()),
+            secret_prefix: Set("usk_abcd".into()),
+            permissions: Set(convert::json_strings(permissions.to_vec())),
+            platform: Set(false),
+            creator_user_id: Set(Some(acct.owner)),
+            create_time: Set(now),
+            expire_time: Set(None),
+            last_use_time: Set(None),
+            revoke_time: Set(None),
+        };
+        let invite_only = key_with(&["users.invite"])
+            .insert(&test.state.db)
+            .await
+            .expect("key");
+        let reader = key_with(&["users.invite", "users.read"])
+            .insert(&test.state.db)
+            .await
+            .expect("key");
+        let actor = |kind: pb::ActorKind, id: Uuid| {
+            Some(pb::Actor {
+                kind: kind as i32,
+                id: id.to_string(),
+                display_name: String::new(),
+            })
+        };
+        let users_before = users_of(&test, &acct).await;
+
+        let mut n = 0;
+        let mut attempt = |inviter: Option<pb::Actor>, role: Uuid, dry_run: bool| {
+            n += 1;
+            let mut message = reservation(&acct, vec![invitee(&format!("p{n}@acme.example"))]);
+            message.inviter = inviter;
+            message.role_id = role.to_string();
+            message.dry_run = dry_run;
+            message
+        };
+        // Refused, dry run or not: the Admin role from Ivy, the User role
+        // (users.read) from a key holding users.invite only, anything from
+        // no inviter, an unknown or inactive one.
+        for (inviter, role) in [
+            (actor(pb::ActorKind::User, ivy), acct.admin_role),
+            (actor(pb::ActorKind::ApiKey, reader.id), acct.admin_role),
+            (actor(pb::ActorKind::ApiKey, invite_only.id), acct.user_role),
+            (None, acct.user_role),
+            (actor(pb::ActorKind::User, Uuid::new_v4()), acct.user_role),
+            (
+                actor(pb::ActorKind::Platform, Uuid::new_v4()),
+                acct.user_role,
+            ),
+        ] {
+            for dry_run in [true, false] {
+                let err = reserve(&test, attempt(inviter.clone(), role, dry_run))
+                    .await
+                    .expect_err("beyond the inviter");
+                assert_eq!(err.code(), Code::PermissionDenied, "{inviter:?} {role}");
+                assert_eq!(reason(&err), "PERMISSION_DENIED");
+            }
+        }
+        assert_eq!(users_of(&test, &acct).await, users_before);
+
+        // Within: Ivy and the reading key invite as Ivy's role or User; the
+        // owner (Admin) as Admin.
+        for (inviter, role) in [
+            (actor(pb::ActorKind::User, ivy), acct.user_role),
+            (actor(pb::ActorKind::User, ivy), inviters.id),
+            (actor(pb::ActorKind::ApiKey, reader.id), acct.user_role),
+            (Some(inviter(&acct)), acct.admin_role),
+        ] {
+            let answer = reserve(&test, attempt(inviter, role, false))
+                .await
+                .expect("within the inviter");
+            assert_eq!(verdicts(&answer), [Verdict::Reserved]);
+        }
+
+        // Once Ivy is deactivated she grants nothing.
+        let mut row = user::Entity::find_by_id(ivy)
+            .one(&test.state.db)
+            .await
+            .expect("query")
+            .expect("ivy")
+            .into_active_model();
+        row.status = Set(UserStatus::Inactive.as_str().into());
+        row.update(&test.state.db).await.expect("ivy inactive");
+        let err = reserve(
+            &test,
+            attempt(actor(pb::ActorKind::User, ivy), acct.user_role, false),
+        )
+        .await
+        .expect_err("inactive inviter");
+        assert_eq!(reason(&err), "PERMISSION_DENIED");
+        test.stop().await;
     }
 
     // -- GetInvitationContext ----------------------------------------------

@@ -29,6 +29,7 @@ use crate::store::scoped;
 use crate::{
     domain::{
         self, ADMIN_ROLE, CATALOGUE, USERS_MANAGE, UserStatus,
+        grants::{self, Grant, Grantor},
         rules::{self, ManagerChange},
         validate_name, validate_text,
     },
@@ -305,21 +306,45 @@ fn validate_permissions(
     chosen.into_iter().collect()
 }
 
-/// Refuses granting a permission the caller does not hold (no privilege
-/// escalation).
-fn check_caller_holds<'a>(
+/// The caller as a grantor (P26): its permissions, and for a signed-in user
+/// the role it holds now (read in `db`, so inside the caller's transaction
+/// it is the role the change is checked against).
+pub(crate) async fn grantor_role<C: ConnectionTrait>(
+    db: &C,
     principal: &Principal,
-    granted: impl IntoIterator<Item = &'a String>,
+) -> ApiResult<Option<Uuid>> {
+    let Some(user_id) = principal.user_id else {
+        return Ok(None);
+    };
+    Ok(user::Entity::find_by_id(user_id)
+        .select_only()
+        .column(user::Column::RoleId)
+        .into_tuple::<Uuid>()
+        .one(db)
+        .await?)
+}
+
+/// Applies the grant rule (domain::grants) for `principal`.
+pub(crate) async fn check_grant<C: ConnectionTrait>(
+    db: &C,
+    principal: &Principal,
+    grant: &Grant<'_>,
 ) -> ApiResult<()> {
-    for permission in granted {
-        if !principal.has_permission(permission) {
-            return Err(ApiError::rejected(
-                Reason::PermissionDenied,
-                format!("cannot grant {permission}, which the caller does not hold"),
-            ));
+    let role_id = match grant {
+        // Only role edits and deletions need the caller's own role.
+        Grant::RolePermissions { .. } | Grant::Reassign { .. } => {
+            grantor_role(db, principal).await?
         }
-    }
-    Ok(())
+        Grant::Role { .. } | Grant::Permissions(_) => None,
+    };
+    grants::check_grant(
+        &Grantor {
+            user_id: principal.user_id,
+            role_id,
+            permissions: &principal.permissions,
+        },
+        grant,
+    )
 }
 
 /// Old and new value of a changed field, for the audit log.
@@ -489,7 +514,12 @@ impl IdentityApi {
                 "validated fields missing"
             )));
         };
-        check_caller_holds(&call.principal, &permissions)?;
+        check_grant(
+            &self.state.db,
+            &call.principal,
+            &Grant::Permissions(&permissions),
+        )
+        .await?;
 
         let now = self.state.clock.now();
         let txn = self.state.db.begin().await?;
@@ -659,11 +689,16 @@ impl IdentityApi {
         }
         let permissions_named = permissions.is_some();
         if let Some(permissions) = permissions.filter(|p| *p != old_permissions) {
-            let added: Vec<&String> = permissions
-                .iter()
-                .filter(|p| !old_permissions.contains(p))
-                .collect();
-            check_caller_holds(&call.principal, added)?;
+            check_grant(
+                &txn,
+                &call.principal,
+                &Grant::RolePermissions {
+                    role_id,
+                    before: &old_permissions,
+                    after: &permissions,
+                },
+            )
+            .await?;
             let loses_manage = old_permissions.iter().any(|p| p == USERS_MANAGE)
                 && !permissions.iter().any(|p| p == USERS_MANAGE);
             if loses_manage {
@@ -787,6 +822,16 @@ impl IdentityApi {
                 ));
             };
             let target = scoped::role(&txn, account_id, target_id).await?;
+            let granted = accounts::effective_permissions(&txn, &target).await?;
+            check_grant(
+                &txn,
+                &call.principal,
+                &Grant::Reassign {
+                    role_id,
+                    permissions: &granted,
+                },
+            )
+            .await?;
             if manages_users(&doomed) && !manages_users(&target) {
                 check_holders_may_lose_manage(&txn, account_id, role_id).await?;
             }
@@ -1630,6 +1675,67 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn nobody_edits_or_deletes_the_role_it_holds_nor_reassigns_beyond_itself() {
+        let (test, _clock) = start().await;
+        let a = tenant(&test, &[]).await;
+        let held = ["roles.manage", "users.read"];
+        let keepers = create_role(&test, &a.admin, "Keepers", &held).await;
+        let keepers_id = Uuid::parse_str(&keepers.id).expect("uuid");
+        let kim = add_user(&test, a.account, keepers_id, None, UserStatus::Active).await;
+        let as_kim = member(a.account, kim, &held);
+
+        // Its own role: no permission change, not even a removal; the name
+        // and description stay editable.
+        for permissions in [
+            vec!["users.read"],
+            vec!["roles.manage", "users.read", "audit.read"],
+        ] {
+            let mut change = update(&keepers.id, &["permissions"]);
+            change.permissions = permissions.iter().map(|p| (*p).to_owned()).collect();
+            refused(
+                RoleService::update_role(&test.api, request(&as_kim, change)).await,
+                "PERMISSION_DENIED",
+            );
+        }
+        let mut rename = update(&keepers.id, &["name", "permissions"]);
+        rename.name = "Key keepers".into();
+        rename.permissions = vec!["users.read".into(), "roles.manage".into()];
+        RoleService::update_role(&test.api, request(&as_kim, rename))
+            .await
+            .expect("renamed, permissions unchanged");
+        let stored = role::Entity::find_by_id(keepers_id)
+            .one(&test.state.db)
+            .await
+            .expect("query")
+            .expect("role");
+        assert_eq!(crate::api::convert::strings(&stored.permissions), held);
+
+        // DeleteRole: moving holders to a role beyond the caller, or
+        // deleting the caller's own role, is refused and moves nobody.
+        let clerks = create_role(&test, &a.admin, "Clerks", &["users.read"]).await;
+        let clerks_id = Uuid::parse_str(&clerks.id).expect("uuid");
+        let clerk = add_user(&test, a.account, clerks_id, None, UserStatus::Active).await;
+        refused(
+            RoleService::delete_role(&test.api, request(&as_kim, delete(clerks_id, a.admin_role)))
+                .await,
+            "PERMISSION_DENIED",
+        );
+        assert_eq!(user_row(&test, clerk).await.role_id, clerks_id);
+        refused(
+            RoleService::delete_role(&test.api, request(&as_kim, delete(keepers_id, a.user_role)))
+                .await,
+            "PERMISSION_DENIED",
+        );
+        assert_eq!(user_row(&test, kim).await.role_id, keepers_id);
+        // Within the caller's permissions, another role's holders may move.
+        RoleService::delete_role(&test.api, request(&as_kim, delete(clerks_id, a.user_role)))
+            .await
+            .expect("reassigned to User");
+        assert_eq!(user_row(&test, clerk).await.role_id, a.user_role);
+        test.stop().await;
+    }
+
+    #[tokio::test]
     async fn an_account_holds_at_most_100_roles() {
         let (test, _clock) = start().await;
         let a = tenant(&test, &[]).await;
@@ -1848,17 +1954,29 @@ pub(crate) mod tests {
         owner.role_id = Set(supervisors_id);
         owner.update(&test.state.db).await.expect("owner moved");
         add_user(&test, a.account, a.admin_role, None, UserStatus::Inactive).await;
+        // The owner now holds Supervisors and may not edit it (P26): an
+        // admin's API key makes the changes.
+        let key = Principal {
+            kind: usher_kit::principal::PrincipalKind::ApiKey,
+            user_id: None,
+            credential_id: Some(Uuid::new_v4().to_string()),
+            ..a.admin.clone()
+        };
 
         let mut demote = update(&supervisors.id, &["permissions"]);
         demote.permissions = vec!["users.read".into()];
         refused(
             RoleService::update_role(&test.api, request(&a.admin, demote.clone())).await,
+            "PERMISSION_DENIED",
+        );
+        refused(
+            RoleService::update_role(&test.api, request(&key, demote.clone())).await,
             "LAST_MANAGER",
         );
         refused(
             RoleService::delete_role(
                 &test.api,
-                request(&a.admin, delete(supervisors_id, a.user_role)),
+                request(&key, delete(supervisors_id, a.user_role)),
             )
             .await,
             "LAST_MANAGER",
@@ -1873,7 +1991,7 @@ pub(crate) mod tests {
 
         // With another active manager (on Admin) the change goes through.
         add_user(&test, a.account, a.admin_role, None, UserStatus::Active).await;
-        let updated = RoleService::update_role(&test.api, request(&a.admin, demote))
+        let updated = RoleService::update_role(&test.api, request(&key, demote))
             .await
             .expect("demoted")
             .into_inner()

@@ -34,12 +34,16 @@ use usher_proto::{events::v1 as events, identity::v1 as pb};
 use uuid::Uuid;
 
 use super::{
-    Call, IdentityApi, call, convert, mask_paths, status,
+    Call, IdentityApi, call, convert, mask_paths,
+    roles::check_grant,
+    status,
     validate::{require_enabled, validate_metadata, validate_products},
 };
 use crate::{
     domain::{
-        Origin, USERS_MANAGE, UserStatus, parse_id, parse_optional_id,
+        Origin, USERS_MANAGE, UserStatus,
+        grants::{self, Grant, Grantor},
+        parse_id, parse_optional_id,
         rules::{ManagerChange, OwnerAction, check_managers_remain, check_owner},
         validate_locale, validate_name,
     },
@@ -646,6 +650,19 @@ impl IdentityApi {
         // holds it; a role edited meanwhile changes nothing here (adding a user
         // can only add managers).
         let role = scoped::role(&self.state.db, account_id, role_id).await?;
+        // No escalation (P26): the new user's role carries nothing the
+        // caller lacks.
+        let granted = accounts::effective_permissions(&self.state.db, &role).await?;
+        check_grant(
+            &self.state.db,
+            &call.principal,
+            &Grant::Role {
+                user: None,
+                role_id,
+                permissions: &granted,
+            },
+        )
+        .await?;
         find_optional_team(&self.state.db, account_id, team_id).await?;
         let password_hash = match password {
             Some(password) => Some(self.state.passwords.hash(password).await?),
@@ -930,6 +947,17 @@ impl IdentityApi {
         if let Some(role_id) = role_id.filter(|r| *r != target.role_id) {
             let role = scoped::role(&txn, account_id, role_id).await?;
             check_owner(target.owner, actor_is_target, OwnerAction::ChangeRole)?;
+            let granted = accounts::effective_permissions(&txn, &role).await?;
+            check_grant(
+                &txn,
+                &call.principal,
+                &Grant::Role {
+                    user: Some((target.id, target.role_id)),
+                    role_id,
+                    permissions: &granted,
+                },
+            )
+            .await?;
             check_manager_left(&txn, account_id, &target, manages(&role)).await?;
             note(
                 "role_id",
@@ -1098,6 +1126,15 @@ impl IdentityApi {
         if set_team {
             find_optional_team(&txn, account_id, team_id).await?;
         }
+        let granted = match &new_role {
+            Some(role) => accounts::effective_permissions(&txn, role).await?,
+            None => Vec::new(),
+        };
+        let grantor = Grantor {
+            user_id: call.principal.user_id,
+            role_id: None,
+            permissions: &call.principal.permissions,
+        };
         let mut found: HashMap<Uuid, user::Model> = HashMap::with_capacity(ids.len());
         let query = user::Entity::find()
             .filter(user::Column::AccountId.eq(account_id))
@@ -1111,7 +1148,8 @@ impl IdentityApi {
             found.insert(row.id, row);
         }
 
-        // Item by item: NOT_FOUND, INVALID_STATE, OWNER_PROTECTED.
+        // Item by item: NOT_FOUND, INVALID_STATE, OWNER_PROTECTED,
+        // PERMISSION_DENIED (a role beyond the caller's, or its own role).
         let mut errors: HashMap<Uuid, ApiError> = HashMap::new();
         let mut items: Vec<BatchItem> = Vec::new();
         for id in &ids {
@@ -1140,7 +1178,18 @@ impl IdentityApi {
             } else {
                 Ok(())
             };
-            if let Err(err) = owner_check {
+            let grant_check = match &new_role {
+                Some(role) if role_changes => grants::check_grant(
+                    &grantor,
+                    &Grant::Role {
+                        user: Some((target.id, target.role_id)),
+                        role_id: role.id,
+                        permissions: &granted,
+                    },
+                ),
+                _ => Ok(()),
+            };
+            if let Err(err) = owner_check.and(grant_check) {
                 errors.insert(*id, err);
                 continue;
             }
@@ -1677,6 +1726,17 @@ mod tests {
     impl Acct {
         fn owner(&self) -> Principal {
             member(self.id, self.owner, &admin_permissions())
+        }
+
+        /// An API key of the account holding every permission: an admin
+        /// who is none of the users a test changes.
+        fn key(&self) -> Principal {
+            Principal {
+                kind: usher_kit::principal::PrincipalKind::ApiKey,
+                user_id: None,
+                credential_id: Some(Uuid::new_v4().to_string()),
+                ..self.owner()
+            }
         }
 
         fn admin(&self, user: &pb::User) -> Principal {
@@ -2574,10 +2634,13 @@ mod tests {
         let alice = admin_user(&test, &acct, "alice").await;
         owner_not_a_manager(&test, &acct).await;
         let as_alice = acct.admin(&alice);
+        // Alice may not change her own role at all (P26); an admin's key
+        // demotes her.
+        let key = acct.key();
         let id = id_of(&alice);
         assert_eq!(
             reason(
-                &update(&test, &as_alice, set_role(id, acct.user_role))
+                &update(&test, &key, set_role(id, acct.user_role))
                     .await
                     .expect_err("demote")
             ),
@@ -2602,7 +2665,7 @@ mod tests {
             .expect("bob deactivated");
         assert_eq!(
             reason(
-                &update(&test, &as_alice, set_role(id, acct.user_role))
+                &update(&test, &key, set_role(id, acct.user_role))
                     .await
                     .expect_err("demote")
             ),
@@ -2611,7 +2674,15 @@ mod tests {
         reactivate(&test, &as_alice, id_of(&bob))
             .await
             .expect("bob back");
-        update(&test, &as_alice, set_role(id, acct.user_role))
+        assert_eq!(
+            reason(
+                &update(&test, &as_alice, set_role(id, acct.user_role))
+                    .await
+                    .expect_err("her own role")
+            ),
+            "PERMISSION_DENIED"
+        );
+        update(&test, &key, set_role(id, acct.user_role))
             .await
             .expect("now alice may go");
         assert_eq!(
@@ -2669,6 +2740,159 @@ mod tests {
             .await
             .expect("promoted back");
         }
+        test.stop().await;
+    }
+
+    /// A custom role of `acct` holding `permissions`, written directly.
+    async fn custom_role(
+        test: &TestIdentity,
+        acct: &Acct,
+        name: &str,
+        permissions: &[&str],
+    ) -> Uuid {
+        let now = test.state.clock.now();
+        role::ActiveModel {
+            id: Set(Uuid::new_v4()),
+            account_id: Set(acct.id),
+            name: Set(name.into()),
+            description: Set(String::new()),
+            permissions: Set(convert::json_strings(
+                permissions
+                    .iter()
+                    .map(|p| (*p).to_owned())
+                    .collect::<Vec<_>>(),
+            )),
+            built_in: Set(false),
+            create_time: Set(now),
+            update_time: Set(now),
+        }
+        .insert(&test.state.db)
+        .await
+        .expect("role")
+        .id
+    }
+
+    #[tokio::test]
+    async fn a_manager_grants_no_role_beyond_its_own_and_never_changes_its_own() {
+        let test = start().await;
+        let acct = account(&test, 20).await;
+        // A manager whose role holds users.read + users.manage only.
+        let managers = custom_role(&test, &acct, "Managers", &["users.read", "users.manage"]).await;
+        let mut message = new_user("max", "max@acme.example", managers);
+        message.password = "a long enough passphrase".into();
+        let max = id_of(&create(&test, &acct.owner(), message).await.expect("max"));
+        let as_max = member(acct.id, max, &["users.read", "users.manage"]);
+        let carol = id_of(&member_user(&test, &acct, "carol").await);
+        let dave = id_of(&member_user(&test, &acct, "dave").await);
+        let users_before = user::Entity::find()
+            .count(&test.state.db)
+            .await
+            .expect("count");
+
+        // CreateUser with the Admin role: refused, nothing written.
+        let mut admin = new_user("eve", "eve@acme.example", acct.admin_role);
+        admin.password = "a long enough passphrase".into();
+        let err = create(&test, &as_max, admin.clone())
+            .await
+            .expect_err("admin");
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert_eq!(reason(&err), "PERMISSION_DENIED");
+        assert_eq!(
+            user::Entity::find()
+                .count(&test.state.db)
+                .await
+                .expect("count"),
+            users_before
+        );
+        // Within the manager's permissions: its own role, or User.
+        admin.role_id = managers.to_string();
+        create(&test, &as_max, admin).await.expect("a role within");
+        create(
+            &test,
+            &as_max,
+            new_user("fay", "fay@acme.example", acct.user_role),
+        )
+        .await
+        .expect("User");
+
+        // UpdateUser: itself to Admin, or even down to User; others to Admin.
+        for role in [acct.admin_role, acct.user_role] {
+            let err = update(&test, &as_max, set_role(max, role))
+                .await
+                .expect_err("its own role");
+            assert_eq!(reason(&err), "PERMISSION_DENIED");
+        }
+        assert_eq!(stored(&test, max).await.expect("row").role_id, managers);
+        let err = update(&test, &as_max, set_role(carol, acct.admin_role))
+            .await
+            .expect_err("promote carol");
+        assert_eq!(reason(&err), "PERMISSION_DENIED");
+        assert_eq!(
+            stored(&test, carol).await.expect("row").role_id,
+            acct.user_role
+        );
+        // Its own role named unchanged with other details is no change.
+        let mut rename = set_role(max, managers);
+        rename.display_name = "Max M".into();
+        rename.update_mask = Some(FieldMask {
+            paths: vec!["role_id".into(), "display_name".into()],
+        });
+        update(&test, &as_max, rename).await.expect("details");
+        update(&test, &as_max, set_role(carol, managers))
+            .await
+            .expect("a role within");
+
+        // BatchUpdateUsers: a verdict per item.
+        let to = |role: Uuid, ids: &[Uuid]| pb::BatchUpdateUsersRequest {
+            user_ids: ids.iter().map(Uuid::to_string).collect(),
+            role_id: role.to_string(),
+            update_mask: Some(FieldMask {
+                paths: vec!["role_id".into()],
+            }),
+            ..Default::default()
+        };
+        let done = batch(&test, &as_max, to(acct.admin_role, &[dave, max, carol]))
+            .await
+            .expect("batch");
+        let reasons: Vec<&str> = done
+            .results
+            .iter()
+            .map(|r| r.error.as_ref().map_or("", |e| e.reason.as_str()))
+            .collect();
+        assert_eq!(reasons, ["PERMISSION_DENIED"; 3]);
+        assert_eq!((done.updated_count, done.failed_count), (0, 3));
+        let done = batch(&test, &as_max, to(acct.user_role, &[carol, max, dave]))
+            .await
+            .expect("batch");
+        let reasons: Vec<&str> = done
+            .results
+            .iter()
+            .map(|r| r.error.as_ref().map_or("", |e| e.reason.as_str()))
+            .collect();
+        assert_eq!(reasons, ["", "PERMISSION_DENIED", ""]);
+        for (id, role) in [
+            (max, managers),
+            (carol, acct.user_role),
+            (dave, acct.user_role),
+        ] {
+            assert_eq!(stored(&test, id).await.expect("row").role_id, role);
+        }
+
+        // An API key holding users.manage alone cannot hand out users.read.
+        let key = Principal {
+            kind: usher_kit::principal::PrincipalKind::ApiKey,
+            user_id: None,
+            credential_id: Some(Uuid::new_v4().to_string()),
+            ..member(acct.id, max, &["users.manage"])
+        };
+        let err = create(
+            &test,
+            &key,
+            new_user("gus", "gus@acme.example", acct.user_role),
+        )
+        .await
+        .expect_err("User holds users.read");
+        assert_eq!(reason(&err), "PERMISSION_DENIED");
         test.stop().await;
     }
 
@@ -2751,13 +2975,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let done = batch(
-            &test,
-            &member(acct.id, alice, &admin_permissions()),
-            demote_all,
-        )
-        .await
-        .expect("batch");
+        let done = batch(&test, &acct.key(), demote_all).await.expect("batch");
         let reasons: Vec<&str> = done
             .results
             .iter()

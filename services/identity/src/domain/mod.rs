@@ -4,6 +4,7 @@
 
 use usher_kit::error::{ApiError, ApiResult};
 
+pub mod grants;
 pub mod rules;
 
 /// Read users, invitations and deliveries.
