@@ -105,11 +105,12 @@ impl IdentityApi {
         mut request: pb::CreateAccountRequest,
     ) -> ApiResult<pb::CreateAccountResponse> {
         let request_id = std::mem::take(&mut request.request_id);
-        let scope = format!(
-            "platform:{}:CreateAccount",
-            call.principal.credential_id.clone().unwrap_or_default()
-        );
-        let idempotency = IdempotencyKey::new(scope, &request_id, &request)?;
+        let idempotency = IdempotencyKey::new(
+            &call.principal,
+            "usher.identity.v1.AccountService/CreateAccount",
+            &request_id,
+            &request,
+        )?;
         if let Some(key) = &idempotency
             && let Some(done) = key.replay(&self.state.db).await?
         {

@@ -582,7 +582,8 @@ impl IdentityApi {
         let account_id = call.principal.account()?;
         let request_id = std::mem::take(&mut request.request_id);
         let idempotency = IdempotencyKey::new(
-            format!("account:{account_id}:CreateUser"),
+            &call.principal,
+            "usher.identity.v1.UserService/CreateUser",
             &request_id,
             &request,
         )?;
