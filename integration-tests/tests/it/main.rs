@@ -15,6 +15,7 @@ mod grpc_web;
 mod harness;
 mod health;
 mod identity;
+mod input;
 mod invitation;
 mod journey;
 mod limits;
