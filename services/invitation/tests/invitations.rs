@@ -844,6 +844,7 @@ async fn request_ids_are_scoped_per_caller_and_checked_never_cut() {
                 username: "second-admin".into(),
                 email: "second@acme.example".into(),
                 display_name: "Second Admin".into(),
+                password: "a long enough passphrase".into(),
                 role_id: account.admin_role.clone(),
                 ..Default::default()
             },
