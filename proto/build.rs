@@ -26,6 +26,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    // `prost::Name` on every message: its full name finds its descriptor
+    // (the services' input checks walk requests by reflection).
+    config.enable_type_names();
     tonic_prost_build::configure()
         // RPCs a service does not implement yet answer UNIMPLEMENTED instead
         // of failing the build; the service issues fill them in.

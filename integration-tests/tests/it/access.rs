@@ -46,7 +46,7 @@ use crate::{
 
 /// Raw protobuf bytes in and out: any RPC, without its generated types.
 #[derive(Clone, Copy, Default)]
-struct Raw;
+pub(crate) struct Raw;
 
 impl Codec for Raw {
     type Encode = Vec<u8>;

@@ -16,6 +16,7 @@ mod grpc_web;
 mod harness;
 mod health;
 mod identity;
+mod input;
 mod invitation;
 mod journey;
 mod limits;

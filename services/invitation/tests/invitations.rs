@@ -917,3 +917,117 @@ async fn with_redis_down_links_answer_unavailable_never_unusable() {
     assert_eq!(verdicts(&again), [pb::InviteeVerdict::Invited]);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn request_ids_are_scoped_per_caller_and_checked_never_cut() {
+    let h = Harness::start().await;
+    let account = h.account(10).await;
+    let second = UserService::create_user(
+        &h.identity.api,
+        request(
+            &account.admin,
+            id::CreateUserRequest {
+                username: "second-admin".into(),
+                email: "second@acme.example".into(),
+                display_name: "Second Admin".into(),
+                password: "a long enough passphrase".into(),
+                role_id: account.admin_role.clone(),
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .expect("a second admin")
+    .into_inner()
+    .user
+    .expect("user");
+    let second = member(
+        account.id,
+        second.id.parse().expect("uuid"),
+        &usher_identity::testing::admin_permissions(),
+    );
+
+    // The same request_id from two callers: two calls, not a conflict.
+    let mut mine = create_request(&account, &["a@acme.example"]);
+    mine.request_id = "shared-key".into();
+    let first = h
+        .create(&account, mine.clone())
+        .await
+        .expect("first caller");
+    let mut theirs = create_request(&account, &["b@acme.example"]);
+    theirs.request_id = "shared-key".into();
+    let other = h
+        .api
+        .create_invitations(request(&second, theirs.clone()))
+        .await
+        .expect("another caller's key is its own")
+        .into_inner();
+    assert_eq!(verdicts(&other), [pb::InviteeVerdict::Invited]);
+    // Each caller's retry replays its own answer.
+    assert_eq!(h.create(&account, mine).await.expect("replay"), first);
+    let replay = h
+        .api
+        .create_invitations(request(&second, theirs))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!(replay, other);
+    assert_eq!(count(&h, "SELECT count(*) AS n FROM invitations").await, 2);
+
+    // ResendInvitations: the same key from two callers, each its own call.
+    for (caller, invitation) in [
+        (&account.admin, invitation_id(&first, 0)),
+        (&second, invitation_id(&other, 0)),
+    ] {
+        h.api
+            .resend_invitations(request(
+                caller,
+                pb::ResendInvitationsRequest {
+                    request_id: "shared-key".into(),
+                    invitation_ids: vec![invitation],
+                },
+            ))
+            .await
+            .expect("not an IDEMPOTENCY_CONFLICT");
+    }
+
+    // One rule for request_id: too long or not printable ASCII is refused
+    // on the field, never cut.
+    for bad in [format!("{}x", "k".repeat(128)), "tab\tkey".to_owned()] {
+        let mut message = create_request(&account, &["c@acme.example"]);
+        message.request_id = bad;
+        let status = h.create(&account, message).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("request_id"), "{status:?}");
+    }
+
+    // NUL in metadata and in the listing's query: INVALID_ARGUMENT, nothing
+    // stored.
+    let mut message = create_request(&account, &["d@acme.example"]);
+    message.metadata = Some(prost_types::Struct {
+        fields: [(
+            "line".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue("a\0b".into())),
+            },
+        )]
+        .into(),
+    });
+    let status = h.create(&account, message).await.expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("metadata.line"), "{status:?}");
+    let status = h
+        .api
+        .list_invitations(request(
+            &account.admin,
+            pb::ListInvitationsRequest {
+                query: "acme\0".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(count(&h, "SELECT count(*) AS n FROM invitations").await, 2);
+    h.stop().await;
+}

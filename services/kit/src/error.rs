@@ -299,7 +299,23 @@ impl Violations {
     }
 }
 
+/// Longest `grpc-message`, in characters. A message that quotes the
+/// caller's input (an unknown product code, say) stays far below the HTTP/2
+/// header limits, which would otherwise reset the stream.
+const MAX_MESSAGE_CHARS: usize = 1_000;
+
+/// `message`, shortened to [`MAX_MESSAGE_CHARS`] with an ellipsis.
+fn bounded(message: String) -> String {
+    if message.chars().count() <= MAX_MESSAGE_CHARS {
+        return message;
+    }
+    let mut short: String = message.chars().take(MAX_MESSAGE_CHARS - 1).collect();
+    short.push('…');
+    short
+}
+
 fn status(reason: Reason, message: String, mut details: ErrorDetails) -> Status {
+    let message = bounded(message);
     details.set_error_info(
         reason.as_str(),
         ERROR_DOMAIN,
@@ -322,7 +338,7 @@ impl From<ApiError> for Status {
                 );
                 let fields: Vec<FieldViolation> = violations
                     .into_iter()
-                    .map(|v| FieldViolation::new(v.field, v.description))
+                    .map(|v| FieldViolation::new(bounded(v.field), bounded(v.description)))
                     .collect();
                 status(
                     Reason::InvalidArgument,
@@ -549,6 +565,19 @@ mod tests {
             ApiError::retry_later(Reason::RateLimited, "slow down", Duration::from_secs(3)).into();
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert!(status.get_error_details().retry_info().is_some());
+    }
+
+    #[test]
+    fn messages_quoting_input_stay_small() {
+        let huge = "a".repeat(10_000);
+        let status: Status =
+            ApiError::rejected(Reason::ProductNotEnabled, format!("product {huge}")).into();
+        assert!(status.message().chars().count() <= MAX_MESSAGE_CHARS);
+        let status: Status = ApiError::invalid(huge.clone(), huge).into();
+        assert!(status.message().chars().count() <= MAX_MESSAGE_CHARS);
+        let details = status.get_error_details();
+        let violation = &details.bad_request().expect("bad request").field_violations[0];
+        assert!(violation.field.chars().count() <= MAX_MESSAGE_CHARS);
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! - [`db`], [`redis`], [`amqp`], [`outbox`]: the stores and the broker;
 //! - [`cache`], [`broker`]: Redis and RabbitMQ, or their in-process stand-ins
 //!   for `usher dev`, behind one type each;
-//! - [`principal`]: the caller's identity, asserted by the gateway and verified here.
+//! - [`principal`]: the caller's identity, asserted by the gateway and verified here;
+//! - [`text`], [`idempotency`]: the input rules every RPC shares.
 
 pub mod amqp;
 pub mod authz;
@@ -35,5 +36,6 @@ pub mod server;
 pub mod sessions;
 pub mod telemetry;
 pub mod testing;
+pub mod text;
 pub mod tokens;
 pub mod ttl;

@@ -85,6 +85,25 @@ pub fn principal<T>(request: &tonic::Request<T>) -> Result<Principal, Status> {
         })
 }
 
+/// The `x-request-id` of a call (set by the gateway, or by the client and
+/// kept by it), for logs and the audit log; empty when absent. It follows
+/// the one request-id rule ([`crate::idempotency::validate_request_id`]):
+/// one that breaks it is `INVALID_ARGUMENT` on `x-request-id`, never cut.
+pub fn request_id<T>(request: &tonic::Request<T>) -> Result<String, Status> {
+    let Some(value) = request.metadata().get("x-request-id") else {
+        return Ok(String::new());
+    };
+    let invalid = || {
+        Status::from(ApiError::invalid(
+            "x-request-id",
+            "must be at most 128 printable ASCII characters",
+        ))
+    };
+    let value = value.to_str().map_err(|_| invalid())?;
+    crate::idempotency::validate_request_id("x-request-id", value).map_err(|_| invalid())?;
+    Ok(value.to_owned())
+}
+
 /// A service's gRPC server under construction.
 pub struct ServiceServer {
     name: &'static str,
@@ -708,6 +727,27 @@ mod tests {
         );
         let kept = call(Status::internal("boom")).await;
         assert_eq!(kept.code(), tonic::Code::Internal);
+    }
+
+    #[test]
+    fn request_ids_follow_the_one_rule_and_are_never_cut() {
+        let with = |id: &str| {
+            let mut request = tonic::Request::new(());
+            request
+                .metadata_mut()
+                .insert("x-request-id", id.parse().expect("header value"));
+            request
+        };
+        assert_eq!(request_id(&tonic::Request::new(())).expect("absent"), "");
+        let long = "r".repeat(128);
+        assert_eq!(request_id(&with(&long)).expect("128 characters"), long);
+        let status = request_id(&with(&"r".repeat(129))).expect_err("too long");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("x-request-id"), "{status:?}");
+        assert!(
+            request_id(&with("tab\there")).is_err(),
+            "a control character"
+        );
     }
 
     #[tokio::test]

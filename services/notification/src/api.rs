@@ -313,6 +313,7 @@ impl pb::notification_service_server::NotificationService for NotificationApi {
         request: Request<pb::ListDeliveriesRequest>,
     ) -> Result<Response<pb::ListDeliveriesResponse>, Status> {
         let caller = principal(&request)?;
+        usher_kit::text::check_request(&request)?;
         Ok(Response::new(
             self.list(&caller, request.into_inner()).await?,
         ))
@@ -323,6 +324,7 @@ impl pb::notification_service_server::NotificationService for NotificationApi {
         request: Request<pb::GetDeliveryRequest>,
     ) -> Result<Response<pb::GetDeliveryResponse>, Status> {
         let caller = principal(&request)?;
+        usher_kit::text::check_request(&request)?;
         Ok(Response::new(
             self.get(&caller, request.into_inner()).await?,
         ))
@@ -333,6 +335,7 @@ impl pb::notification_service_server::NotificationService for NotificationApi {
         request: Request<pb::PreviewEmailRequest>,
     ) -> Result<Response<pb::PreviewEmailResponse>, Status> {
         let caller = principal(&request)?;
+        usher_kit::text::check_request(&request)?;
         Ok(Response::new(
             self.preview(&caller, request.get_ref()).await?,
         ))

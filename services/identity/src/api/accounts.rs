@@ -18,7 +18,7 @@ use usher_kit::{
 use usher_proto::{events::v1 as events, identity::v1 as pb};
 use uuid::Uuid;
 
-use super::{IdentityApi, call, convert, mask_paths, status};
+use super::{IdentityApi, call, convert, mask_paths, status, validate::validate_product_code};
 use crate::{
     domain::{self, Origin, UserStatus, validate_locale, validate_name, validate_slug},
     store::{
@@ -34,22 +34,6 @@ const MAX_PRODUCTS: usize = 50;
 const MAX_DOMAINS: usize = 100;
 const MAX_PRODUCT_PERMISSIONS: usize = 100;
 const CORE_NAMESPACES: &[&str] = &["users", "roles", "teams", "account", "audit"];
-
-/// A product code: 1..=63 of `[a-z0-9_-]`, starting with a letter.
-fn validate_product_code(field: &str, code: &str) -> ApiResult<()> {
-    let ok = (1..=63).contains(&code.len())
-        && code.starts_with(|c: char| c.is_ascii_lowercase())
-        && code
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-    if !ok {
-        return Err(ApiError::invalid(
-            field,
-            "must be 1 to 63 characters of a-z, 0-9, '_' and '-', starting with a letter",
-        ));
-    }
-    Ok(())
-}
 
 /// Canonical allowed domains (lower case, punycode), deduplicated.
 fn validate_domains(field: &str, domains: &[String]) -> ApiResult<Vec<String>> {
@@ -105,11 +89,12 @@ impl IdentityApi {
         mut request: pb::CreateAccountRequest,
     ) -> ApiResult<pb::CreateAccountResponse> {
         let request_id = std::mem::take(&mut request.request_id);
-        let scope = format!(
-            "platform:{}:CreateAccount",
-            call.principal.credential_id.clone().unwrap_or_default()
-        );
-        let idempotency = IdempotencyKey::new(scope, &request_id, &request)?;
+        let idempotency = IdempotencyKey::new(
+            &call.principal,
+            "usher.identity.v1.AccountService/CreateAccount",
+            &request_id,
+            &request,
+        )?;
         if let Some(key) = &idempotency
             && let Some(done) = key.replay(&self.state.db).await?
         {

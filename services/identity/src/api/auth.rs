@@ -1464,9 +1464,12 @@ impl IdentityApi {
         let account_id = principal.account()?;
         self.require_settled_password(principal).await?;
         let request_id = std::mem::take(&mut request.request_id);
-        let caller = principal.credential_id.clone().unwrap_or_default();
-        let scope = format!("account:{account_id}:{caller}:CreateApiKey");
-        let idempotency = IdempotencyKey::new(scope, &request_id, &request)?;
+        let idempotency = IdempotencyKey::new(
+            principal,
+            "usher.identity.v1.AuthService/CreateApiKey",
+            &request_id,
+            &request,
+        )?;
         if let Some(key) = &idempotency
             && let Some(done) = key
                 .replay::<_, pb::CreateApiKeyResponse>(&self.state.db)

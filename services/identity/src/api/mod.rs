@@ -35,17 +35,13 @@ pub struct Call {
     pub request_id: String,
 }
 
-/// The verified caller and request id of `request`.
-pub fn call<T>(request: &Request<T>) -> Result<Call, Status> {
+/// The verified caller and request id of `request`, once its text fields
+/// passed the one text rule ([`usher_kit::text`]) and its `x-request-id` the
+/// one request-id rule ([`usher_kit::server::request_id`]).
+pub fn call<T: prost::Message + prost::Name>(request: &Request<T>) -> Result<Call, Status> {
     let principal = usher_kit::server::principal(request)?;
-    let request_id = request
-        .metadata()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .chars()
-        .take(64)
-        .collect();
+    let request_id = usher_kit::server::request_id(request)?;
+    usher_kit::text::check_request(request)?;
     Ok(Call {
         principal,
         request_id,

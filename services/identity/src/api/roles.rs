@@ -72,16 +72,6 @@ pub(crate) async fn actor<C: ConnectionTrait>(db: &C, principal: &Principal) -> 
     Ok(Actor::from_principal(principal, name))
 }
 
-/// The idempotency scope of a create RPC: per account, per caller and per RPC.
-pub(crate) fn idempotency_scope(principal: &Principal, account_id: Uuid, rpc: &str) -> String {
-    let caller = principal
-        .user_id
-        .map(|u| u.to_string())
-        .or_else(|| principal.credential_id.clone())
-        .unwrap_or_default();
-    format!("account:{account_id}:{caller}:{rpc}")
-}
-
 /// `lower(column) = lower(value)`: names are unique case-insensitively.
 pub(crate) fn same_name<C: sea_orm::sea_query::IntoColumnRef>(column: C, name: &str) -> Expr {
     use sea_orm::sea_query::ExprTrait;
@@ -489,8 +479,12 @@ impl IdentityApi {
     ) -> ApiResult<pb::CreateRoleResponse> {
         let account_id = call.principal.account()?;
         let request_id = std::mem::take(&mut request.request_id);
-        let scope = idempotency_scope(&call.principal, account_id, "CreateRole");
-        let idempotency = IdempotencyKey::new(scope, &request_id, &request)?;
+        let idempotency = IdempotencyKey::new(
+            &call.principal,
+            "usher.identity.v1.RoleService/CreateRole",
+            &request_id,
+            &request,
+        )?;
         if let Some(key) = &idempotency
             && let Some(done) = key.replay(&self.state.db).await?
         {

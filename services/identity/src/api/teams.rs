@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::{
     Call, IdentityApi, call, convert, mask_paths,
-    roles::{actor, checked, idempotency_scope, is_unique_violation, page_size, same_name},
+    roles::{actor, checked, is_unique_violation, page_size, same_name},
     status,
 };
 use crate::store::scoped;
@@ -140,8 +140,12 @@ impl IdentityApi {
     ) -> ApiResult<pb::CreateTeamResponse> {
         let account_id = call.principal.account()?;
         let request_id = std::mem::take(&mut request.request_id);
-        let scope = idempotency_scope(&call.principal, account_id, "CreateTeam");
-        let idempotency = IdempotencyKey::new(scope, &request_id, &request)?;
+        let idempotency = IdempotencyKey::new(
+            &call.principal,
+            "usher.identity.v1.TeamService/CreateTeam",
+            &request_id,
+            &request,
+        )?;
         if let Some(key) = &idempotency
             && let Some(done) = key.replay(&self.state.db).await?
         {

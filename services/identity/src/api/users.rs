@@ -586,7 +586,8 @@ impl IdentityApi {
         let account_id = call.principal.account()?;
         let request_id = std::mem::take(&mut request.request_id);
         let idempotency = IdempotencyKey::new(
-            format!("account:{account_id}:CreateUser"),
+            &call.principal,
+            "usher.identity.v1.UserService/CreateUser",
             &request_id,
             &request,
         )?;
@@ -2366,6 +2367,104 @@ mod tests {
             .await
             .expect("count");
         assert_eq!(users, 3);
+        test.stop().await;
+    }
+
+    #[tokio::test]
+    async fn create_user_keys_are_per_caller_and_never_cut() {
+        let test = start().await;
+        let acct = account(&test, 10).await;
+        let other_admin = admin_user(&test, &acct, "second-admin").await;
+        // The same request_id from two callers: two calls, two users.
+        let ada = create(
+            &test,
+            &acct.owner(),
+            pb::CreateUserRequest {
+                request_id: "shared-key".into(),
+                ..new_user("ada", "ada@acme.example", acct.user_role)
+            },
+        )
+        .await
+        .expect("the owner's call");
+        let bob = create(
+            &test,
+            &acct.admin(&other_admin),
+            pb::CreateUserRequest {
+                request_id: "shared-key".into(),
+                ..new_user("bob", "bob@acme.example", acct.user_role)
+            },
+        )
+        .await
+        .expect("another caller's call is not a conflict");
+        assert_ne!(ada.id, bob.id);
+        // Each caller's retry replays its own answer.
+        let again = create(
+            &test,
+            &acct.admin(&other_admin),
+            pb::CreateUserRequest {
+                request_id: "shared-key".into(),
+                ..new_user("bob", "bob@acme.example", acct.user_role)
+            },
+        )
+        .await
+        .expect("replayed");
+        assert_eq!(again, bob);
+
+        // Too long a request_id is refused, not cut (its first 128
+        // characters would otherwise replay another call).
+        let long = format!("{}-tail", "k".repeat(128));
+        let err = create(
+            &test,
+            &acct.owner(),
+            pb::CreateUserRequest {
+                request_id: long,
+                ..new_user("carol", "carol@acme.example", acct.user_role)
+            },
+        )
+        .await
+        .expect_err("too long");
+        assert_eq!(fields(&err), ["request_id"]);
+        test.stop().await;
+    }
+
+    #[tokio::test]
+    async fn control_characters_in_text_are_invalid_arguments_and_store_nothing() {
+        let test = start().await;
+        let acct = account(&test, 10).await;
+        let nul = prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue("a\0b".into())),
+        };
+        let message = pb::CreateUserRequest {
+            request_id: "nul\0key".into(),
+            metadata: Some(prost_types::Struct {
+                fields: [("line".to_owned(), nul)].into(),
+            }),
+            ..new_user("nul", "nul@acme.example", acct.user_role)
+        };
+        let err = create(&test, &acct.owner(), message)
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(fields(&err), ["request_id", "metadata.line"]);
+        let err = UserService::list_users(
+            &test.api,
+            request(
+                &acct.owner(),
+                pb::ListUsersRequest {
+                    query: "ad\0a".into(),
+                    ..Default::default()
+                },
+            ),
+        )
+        .await
+        .expect_err("refused");
+        assert_eq!(fields(&err), ["query"]);
+        let users = user::Entity::find()
+            .filter(user::Column::AccountId.eq(acct.id))
+            .count(&test.state.db)
+            .await
+            .expect("count");
+        assert_eq!(users, 1, "only the owner");
         test.stop().await;
     }
 

@@ -14,7 +14,25 @@ pub const MAX_PRODUCTS: usize = 50;
 /// Largest platform metadata, as encoded JSON.
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 
-/// Product codes, trimmed and deduplicated; empty codes are refused.
+/// A product code: 1..63 characters of `[a-z0-9_-]`, starting with a letter.
+pub fn validate_product_code(field: &str, code: &str) -> ApiResult<()> {
+    let ok = (1..=63).contains(&code.len())
+        && code.starts_with(|c: char| c.is_ascii_lowercase())
+        && code
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if !ok {
+        return Err(ApiError::invalid(
+            field,
+            "must be 1 to 63 characters of a-z, 0-9, '_' and '-', starting with a letter",
+        ));
+    }
+    Ok(())
+}
+
+/// Product codes, trimmed and deduplicated; each must be a product code
+/// ([`validate_product_code`]), so no caller text of any length is echoed
+/// in a later answer.
 pub fn validate_products(field: &str, products: &[String]) -> ApiResult<Vec<String>> {
     if products.len() > MAX_PRODUCTS {
         return Err(ApiError::invalid(
@@ -31,6 +49,7 @@ pub fn validate_products(field: &str, products: &[String]) -> ApiResult<Vec<Stri
                 "must not be empty",
             ));
         }
+        validate_product_code(&format!("{field}[{index}]"), code)?;
         codes.insert(code.to_owned());
     }
     Ok(codes.into_iter().collect())

@@ -172,7 +172,8 @@ impl InvitationApi {
             None
         } else {
             IdempotencyKey::new(
-                format!("account:{account_id}:CreateInvitations"),
+                caller,
+                "usher.invitation.v1.InvitationService/CreateInvitations",
                 &request_id,
                 &request,
             )?

@@ -276,7 +276,8 @@ impl InvitationApi {
         let ids = parse_ids(&request.invitation_ids)?;
         let request_id = std::mem::take(&mut request.request_id);
         let idempotency = IdempotencyKey::new(
-            format!("account:{account_id}:ResendInvitations"),
+            caller,
+            "usher.invitation.v1.InvitationService/ResendInvitations",
             &request_id,
             &request,
         )?;

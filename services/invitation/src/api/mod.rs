@@ -124,16 +124,12 @@ fn lifetime(context: &internal::GetInvitationContextResponse) -> Duration {
         .unwrap_or_else(|| Duration::hours(24))
 }
 
-/// The request id of a call (set by the gateway), or empty.
-fn request_id<T>(request: &Request<T>) -> String {
-    request
-        .metadata()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .chars()
-        .take(128)
-        .collect()
+/// The request id of a call (set by the gateway), or empty, once the
+/// call's text fields passed the one text rule ([`usher_kit::text`]) and its
+/// `x-request-id` the one request-id rule.
+fn checked<T: prost::Message + prost::Name>(request: &Request<T>) -> Result<String, Status> {
+    usher_kit::text::check_request(request)?;
+    usher_kit::server::request_id(request)
 }
 
 /// A UUID field.
@@ -196,7 +192,7 @@ impl pb::invitation_service_server::InvitationService for InvitationApi {
         request: Request<pb::CreateInvitationsRequest>,
     ) -> Result<Response<pb::CreateInvitationsResponse>, Status> {
         let caller = principal(&request)?;
-        let rid = request_id(&request);
+        let rid = checked(&request)?;
         answer(self.create(&caller, request.into_inner(), &rid).await)
     }
 
@@ -205,7 +201,7 @@ impl pb::invitation_service_server::InvitationService for InvitationApi {
         request: Request<pb::ResendInvitationsRequest>,
     ) -> Result<Response<pb::ResendInvitationsResponse>, Status> {
         let caller = principal(&request)?;
-        let rid = request_id(&request);
+        let rid = checked(&request)?;
         answer(self.resend(&caller, request.into_inner(), &rid).await)
     }
 
@@ -214,7 +210,7 @@ impl pb::invitation_service_server::InvitationService for InvitationApi {
         request: Request<pb::RevokeInvitationsRequest>,
     ) -> Result<Response<pb::RevokeInvitationsResponse>, Status> {
         let caller = principal(&request)?;
-        let rid = request_id(&request);
+        let rid = checked(&request)?;
         let message = request.into_inner();
         answer(
             self.remove(&caller, &message.invitation_ids, false, &rid)
@@ -234,7 +230,7 @@ impl pb::invitation_service_server::InvitationService for InvitationApi {
         request: Request<pb::DeleteInvitationsRequest>,
     ) -> Result<Response<pb::DeleteInvitationsResponse>, Status> {
         let caller = principal(&request)?;
-        let rid = request_id(&request);
+        let rid = checked(&request)?;
         let message = request.into_inner();
         answer(
             self.remove(&caller, &message.invitation_ids, true, &rid)
@@ -254,6 +250,7 @@ impl pb::invitation_service_server::InvitationService for InvitationApi {
         request: Request<pb::ListInvitationsRequest>,
     ) -> Result<Response<pb::ListInvitationsResponse>, Status> {
         let caller = principal(&request)?;
+        checked(&request)?;
         answer(self.list(&caller, request.into_inner()).await)
     }
 
@@ -262,6 +259,7 @@ impl pb::invitation_service_server::InvitationService for InvitationApi {
         request: Request<pb::GetInvitationRequest>,
     ) -> Result<Response<pb::GetInvitationResponse>, Status> {
         let caller = principal(&request)?;
+        checked(&request)?;
         answer(self.get(&caller, &request.into_inner()).await)
     }
 
@@ -269,7 +267,7 @@ impl pb::invitation_service_server::InvitationService for InvitationApi {
         &self,
         request: Request<pb::PreviewInvitationRequest>,
     ) -> Result<Response<pb::PreviewInvitationResponse>, Status> {
-        let rid = request_id(&request);
+        let rid = checked(&request)?;
         answer(self.preview(&request.into_inner(), &rid).await)
     }
 
@@ -277,7 +275,7 @@ impl pb::invitation_service_server::InvitationService for InvitationApi {
         &self,
         request: Request<pb::AcceptInvitationRequest>,
     ) -> Result<Response<pb::AcceptInvitationResponse>, Status> {
-        let rid = request_id(&request);
+        let rid = checked(&request)?;
         let user_agent = request
             .metadata()
             .get("user-agent")
@@ -291,7 +289,7 @@ impl pb::invitation_service_server::InvitationService for InvitationApi {
         &self,
         request: Request<pb::DeclineInvitationRequest>,
     ) -> Result<Response<pb::DeclineInvitationResponse>, Status> {
-        let rid = request_id(&request);
+        let rid = checked(&request)?;
         answer(self.decline(&request.into_inner(), &rid).await)
     }
 }
