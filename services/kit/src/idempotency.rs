@@ -220,6 +220,7 @@ mod tests {
             credential_id: Some(Uuid::new_v4().to_string()),
             permissions: Vec::new(),
             service: None,
+            password_change_required: false,
         }
     }
 
