@@ -315,6 +315,52 @@ async fn an_inviter_cannot_invite_to_a_role_beyond_its_own() {
             .into_inner();
         assert_eq!(verdicts(&response), [pb::InviteeVerdict::Invited]);
     }
+
+    // A resend hands the role out again: Ivy cannot resend an admin's
+    // invitation to the Admin role (an expired one would come back to life
+    // with every permission); the item is refused, nothing is sent.
+    let mut message = create_request(&account, &["ada@acme.example"]);
+    message.role_id = account.admin_role.clone();
+    let created = h.create(&account, message).await.expect("by the admin");
+    let admins_invitation = created.results[0]
+        .invitation
+        .as_ref()
+        .expect("invited")
+        .id
+        .clone();
+    let emails_before = h.outbox_kinds().await.len();
+    let resent = h
+        .api
+        .resend_invitations(request(
+            &as_ivy,
+            pb::ResendInvitationsRequest {
+                invitation_ids: vec![admins_invitation.clone()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("per item")
+        .into_inner();
+    assert_eq!(resent.failed_count, 1);
+    let error = resent.results[0].error.as_ref().expect("refused");
+    assert_eq!(error.reason, "PERMISSION_DENIED", "{error:?}");
+    assert_eq!(h.outbox_kinds().await.len(), emails_before, "nothing sent");
+    // The admin holds the role: not refused for it (at most the cool-down).
+    let by_admin = h
+        .api
+        .resend_invitations(request(
+            &account.admin,
+            pb::ResendInvitationsRequest {
+                invitation_ids: vec![admins_invitation],
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("per item")
+        .into_inner();
+    if let Some(error) = &by_admin.results[0].error {
+        assert_ne!(error.reason, "PERMISSION_DENIED", "{error:?}");
+    }
     h.stop().await;
 }
 

@@ -344,6 +344,26 @@ impl IdentityApi {
             response.role_manages_users = convert::strings(&role.permissions)
                 .iter()
                 .any(|p| p == USERS_MANAGE);
+            if inviter.is_some() {
+                // The rule of ReserveInvitees (P26), for callers that hand the
+                // role out again (ResendInvitations).
+                let granted = accounts::effective_permissions(db, &role).await?;
+                let now = self.state.clock.now();
+                let held = inviter_permissions(db, &account, request.inviter.as_ref(), now).await?;
+                response.inviter_may_grant_role = grants::check_grant(
+                    &Grantor {
+                        user_id: None,
+                        role_id: None,
+                        permissions: &held,
+                    },
+                    &Grant::Role {
+                        user: None,
+                        role_id,
+                        permissions: &granted,
+                    },
+                )
+                .is_ok();
+            }
             response.role_name = role.name;
         }
         if let Some(team_id) = team_id {

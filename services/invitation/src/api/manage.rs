@@ -1,5 +1,7 @@
 //! The admin side: list, get, resend, revoke and delete.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Duration, Utc};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, EntityTrait, IntoActiveModel, PaginatorTrait,
@@ -295,9 +297,17 @@ impl InvitationApi {
         };
         let actor = convert::actor(caller);
         let mut response = pb::ResendInvitationsResponse::default();
+        let mut grantable = HashMap::new();
         for id in ids {
             let outcome = self
-                .resend_one(account_id, id, lifetime(&context), &actor, &email_context)
+                .resend_one(
+                    account_id,
+                    id,
+                    lifetime(&context),
+                    &actor,
+                    &email_context,
+                    &mut grantable,
+                )
                 .await;
             let result = match outcome {
                 Ok(model) => {
@@ -333,6 +343,7 @@ impl InvitationApi {
         lifetime: Duration,
         actor: &usher_proto::identity::v1::Actor,
         email_context: &messages::EmailContext,
+        grantable: &mut HashMap<Uuid, bool>,
     ) -> ApiResult<invitation::Model> {
         let rules = &self.state.rules;
         let txn = self.state.db.begin().await?;
@@ -347,6 +358,32 @@ impl InvitationApi {
             return Err(ApiError::rejected(
                 Reason::InvalidState,
                 "only pending or expired invitations can be resent",
+            ));
+        }
+        // A resend hands the invitation's role out again (an expired one
+        // included): the caller must be able to grant it now (P26), as
+        // identity judges it; asked once per role of the call.
+        let may_grant = match grantable.get(&model.role_id) {
+            Some(known) => *known,
+            None => {
+                let known = self
+                    .context(
+                        account_id,
+                        Some(actor.clone()),
+                        Some(model.role_id),
+                        None,
+                        &email_context.request_id,
+                    )
+                    .await?
+                    .inviter_may_grant_role;
+                grantable.insert(model.role_id, known);
+                known
+            }
+        };
+        if !may_grant {
+            return Err(ApiError::rejected(
+                Reason::PermissionDenied,
+                "the invitation's role carries a permission you do not hold",
             ));
         }
         let cooldown = Duration::seconds(i64::from(rules.resend_cooldown_secs));
@@ -515,7 +552,7 @@ impl InvitationApi {
             .await?;
         let mut outgoing = Vec::with_capacity(changed.len());
         let mut dead_hashes = Vec::new();
-        let mut shown = std::collections::HashMap::new();
+        let mut shown = HashMap::new();
         for (model, previous) in &changed {
             if matches!(
                 previous,
