@@ -22,7 +22,6 @@ use tonic::{
     metadata::MetadataValue,
     transport::Channel,
 };
-use tonic_health::pb::health_check_response::ServingStatus;
 use usher_kit::authz::Policy;
 use usher_proto::{
     auth::v1::Access,
@@ -39,9 +38,7 @@ use usher_proto::{
 
 use crate::{
     gateway::create_platform_key,
-    harness::{
-        Isolation, OWNER_PASSWORD, POSTGRES, Service, bearer, create_account, service_env, sign_in,
-    },
+    harness::{Isolation, MatrixStack, OWNER_PASSWORD, bearer, create_account, sign_in},
 };
 
 /// Raw protobuf bytes in and out: any RPC, without its generated types.
@@ -155,47 +152,14 @@ fn expected(access: Access, permission: &str, member: &[String], caller: Caller)
 #[tokio::test]
 async fn every_rpc_answers_each_kind_of_caller_as_its_rule_says() {
     let mut isolation = Isolation::new();
-    let identity_env = service_env(&mut isolation, "identity", POSTGRES);
-    let identity = Service::start("usher-identity", &identity_env);
-    let mut invitation_env = service_env(&mut isolation, "invitation", POSTGRES);
-    invitation_env.push(("USHER_IDENTITY__URL", format!("http://{}", identity.grpc)));
-    let invitation = Service::start("usher-invitation", &invitation_env);
-    let notification = Service::start(
-        "usher-notification",
-        &service_env(&mut isolation, "notification", POSTGRES),
-    );
-    let gateway = Service::start(
-        "usher-gateway",
-        &[
-            ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
-            (
-                "USHER_UPSTREAMS__IDENTITY",
-                format!("http://{}", identity.grpc),
-            ),
-            (
-                "USHER_UPSTREAMS__INVITATION",
-                format!("http://{}", invitation.grpc),
-            ),
-            (
-                "USHER_UPSTREAMS__NOTIFICATION",
-                format!("http://{}", notification.grpc),
-            ),
-            // The matrix makes many public calls from one address.
-            ("USHER_RATE_LIMITS__ENABLED", "false".to_owned()),
-        ],
-    );
-    for (service, name) in [
-        (&identity, "usher.identity.v1.AuthService"),
-        (&invitation, "usher.invitation.v1.InvitationService"),
-        (&notification, "usher.notification.v1.NotificationService"),
-    ] {
-        service
-            .wait_for(name, ServingStatus::Serving, Duration::from_secs(60))
-            .await;
-    }
-    gateway
-        .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
-        .await;
+    let MatrixStack {
+        identity,
+        invitation: _invitation,
+        notification: _notification,
+        gateway,
+        identity_env,
+        invitation_env: _,
+    } = MatrixStack::start(&mut isolation).await;
     let channel = gateway.channel();
 
     // Two accounts, their owners signed in; a plain member of the first.

@@ -28,7 +28,6 @@ use tonic::{
     metadata::MetadataValue,
     transport::Channel,
 };
-use tonic_health::pb::health_check_response::ServingStatus;
 use usher_kit::authz::Policy;
 use usher_proto::{
     auth::v1::Access,
@@ -41,9 +40,7 @@ use usher_proto::{
     invitation::v1::{ListInvitationsRequest, invitation_service_client::InvitationServiceClient},
 };
 
-use crate::harness::{
-    Isolation, OWNER_PASSWORD, POSTGRES, Service, bearer, create_account, service_env, sign_in,
-};
+use crate::harness::{Isolation, MatrixStack, OWNER_PASSWORD, bearer, create_account, sign_in};
 
 /// Raw protobuf bytes in and out: any RPC, without its generated types.
 #[derive(Clone, Copy, Default)]
@@ -299,46 +296,14 @@ struct Caller {
 #[tokio::test]
 async fn no_rpc_hands_out_a_permission_its_caller_lacks() {
     let mut isolation = Isolation::new();
-    let identity_env = service_env(&mut isolation, "identity", POSTGRES);
-    let identity = Service::start("usher-identity", &identity_env);
-    let mut invitation_env = service_env(&mut isolation, "invitation", POSTGRES);
-    invitation_env.push(("USHER_IDENTITY__URL", format!("http://{}", identity.grpc)));
-    let invitation = Service::start("usher-invitation", &invitation_env);
-    let notification = Service::start(
-        "usher-notification",
-        &service_env(&mut isolation, "notification", POSTGRES),
-    );
-    let gateway = Service::start(
-        "usher-gateway",
-        &[
-            ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
-            (
-                "USHER_UPSTREAMS__IDENTITY",
-                format!("http://{}", identity.grpc),
-            ),
-            (
-                "USHER_UPSTREAMS__INVITATION",
-                format!("http://{}", invitation.grpc),
-            ),
-            (
-                "USHER_UPSTREAMS__NOTIFICATION",
-                format!("http://{}", notification.grpc),
-            ),
-            ("USHER_RATE_LIMITS__ENABLED", "false".to_owned()),
-        ],
-    );
-    for (service, name) in [
-        (&identity, "usher.identity.v1.AuthService"),
-        (&invitation, "usher.invitation.v1.InvitationService"),
-        (&notification, "usher.notification.v1.NotificationService"),
-    ] {
-        service
-            .wait_for(name, ServingStatus::Serving, Duration::from_secs(60))
-            .await;
-    }
-    gateway
-        .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
-        .await;
+    let MatrixStack {
+        identity,
+        invitation: _invitation,
+        notification: _notification,
+        gateway,
+        identity_env: _,
+        invitation_env: _,
+    } = MatrixStack::start(&mut isolation).await;
     let channel = gateway.channel();
 
     let pool = DescriptorPool::decode(usher_proto::FILE_DESCRIPTOR_SET).expect("descriptors");

@@ -254,6 +254,73 @@ impl Service {
     }
 }
 
+/// The three services and a gateway without rate limits (tests that call
+/// every RPC from one address), all serving, with the environments of
+/// identity and invitation (their databases, `usher platform-keys`). Bind
+/// every service to a name (`invitation: _invitation`, never `_`): a service
+/// dropped is stopped.
+pub struct MatrixStack {
+    pub identity: Service,
+    pub invitation: Service,
+    pub notification: Service,
+    pub gateway: Service,
+    pub identity_env: Vec<(&'static str, String)>,
+    pub invitation_env: Vec<(&'static str, String)>,
+}
+
+impl MatrixStack {
+    pub async fn start(isolation: &mut Isolation) -> Self {
+        let identity_env = service_env(isolation, "identity", POSTGRES);
+        let identity = Service::start("usher-identity", &identity_env);
+        let mut invitation_env = service_env(isolation, "invitation", POSTGRES);
+        invitation_env.push(("USHER_IDENTITY__URL", format!("http://{}", identity.grpc)));
+        let invitation = Service::start("usher-invitation", &invitation_env);
+        let notification = Service::start(
+            "usher-notification",
+            &service_env(isolation, "notification", POSTGRES),
+        );
+        let gateway = Service::start(
+            "usher-gateway",
+            &[
+                ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
+                (
+                    "USHER_UPSTREAMS__IDENTITY",
+                    format!("http://{}", identity.grpc),
+                ),
+                (
+                    "USHER_UPSTREAMS__INVITATION",
+                    format!("http://{}", invitation.grpc),
+                ),
+                (
+                    "USHER_UPSTREAMS__NOTIFICATION",
+                    format!("http://{}", notification.grpc),
+                ),
+                ("USHER_RATE_LIMITS__ENABLED", "false".to_owned()),
+            ],
+        );
+        for (service, name) in [
+            (&identity, "usher.identity.v1.AuthService"),
+            (&invitation, "usher.invitation.v1.InvitationService"),
+            (&notification, "usher.notification.v1.NotificationService"),
+        ] {
+            service
+                .wait_for(name, ServingStatus::Serving, Duration::from_secs(60))
+                .await;
+        }
+        gateway
+            .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
+            .await;
+        Self {
+            identity,
+            invitation,
+            notification,
+            gateway,
+            identity_env,
+            invitation_env,
+        }
+    }
+}
+
 /// The environment of a service that owns a database.
 pub fn service_env(
     iso: &mut Isolation,
@@ -266,7 +333,6 @@ pub fn service_env(
             "USHER_DATABASE__URL",
             format!("postgres://postgres@{database_host}/{db}"),
         ),
-        ("USHER_DATABASE__CONNECT_TIMEOUT_MS", "1000".to_owned()),
         ("USHER_AMQP__URL", iso.amqp_url()),
     ];
     if service != "notification" {

@@ -21,7 +21,6 @@ use prost_reflect::{
 };
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use tonic::{Code, Request, Status, client::Grpc, metadata::MetadataValue, transport::Channel};
-use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 use usher_kit::{
     authz::Policy,
@@ -43,9 +42,7 @@ use usher_proto::{
 use crate::{
     access::Raw,
     gateway::create_platform_key,
-    harness::{
-        Isolation, OWNER_PASSWORD, POSTGRES, Service, bearer, create_account, service_env, sign_in,
-    },
+    harness::{Isolation, MatrixStack, OWNER_PASSWORD, bearer, create_account, sign_in},
 };
 
 /// The hostile values, each with a label for the report.
@@ -341,47 +338,14 @@ fn mutating(method: &str) -> bool {
 #[tokio::test]
 async fn hostile_text_in_any_field_is_refused_and_changes_nothing() {
     let mut isolation = Isolation::new();
-    let identity_env = service_env(&mut isolation, "identity", POSTGRES);
-    let identity = Service::start("usher-identity", &identity_env);
-    let mut invitation_env = service_env(&mut isolation, "invitation", POSTGRES);
-    invitation_env.push(("USHER_IDENTITY__URL", format!("http://{}", identity.grpc)));
-    let invitation = Service::start("usher-invitation", &invitation_env);
-    let notification = Service::start(
-        "usher-notification",
-        &service_env(&mut isolation, "notification", POSTGRES),
-    );
-    let gateway = Service::start(
-        "usher-gateway",
-        &[
-            ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
-            (
-                "USHER_UPSTREAMS__IDENTITY",
-                format!("http://{}", identity.grpc),
-            ),
-            (
-                "USHER_UPSTREAMS__INVITATION",
-                format!("http://{}", invitation.grpc),
-            ),
-            (
-                "USHER_UPSTREAMS__NOTIFICATION",
-                format!("http://{}", notification.grpc),
-            ),
-            // Many public calls come from one address.
-            ("USHER_RATE_LIMITS__ENABLED", "false".to_owned()),
-        ],
-    );
-    for (service, name) in [
-        (&identity, "usher.identity.v1.AuthService"),
-        (&invitation, "usher.invitation.v1.InvitationService"),
-        (&notification, "usher.notification.v1.NotificationService"),
-    ] {
-        service
-            .wait_for(name, ServingStatus::Serving, Duration::from_secs(60))
-            .await;
-    }
-    gateway
-        .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
-        .await;
+    let MatrixStack {
+        identity,
+        invitation: _invitation,
+        notification: _notification,
+        gateway,
+        identity_env,
+        invitation_env,
+    } = MatrixStack::start(&mut isolation).await;
     let channel = gateway.channel();
     // The stores RPCs change (the notification service's RPCs only read;
     // its deliveries change on their own as emails are retried).

@@ -5,10 +5,7 @@
 //! at the gateway; each service refuses an assertion carrying the flag by
 //! itself; after ChangePassword the new session reaches everything again.
 
-use std::time::Duration;
-
 use tonic::Code;
-use tonic_health::pb::health_check_response::ServingStatus;
 use usher_kit::{
     authz::Policy,
     principal::{Principal, PrincipalKind},
@@ -23,59 +20,20 @@ use usher_proto::{
 };
 
 use crate::{
-    harness::{
-        self, Isolation, OWNER_PASSWORD, POSTGRES, Service, create_account, reason, role_id,
-        service_env, sign_in,
-    },
+    harness::{self, Isolation, OWNER_PASSWORD, Service, create_account, reason, role_id, sign_in},
     raw,
 };
 
 /// The three services and a gateway without rate limits (every RPC is
 /// called from one address), all serving.
 pub async fn stack(isolation: &mut Isolation) -> [Service; 4] {
-    let identity = Service::start(
-        "usher-identity",
-        &service_env(isolation, "identity", POSTGRES),
-    );
-    let mut invitation_env = service_env(isolation, "invitation", POSTGRES);
-    invitation_env.push(("USHER_IDENTITY__URL", format!("http://{}", identity.grpc)));
-    let invitation = Service::start("usher-invitation", &invitation_env);
-    let notification = Service::start(
-        "usher-notification",
-        &service_env(isolation, "notification", POSTGRES),
-    );
-    let gateway = Service::start(
-        "usher-gateway",
-        &[
-            ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
-            (
-                "USHER_UPSTREAMS__IDENTITY",
-                format!("http://{}", identity.grpc),
-            ),
-            (
-                "USHER_UPSTREAMS__INVITATION",
-                format!("http://{}", invitation.grpc),
-            ),
-            (
-                "USHER_UPSTREAMS__NOTIFICATION",
-                format!("http://{}", notification.grpc),
-            ),
-            ("USHER_RATE_LIMITS__ENABLED", "false".to_owned()),
-        ],
-    );
-    for (service, name) in [
-        (&identity, "usher.identity.v1.AuthService"),
-        (&invitation, "usher.invitation.v1.InvitationService"),
-        (&notification, "usher.notification.v1.NotificationService"),
-    ] {
-        service
-            .wait_for(name, ServingStatus::Serving, Duration::from_secs(60))
-            .await;
-    }
-    gateway
-        .wait_for("", ServingStatus::Serving, Duration::from_secs(30))
-        .await;
-    [identity, invitation, notification, gateway]
+    let stack = harness::MatrixStack::start(isolation).await;
+    [
+        stack.identity,
+        stack.invitation,
+        stack.notification,
+        stack.gateway,
+    ]
 }
 
 /// Every MEMBER or PERMISSION RPC, sorted by path.
