@@ -1075,29 +1075,14 @@ impl IdentityApi {
             .hash(TokenPurpose::PasswordReset, token.as_str());
         let now = self.state.clock.now();
         let expire_time = now + self.state.settings.reset_token_lifetime;
-        let mut job = email_job(
+        let job = self.password_link_job(
             notification::EmailTemplate::PasswordReset,
-            account,
-            target,
-            locale,
-            &call.request_id,
-            now,
-        );
-        let link = page_link(
-            &self.state.settings.public_base_url,
             "/reset",
+            (account, target),
+            (locale, &call.request_id),
             &token,
-            link_locale(&job),
-        );
-        job.sealed_link = self
-            .state
-            .sealer
-            .try_seal(&job.job_id, &link)
-            .map_err(internal)?;
-        job.seal_key_id = self.state.sealer.key_id().to_owned();
-        if let Some(variables) = job.variables.as_mut() {
-            variables.expire_time = Some(convert::timestamp(expire_time));
-        }
+            (now, expire_time),
+        )?;
 
         let txn = self.state.db.begin().await?;
         expire_reset_links(&txn, target.id, now).await?;
@@ -1132,6 +1117,39 @@ impl IdentityApi {
         Ok(())
     }
 
+    /// The email job of a password link (reset or set-password) to
+    /// `target`: the link to the gateway's `path` page with `token`, in the
+    /// job's locale, sealed for the notification service, and when it
+    /// expires. `locale` overrides the user's (empty: theirs, else the
+    /// account's).
+    fn password_link_job(
+        &self,
+        template: notification::EmailTemplate,
+        path: &str,
+        (account, target): (&account::Model, &user::Model),
+        (locale, request_id): (&str, &str),
+        token: &Token,
+        (now, expire_time): (DateTime<Utc>, DateTime<Utc>),
+    ) -> ApiResult<notification::EmailJob> {
+        let mut job = email_job(template, account, target, locale, request_id, now);
+        let link = page_link(
+            &self.state.settings.public_base_url,
+            path,
+            token,
+            link_locale(&job),
+        );
+        job.sealed_link = self
+            .state
+            .sealer
+            .try_seal(&job.job_id, &link)
+            .map_err(internal)?;
+        job.seal_key_id = self.state.sealer.key_id().to_owned();
+        if let Some(variables) = job.variables.as_mut() {
+            variables.expire_time = Some(convert::timestamp(expire_time));
+        }
+        Ok(job)
+    }
+
     /// Queues, in the caller's transaction, the "choose your password" email
     /// of `target` (just created with an email and no password): a new
     /// set-password token whose hash is stored with the reset lifetime, and a
@@ -1152,29 +1170,14 @@ impl IdentityApi {
             .tokens
             .hash(TokenPurpose::SetPassword, token.as_str());
         let expire_time = now + self.state.settings.reset_token_lifetime;
-        let mut job = email_job(
+        let job = self.password_link_job(
             notification::EmailTemplate::SetPassword,
-            account,
-            target,
-            "",
-            request_id,
-            now,
-        );
-        let link = page_link(
-            &self.state.settings.public_base_url,
             "/set-password",
+            (account, target),
+            ("", request_id),
             &token,
-            link_locale(&job),
-        );
-        job.sealed_link = self
-            .state
-            .sealer
-            .try_seal(&job.job_id, &link)
-            .map_err(internal)?;
-        job.seal_key_id = self.state.sealer.key_id().to_owned();
-        if let Some(variables) = job.variables.as_mut() {
-            variables.expire_time = Some(convert::timestamp(expire_time));
-        }
+            (now, expire_time),
+        )?;
         password_reset::ActiveModel {
             id: Set(Uuid::now_v7()),
             account_id: Set(account.id),
