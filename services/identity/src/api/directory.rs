@@ -52,7 +52,7 @@ use crate::{
         parse_id, parse_optional_id, validate_locale, validate_name,
     },
     store::{
-        accounts, api_keys,
+        accounts,
         audit::{self, Actor, AuditEntry},
         entities::{account, api_key, audit_event, role, team, user},
         events::emit,
@@ -130,53 +130,25 @@ fn actor_of(given: Option<&pb::Actor>, principal: &Principal) -> Actor {
     }
 }
 
-/// What the inviter holds now, as identity knows it (P26): the effective
-/// permissions of an ACTIVE user's role, or those of an active API key still
-/// enabled on the account. Anyone else (no inviter, another kind of actor, a
-/// user or key of another account, an inactive user, a revoked or expired
-/// key) holds nothing, so it can grant nothing.
+/// What the inviter holds now (P26), read by the store: nothing for no
+/// inviter, a malformed id or another kind of actor.
 async fn inviter_permissions<C: ConnectionTrait>(
     db: &C,
     account: &account::Model,
     inviter: Option<&pb::Actor>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> ApiResult<Vec<String>> {
-    let Some(actor) = inviter else {
-        return Ok(Vec::new());
-    };
-    let Ok(id) = Uuid::parse_str(actor.id.trim()) else {
-        return Ok(Vec::new());
-    };
-    match pb::ActorKind::try_from(actor.kind) {
-        Ok(pb::ActorKind::User) => {
-            let Some(inviter) = user::Entity::find_by_id(id)
-                .filter(user::Column::AccountId.eq(account.id))
-                .one(db)
-                .await?
-                .filter(|u| UserStatus::parse(&u.status) == Some(UserStatus::Active))
-            else {
-                return Ok(Vec::new());
-            };
-            match role::Entity::find_by_id(inviter.role_id).one(db).await? {
-                Some(role) => accounts::effective_permissions(db, &role).await,
-                None => Ok(Vec::new()),
-            }
+    let holder = inviter.and_then(|actor| {
+        let id = Uuid::parse_str(actor.id.trim()).ok()?;
+        match pb::ActorKind::try_from(actor.kind) {
+            Ok(pb::ActorKind::User) => Some(accounts::Holder::User(id)),
+            Ok(pb::ActorKind::ApiKey) => Some(accounts::Holder::ApiKey(id)),
+            _ => None,
         }
-        Ok(pb::ActorKind::ApiKey) => {
-            let Some(key) = api_key::Entity::find_by_id(id)
-                .filter(api_key::Column::AccountId.eq(account.id))
-                .one(db)
-                .await?
-                .filter(|k| api_keys::is_active(k, now))
-            else {
-                return Ok(Vec::new());
-            };
-            Ok(api_keys::enabled_permissions(
-                convert::strings(&key.permissions),
-                &convert::strings(&account.products),
-            ))
-        }
-        _ => Ok(Vec::new()),
+    });
+    match holder {
+        Some(holder) => accounts::held_permissions(db, account, holder, now).await,
+        None => Ok(Vec::new()),
     }
 }
 

@@ -152,3 +152,55 @@ pub async fn effective_permissions<C: ConnectionTrait>(
     all.dedup();
     Ok(all)
 }
+
+/// A user or an API key whose permissions are asked for.
+#[derive(Clone, Copy, Debug)]
+pub enum Holder {
+    /// A user of the account.
+    User(Uuid),
+    /// An API key of the account.
+    ApiKey(Uuid),
+}
+
+/// What `holder` holds now, as identity knows it (P26): the effective
+/// permissions of an ACTIVE user's role, or those of an active API key still
+/// enabled on the account. Anyone else (a user or key of another account, an
+/// inactive user, a revoked or expired key) holds nothing, so it can grant
+/// nothing.
+pub async fn held_permissions<C: ConnectionTrait>(
+    db: &C,
+    account: &account::Model,
+    holder: Holder,
+    now: DateTime<Utc>,
+) -> ApiResult<Vec<String>> {
+    match holder {
+        Holder::User(id) => {
+            let Some(found) = user::Entity::find_by_id(id)
+                .filter(user::Column::AccountId.eq(account.id))
+                .one(db)
+                .await?
+                .filter(|u| UserStatus::parse(&u.status) == Some(UserStatus::Active))
+            else {
+                return Ok(Vec::new());
+            };
+            match role::Entity::find_by_id(found.role_id).one(db).await? {
+                Some(role) => effective_permissions(db, &role).await,
+                None => Ok(Vec::new()),
+            }
+        }
+        Holder::ApiKey(id) => {
+            let Some(key) = super::entities::api_key::Entity::find_by_id(id)
+                .filter(super::entities::api_key::Column::AccountId.eq(account.id))
+                .one(db)
+                .await?
+                .filter(|k| super::api_keys::is_active(k, now))
+            else {
+                return Ok(Vec::new());
+            };
+            Ok(super::api_keys::enabled_permissions(
+                usher_kit::convert::strings(&key.permissions),
+                &usher_kit::convert::strings(&account.products),
+            ))
+        }
+    }
+}
