@@ -96,3 +96,82 @@ pub fn contains_pattern(term: &str) -> String {
     pattern.push('%');
     pattern
 }
+
+/// What a store operation fails with: the one classification of [`DbErr`]
+/// every service's store boundary answers, so no handler inspects database
+/// errors (their text, their SQLSTATE or their backend) itself.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The row asked for does not exist (or belongs to another account).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// A unique constraint refused the write; the constraint's name when the
+    /// database gave one (the caller knows which field that means).
+    #[error("taken: {0}")]
+    Taken(String),
+    /// The database cannot be reached or a connection could not be had in
+    /// time; the caller may retry.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: a bug or an unexpected failure.
+    #[error("database: {0:#}")]
+    Internal(anyhow::Error),
+}
+
+impl StoreError {
+    /// Whether a unique constraint refused the write.
+    pub fn is_taken(&self) -> bool {
+        matches!(self, Self::Taken(_))
+    }
+}
+
+impl From<DbErr> for StoreError {
+    fn from(err: DbErr) -> Self {
+        if let Some(sea_orm::SqlErr::UniqueConstraintViolation(detail)) = err.sql_err() {
+            return Self::Taken(detail);
+        }
+        match err {
+            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Self::Unavailable(err.to_string()),
+            DbErr::RecordNotFound(_) => Self::NotFound("record"),
+            other => Self::Internal(anyhow::Error::new(other)),
+        }
+    }
+}
+
+impl From<StoreError> for crate::error::ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::NotFound(what) => Self::not_found(what),
+            StoreError::Unavailable(detail) => Self::Unavailable(detail),
+            // A constraint the caller did not turn into a field error is a bug.
+            taken @ StoreError::Taken(_) => Self::Internal(anyhow::Error::new(taken)),
+            StoreError::Internal(err) => Self::Internal(err),
+        }
+    }
+}
+
+/// The result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[cfg(test)]
+mod store_error_tests {
+    use super::*;
+    use crate::error::{ApiError, Reason};
+
+    #[test]
+    fn connection_failures_are_unavailable_and_others_internal() {
+        let down = StoreError::from(DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::Timeout));
+        assert!(matches!(down, StoreError::Unavailable(_)), "{down:?}");
+        assert!(matches!(ApiError::from(down), ApiError::Unavailable(_)));
+        let odd = StoreError::from(DbErr::Custom("odd".into()));
+        assert!(matches!(odd, StoreError::Internal(_)), "{odd:?}");
+        assert!(!odd.is_taken());
+    }
+
+    #[test]
+    fn not_found_keeps_the_one_answer() {
+        let err = ApiError::from(StoreError::NotFound("user"));
+        assert_eq!(err.reason(), Reason::NotFound);
+        assert_eq!(err.to_string(), "NOT_FOUND: user not found");
+    }
+}
