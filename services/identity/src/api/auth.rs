@@ -197,7 +197,7 @@ async fn user_view<C: ConnectionTrait>(db: &C, model: &user::Model) -> ApiResult
 }
 
 fn is_active(model: &user::Model) -> bool {
-    UserStatus::parse(&model.status) == Some(UserStatus::Active)
+    model.status == UserStatus::Active
 }
 
 /// The actor of a user acting on themselves.
@@ -2020,14 +2020,14 @@ mod tests {
             username: Set(username.map(str::to_owned)),
             display_name: Set(format!("User {}", &id.simple().to_string()[..6])),
             search_text: Set(String::new()),
-            status: Set(status.as_str().to_owned()),
+            status: Set(status),
             role_id: Set(role.id),
             team_id: Set(None),
             products: Set(convert::json_strings(Vec::<String>::new())),
             locale: Set(String::new()),
             metadata: Set(None),
             owner: Set(false),
-            origin: Set(Origin::Direct.as_str().to_owned()),
+            origin: Set(Origin::Direct),
             password_hash: Set(hash),
             password_change_required: Set(false),
             invitation_id: Set(None),
@@ -2902,7 +2902,7 @@ mod tests {
         let session = session_of(&test, &t.slug, "cy@acme.example", PASSWORD).await;
         // Deactivated behind the session store's back: the refresh still checks.
         let mut active = stored_user(&test, id).await.into_active_model();
-        active.status = Set(UserStatus::Inactive.as_str().to_owned());
+        active.status = Set(UserStatus::Inactive);
         active.update(&test.state.db).await.expect("update");
         let err = test
             .api

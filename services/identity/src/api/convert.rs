@@ -74,22 +74,20 @@ pub fn team(model: &team::Model, member_count: u64) -> pb::Team {
 }
 
 /// The protobuf status of a stored status.
-pub fn user_status(stored: &str) -> pb::UserStatus {
-    match UserStatus::parse(stored) {
-        Some(UserStatus::Invited) => pb::UserStatus::Invited,
-        Some(UserStatus::Active) => pb::UserStatus::Active,
-        Some(UserStatus::Inactive) => pb::UserStatus::Inactive,
-        None => pb::UserStatus::Unspecified,
+pub fn user_status(status: UserStatus) -> pb::UserStatus {
+    match status {
+        UserStatus::Invited => pb::UserStatus::Invited,
+        UserStatus::Active => pb::UserStatus::Active,
+        UserStatus::Inactive => pb::UserStatus::Inactive,
     }
 }
 
 /// A user as the API shows it, with the names of its role and team.
 pub fn user(model: &user::Model, role_name: &str, team_name: Option<&str>) -> pb::User {
-    let origin = match Origin::parse(&model.origin) {
-        Some(Origin::Owner) => pb::UserOrigin::AccountOwner,
-        Some(Origin::Invitation) => pb::UserOrigin::Invitation,
-        Some(Origin::Direct) => pb::UserOrigin::Direct,
-        None => pb::UserOrigin::Unspecified,
+    let origin = match model.origin {
+        Origin::Owner => pb::UserOrigin::AccountOwner,
+        Origin::Invitation => pb::UserOrigin::Invitation,
+        Origin::Direct => pb::UserOrigin::Direct,
     };
     pb::User {
         id: model.id.to_string(),
@@ -97,7 +95,7 @@ pub fn user(model: &user::Model, role_name: &str, team_name: Option<&str>) -> pb
         email: model.email.clone().unwrap_or_default(),
         username: model.username.clone().unwrap_or_default(),
         display_name: model.display_name.clone(),
-        status: user_status(&model.status) as i32,
+        status: user_status(model.status) as i32,
         role_id: model.role_id.to_string(),
         role_name: role_name.to_owned(),
         team_id: model.team_id.map(|t| t.to_string()).unwrap_or_default(),

@@ -293,8 +293,7 @@ impl IdentityApi {
                     .clone()
                     .or_else(|| inviter.email_canonical.clone())
                     .unwrap_or_default();
-                response.inviter_active =
-                    UserStatus::parse(&inviter.status) == Some(UserStatus::Active);
+                response.inviter_active = inviter.status == UserStatus::Active;
                 response.inviter_display_name = inviter.display_name;
                 response.inviter_locale = inviter.locale;
             }
@@ -554,7 +553,7 @@ impl IdentityApi {
             };
             let verdict = if let Some(found) = by_email.get(email) {
                 result.user_id = found.id.to_string();
-                match UserStatus::parse(&found.status) {
+                match Some(found.status) {
                     // A retry of this very reservation: the seat is held.
                     Some(UserStatus::Invited)
                         if found.invitation_id == Some(invitee.invitation_id) =>
@@ -592,14 +591,14 @@ impl IdentityApi {
                         Some(email),
                         None,
                     )),
-                    status: Set(UserStatus::Invited.as_str().to_owned()),
+                    status: Set(UserStatus::Invited),
                     role_id: Set(role.id),
                     team_id: Set(team_id),
                     products: Set(products_json.clone()),
                     locale: Set(locale.clone()),
                     metadata: Set(metadata.clone()),
                     owner: Set(false),
-                    origin: Set(Origin::Invitation.as_str().to_owned()),
+                    origin: Set(Origin::Invitation),
                     password_hash: Set(None),
                     password_change_required: Set(false),
                     invitation_id: Set(Some(invitee.invitation_id)),
@@ -711,9 +710,7 @@ impl IdentityApi {
         model: &user::Model,
         invitation_id: Uuid,
     ) -> ApiResult<Option<internal::ActivateInvitedUserResponse>> {
-        if UserStatus::parse(&model.status) != Some(UserStatus::Active)
-            || model.invitation_id != Some(invitation_id)
-        {
+        if model.status != UserStatus::Active || model.invitation_id != Some(invitation_id) {
             return Ok(None);
         }
         principals::refresh_user(&self.state, model.id).await?;
@@ -770,9 +767,7 @@ impl IdentityApi {
         if let Some(done) = self.already_activated(&current, invitation_id).await? {
             return Ok(done);
         }
-        if UserStatus::parse(&current.status) != Some(UserStatus::Invited)
-            || current.invitation_id != Some(invitation_id)
-        {
+        if current.status != UserStatus::Invited || current.invitation_id != Some(invitation_id) {
             return Err(not_invited());
         }
         // Outside the transaction: hashing takes tens of milliseconds.
@@ -994,7 +989,7 @@ impl IdentityApi {
                 None => (Outcome::NotFound, String::new()),
                 // Listed twice: the first one released it.
                 Some(u) if released_ids.contains(&u.id) => (Outcome::NotFound, String::new()),
-                Some(u) if UserStatus::parse(&u.status) != Some(UserStatus::Invited) => {
+                Some(u) if u.status != UserStatus::Invited => {
                     (Outcome::NotInvited, u.id.to_string())
                 }
                 // A stale retry: the user now belongs to a newer invitation.
@@ -1044,7 +1039,7 @@ impl IdentityApi {
                         },
                         details: Some(json!({
                             "email": email,
-                            "previous_status": model.status,
+                            "previous_status": model.status.as_str(),
                             "invitation_id": invitation_id,
                             "reason": reason,
                         })),
@@ -1113,7 +1108,7 @@ impl IdentityApi {
 
         let db = &self.state.db;
         let member = scoped::user(db, account_id, user_id).await?;
-        if UserStatus::parse(&member.status) != Some(UserStatus::Active) {
+        if member.status != UserStatus::Active {
             return Err(invalid_state("the user is not active"));
         }
         if member.invitation_id != Some(invitation_id) {
@@ -1496,14 +1491,14 @@ mod tests {
             username: Set(None),
             display_name: Set("Idle".into()),
             search_text: Set(String::new()),
-            status: Set(UserStatus::Inactive.as_str().into()),
+            status: Set(UserStatus::Inactive),
             role_id: Set(acct.user_role),
             team_id: Set(None),
             products: Set(convert::json_strings(Vec::<String>::new())),
             locale: Set(String::new()),
             metadata: Set(None),
             owner: Set(false),
-            origin: Set(Origin::Direct.as_str().into()),
+            origin: Set(Origin::Direct),
             password_hash: Set(None),
             password_change_required: Set(false),
             invitation_id: Set(None),
@@ -1549,7 +1544,7 @@ mod tests {
             .expect("ivy")
             .into_active_model();
         row.role_id = Set(inviters.id);
-        row.status = Set(UserStatus::Active.as_str().into());
+        row.status = Set(UserStatus::Active);
         row.update(&test.state.db).await.expect("ivy active");
         let key_with = |permissions: &[&str]| api_key::ActiveModel {
             id: Set(Uuid::new_v4()),
@@ -1636,7 +1631,7 @@ mod tests {
             .expect("query")
             .expect("ivy")
             .into_active_model();
-        row.status = Set(UserStatus::Inactive.as_str().into());
+        row.status = Set(UserStatus::Inactive);
         row.update(&test.state.db).await.expect("ivy inactive");
         let err = reserve(
             &test,
@@ -1854,7 +1849,7 @@ mod tests {
         let ada = stored(&test, &answer.results[4].user_id)
             .await
             .expect("ada reserved");
-        assert_eq!(ada.status, "invited");
+        assert_eq!(ada.status, crate::domain::UserStatus::Invited);
         assert_eq!(ada.display_name, "Ada  Lovelace");
         assert_eq!(ada.email_canonical.as_deref(), Some("ada@acme.example"));
         assert_eq!(ada.role_id, acct.user_role);
@@ -1862,7 +1857,7 @@ mod tests {
         assert_eq!(convert::strings(&ada.products), ["meter"]);
         assert_eq!(ada.locale, "fr");
         assert_eq!(ada.metadata, Some(json!({"lines": ["+33 1 23"]})));
-        assert_eq!(ada.origin, "invitation");
+        assert_eq!(ada.origin, crate::domain::Origin::Invitation);
         assert_eq!(
             ada.invitation_id.map(|i| i.to_string()),
             Some(message.invitees[4].invitation_id.clone())
@@ -2476,7 +2471,7 @@ mod tests {
         assert_eq!(outcomes(&answer), [Outcome::NotFound]);
         assert_eq!(
             stored(&test, &b_user).await.expect("b untouched").status,
-            "invited"
+            crate::domain::UserStatus::Invited
         );
         // The same email may be invited in both accounts.
         let answer = reserve(&test, reservation(&a, vec![invitee("bea@acme.example")]))

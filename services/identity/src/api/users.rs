@@ -275,7 +275,7 @@ async fn check_manager_left(
     manager_after: bool,
 ) -> ApiResult<()> {
     let roles = roles_of(txn, account_id).await?;
-    let active = UserStatus::parse(&target.status) == Some(UserStatus::Active);
+    let active = target.status == UserStatus::Active;
     let change = ManagerChange {
         owner: target.owner,
         manager_before: active && roles.get(&target.role_id).is_some_and(manages),
@@ -293,7 +293,7 @@ async fn actor<C: ConnectionTrait>(db: &C, call: &Call) -> ApiResult<Actor> {
     Ok(Actor::from_principal(&call.principal, name))
 }
 
-fn proto_status(status: &str) -> i32 {
+fn proto_status(status: UserStatus) -> i32 {
     convert::user_status(status) as i32
 }
 
@@ -750,14 +750,14 @@ impl IdentityApi {
                 canonical.as_deref(),
                 Some(&username),
             )),
-            status: Set(UserStatus::Active.as_str().to_owned()),
+            status: Set(UserStatus::Active),
             role_id: Set(role_id),
             team_id: Set(team_id),
             products: Set(convert::json_strings(products.clone())),
             locale: Set(locale.unwrap_or_default()),
             metadata: Set(metadata),
             owner: Set(false),
-            origin: Set(Origin::Direct.as_str().to_owned()),
+            origin: Set(Origin::Direct),
             password_hash: Set(password_hash.clone()),
             password_change_required: Set(request.require_password_change),
             invitation_id: Set(None),
@@ -920,7 +920,7 @@ impl IdentityApi {
         let txn = self.state.db.begin().await?;
         let account = accounts::lock(&txn, account_id).await?;
         let target = lock_user(&txn, account_id, user_id).await?;
-        if UserStatus::parse(&target.status) == Some(UserStatus::Invited) {
+        if target.status == UserStatus::Invited {
             return Err(ApiError::rejected(
                 Reason::InvalidState,
                 "the user is invited: change the invitation instead",
@@ -1158,7 +1158,7 @@ impl IdentityApi {
                 errors.insert(*id, ApiError::not_found("user"));
                 continue;
             };
-            let status = UserStatus::parse(&target.status);
+            let status = Some(target.status);
             if status == Some(UserStatus::Invited) {
                 errors.insert(
                     *id,
@@ -1377,7 +1377,7 @@ impl IdentityApi {
             call.principal.user_id == Some(target.id),
             OwnerAction::Deactivate,
         )?;
-        if UserStatus::parse(&target.status) != Some(UserStatus::Active) {
+        if target.status != UserStatus::Active {
             return Err(ApiError::rejected(
                 Reason::InvalidState,
                 "the user is not active",
@@ -1385,7 +1385,7 @@ impl IdentityApi {
         }
         check_manager_left(&txn, account_id, &target, false).await?;
         let mut active = target.clone().into_active_model();
-        active.status = Set(UserStatus::Inactive.as_str().to_owned());
+        active.status = Set(UserStatus::Inactive);
         active.deactivate_time = Set(Some(now));
         active.update_time = Set(now);
         active.update(&txn).await?;
@@ -1437,7 +1437,7 @@ impl IdentityApi {
         let txn = self.state.db.begin().await?;
         let account = accounts::lock(&txn, account_id).await?;
         let target = lock_user(&txn, account_id, user_id).await?;
-        if UserStatus::parse(&target.status) != Some(UserStatus::Inactive) {
+        if target.status != UserStatus::Inactive {
             return Err(ApiError::rejected(
                 Reason::InvalidState,
                 "the user is not inactive",
@@ -1452,7 +1452,7 @@ impl IdentityApi {
             ));
         }
         let mut active = target.clone().into_active_model();
-        active.status = Set(UserStatus::Active.as_str().to_owned());
+        active.status = Set(UserStatus::Active);
         active.deactivate_time = Set(None);
         active.update_time = Set(now);
         active.update(&txn).await?;
@@ -1503,7 +1503,7 @@ impl IdentityApi {
         let txn = self.state.db.begin().await?;
         accounts::lock(&txn, account_id).await?;
         let target = lock_user(&txn, account_id, user_id).await?;
-        let previous = UserStatus::parse(&target.status);
+        let previous = Some(target.status);
         if previous == Some(UserStatus::Invited) {
             return Err(ApiError::rejected(
                 Reason::InvalidState,
@@ -1534,7 +1534,7 @@ impl IdentityApi {
                 details: Some(json!({
                     "email": target.email_canonical,
                     "username": target.username,
-                    "previous_status": target.status,
+                    "previous_status": target.status.as_str(),
                 })),
                 request_id: &call.request_id,
             },
@@ -1551,7 +1551,7 @@ impl IdentityApi {
                 user_id: user_id.to_string(),
                 account_id: account_id.to_string(),
                 actor: Some(actor.to_proto()),
-                previous_status: proto_status(&target.status),
+                previous_status: proto_status(target.status),
                 email: target.email_canonical.clone().unwrap_or_default(),
                 invitation_id: String::new(),
             },
@@ -1873,8 +1873,8 @@ mod tests {
             now,
         );
         let mut model = model.into_active_model();
-        model.status = Set(UserStatus::Invited.as_str().to_owned());
-        model.origin = Set(Origin::Invitation.as_str().to_owned());
+        model.status = Set(UserStatus::Invited);
+        model.origin = Set(Origin::Invitation);
         model.invitation_id = Set(Some(Uuid::new_v4()));
         model.insert(&test.state.db).await.expect("invited user");
         id
@@ -1920,14 +1920,14 @@ mod tests {
                 email.map(str::to_lowercase).as_deref(),
                 username,
             ),
-            status: UserStatus::Active.as_str().into(),
+            status: UserStatus::Active,
             role_id: role,
             team_id: team,
             products: json!([]),
             locale: String::new(),
             metadata: None,
             owner: false,
-            origin: Origin::Direct.as_str().into(),
+            origin: Origin::Direct,
             password_hash: None,
             password_change_required: false,
             invitation_id: None,
@@ -3612,7 +3612,7 @@ mod tests {
                     start_time + Duration::seconds(i / 2),
                 );
                 if i % 7 == 0 {
-                    model.status = UserStatus::Inactive.as_str().into();
+                    model.status = UserStatus::Inactive;
                 }
                 model
             })
@@ -3659,7 +3659,7 @@ mod tests {
         // By email (username when none), active admins only, odd page size.
         let mut expected: Vec<&user::Model> = rows
             .iter()
-            .filter(|r| r.role_id == acct.admin_role && r.status == UserStatus::Active.as_str())
+            .filter(|r| r.role_id == acct.admin_role && r.status == UserStatus::Active)
             .collect();
         let key = |r: &user::Model| {
             r.email_canonical
@@ -3836,8 +3836,8 @@ mod tests {
         );
         let row = stored(&test, id).await.expect("row");
         assert_eq!(
-            (row.display_name.as_str(), row.status.as_str()),
-            ("victim name", "inactive")
+            (row.display_name.as_str(), row.status),
+            ("victim name", UserStatus::Inactive)
         );
         test.stop().await;
     }

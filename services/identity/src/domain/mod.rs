@@ -1,9 +1,12 @@
 //! The identity domain: the permission catalogue, built-in roles, user
 //! statuses and the validation rules of names, slugs and locales. Pure: no
-//! tonic, no sea-orm.
+//! I/O, no tonic, no queries (the status enums carry sea-orm's derive only so
+//! the user entity stores them typed).
 
+use sea_orm::sea_query::StringLen;
 use usher_kit::error::{ApiError, ApiResult};
 
+pub mod effects;
 pub mod grants;
 pub mod rules;
 
@@ -68,14 +71,20 @@ pub fn user_permissions() -> Vec<String> {
     vec![USERS_READ.to_owned()]
 }
 
-/// Where a user is in their life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Where a user is in their life. Stored as its text (`invited`, `active`,
+/// `inactive`): the derive lets the user entity hold it typed, so no code
+/// parses the stored string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, sea_orm::EnumIter, sea_orm::DeriveActiveEnum)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
 pub enum UserStatus {
     /// An invitation is pending (or expired, awaiting a reinvite).
+    #[sea_orm(string_value = "invited")]
     Invited,
     /// Can sign in.
+    #[sea_orm(string_value = "active")]
     Active,
     /// Deactivated by an admin: cannot sign in, keeps history, frees its seat.
+    #[sea_orm(string_value = "inactive")]
     Inactive,
 }
 
@@ -105,14 +114,18 @@ impl UserStatus {
     }
 }
 
-/// How a user came to be.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a user came to be (stored as its text, like [`UserStatus`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, sea_orm::EnumIter, sea_orm::DeriveActiveEnum)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
 pub enum Origin {
     /// Signed the account up.
+    #[sea_orm(string_value = "owner")]
     Owner,
     /// Accepted an invitation.
+    #[sea_orm(string_value = "invitation")]
     Invitation,
     /// Created directly (shared devices).
+    #[sea_orm(string_value = "direct")]
     Direct,
 }
 

@@ -179,7 +179,7 @@ pub async fn held_permissions<C: ConnectionTrait>(
                 .filter(user::Column::AccountId.eq(account.id))
                 .one(db)
                 .await?
-                .filter(|u| UserStatus::parse(&u.status) == Some(UserStatus::Active))
+                .filter(|u| u.status == UserStatus::Active)
             else {
                 return Ok(Vec::new());
             };

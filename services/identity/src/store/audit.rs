@@ -5,67 +5,11 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{ActiveModelTrait, ConnectionTrait, DbErr, Set};
 use serde_json::Value as Json;
-use usher_kit::principal::{Principal, PrincipalKind};
 use uuid::Uuid;
 
 use super::entities::audit_event;
 
-/// Who did something.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Actor {
-    /// `user`, `api_key`, `platform`, `system` or `anonymous`.
-    pub kind: &'static str,
-    /// The user id, API key id, or empty.
-    pub id: String,
-    /// A name for humans, as it was at the time.
-    pub name: String,
-}
-
-impl Actor {
-    /// The actor behind a verified principal; `name` is the user's display
-    /// name when known.
-    pub fn from_principal(principal: &Principal, name: impl Into<String>) -> Self {
-        let (kind, id) = match principal.kind {
-            PrincipalKind::User => ("user", principal.user_id.map(|u| u.to_string())),
-            PrincipalKind::ApiKey => ("api_key", principal.credential_id.clone()),
-            PrincipalKind::Platform => ("platform", principal.credential_id.clone()),
-            PrincipalKind::Service => ("system", principal.service.clone()),
-            PrincipalKind::Anonymous => ("anonymous", None),
-        };
-        Self {
-            kind,
-            id: id.unwrap_or_default(),
-            name: name.into(),
-        }
-    }
-
-    /// Usher itself (expiry, migrations).
-    pub fn system() -> Self {
-        Self {
-            kind: "system",
-            id: String::new(),
-            name: "Usher".into(),
-        }
-    }
-
-    /// The protobuf form.
-    pub fn to_proto(&self) -> usher_proto::identity::v1::Actor {
-        use usher_proto::identity::v1::ActorKind;
-        let kind = match self.kind {
-            "user" => ActorKind::User,
-            "api_key" => ActorKind::ApiKey,
-            "platform" => ActorKind::Platform,
-            "system" => ActorKind::System,
-            "anonymous" => ActorKind::Anonymous,
-            _ => ActorKind::Unspecified,
-        };
-        usher_proto::identity::v1::Actor {
-            kind: kind as i32,
-            id: self.id.clone(),
-            display_name: self.name.clone(),
-        }
-    }
-}
+pub use crate::domain::effects::Actor;
 
 /// One audit entry to write.
 #[derive(Clone, Debug)]

@@ -117,8 +117,7 @@ pub mod user {
         pub username: Option<String>,
         pub display_name: String,
         pub search_text: String,
-        /// `invited`, `active` or `inactive` (see `domain::UserStatus`).
-        pub status: String,
+        pub status: crate::domain::UserStatus,
         pub role_id: Uuid,
         pub team_id: Option<Uuid>,
         #[sea_orm(column_type = "JsonBinary")]
@@ -127,8 +126,7 @@ pub mod user {
         #[sea_orm(column_type = "JsonBinary", nullable)]
         pub metadata: Option<Json>,
         pub owner: bool,
-        /// `owner`, `invitation` or `direct`.
-        pub origin: String,
+        pub origin: crate::domain::Origin,
         pub password_hash: Option<String>,
         pub password_change_required: bool,
         pub invitation_id: Option<Uuid>,

@@ -139,7 +139,7 @@ fn snapshot_of(
     version: u64,
 ) -> Option<PrincipalSnapshot> {
     let permissions = permissions?;
-    if UserStatus::parse(&model.status) != Some(UserStatus::Active) {
+    if model.status != UserStatus::Active {
         return None;
     }
     Some(PrincipalSnapshot {
