@@ -4,8 +4,13 @@
 //!
 //! It serves health (aggregating the upstreams' readiness), reflection for the
 //! public services, and metrics itself, and forwards every other call through
-//! the stack built in [`serve`] (see [`proxy`] and [`limits`]). Not yet: API
-//! keys, gRPC-Web and the invitation page.
+//! the stack built in [`serve`] (see [`proxy`] and [`limits`]). A caller
+//! presents a session access token or an API key (`usk_…`), both resolved
+//! from the snapshots identity keeps in Redis. Browsers reach the same
+//! services, under the same rules, over gRPC-Web (with CORS for the
+//! configured origins). The gateway also serves the invitation page and the
+//! password pages (`/invite`, `/reset`, `/set-password`, see [`page`]), which
+//! call the services through the same stack as any client.
 
 pub mod config;
 pub mod limits;
@@ -257,8 +262,8 @@ pub async fn serve_with(
         // Route by gRPC service name; everything not public and ruled is
         // UNIMPLEMENTED here, before any credential is looked at (P13).
         .layer(RouteLayer::new(routes))
-        // Bearer session token -> principal (Redis); a bad credential is
-        // UNAUTHENTICATED, no credential the anonymous principal.
+        // Bearer session token or API key -> principal (Redis); a bad
+        // credential is UNAUTHENTICATED, no credential the anonymous principal.
         .layer(AuthnLayer::new(sessions))
         // The RPC's access rule from the contracts; refusals never leave
         // the gateway (P13).

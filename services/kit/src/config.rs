@@ -140,7 +140,8 @@ impl fmt::Debug for Secret {
 }
 
 /// Whether this deployment is a development or a production one. Production
-/// refuses the built-in development keys and turns reflection off by default.
+/// refuses the built-in development keys and a `links.public_base_url` that
+/// is not `https`; reflection does not depend on it (`server.reflection`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Environment {

@@ -1,7 +1,10 @@
 //! The account's standing rules: the owner is protected, and every account
-//! keeps at least one active user who can manage users. The store evaluates
-//! them inside a transaction that locks the account row, so two concurrent
-//! changes (two admins demoting each other) are checked one after the other.
+//! keeps at least one active user who can manage users. They are pure
+//! functions: the caller reads the facts they judge (who is the owner, how
+//! many active managers there are, what each change does to a user) inside a
+//! transaction that has locked the account row (`store::accounts::lock`) and
+//! passes them in, so two concurrent changes (two admins demoting each other)
+//! are checked one after the other.
 
 use usher_kit::error::{ApiError, ApiResult, Reason};
 
