@@ -30,7 +30,10 @@ use uuid::Uuid;
 use super::entities::{account, api_key, product};
 pub use crate::domain::api_keys::{enabled_permissions, is_active, secret_prefix};
 use crate::{domain::CATALOGUE, state::Identity};
-use usher_kit::{convert, db::StoreResult};
+use usher_kit::{
+    convert,
+    db::{StoreError, StoreResult},
+};
 
 /// Longest secret looked up; anything longer is no key of ours.
 pub const MAX_SECRET_CHARS: usize = 128;
@@ -54,13 +57,13 @@ pub async fn find_in_account<C: ConnectionTrait>(
     db: &C,
     account_id: Uuid,
     id: Uuid,
-) -> ApiResult<api_key::Model> {
+) -> StoreResult<api_key::Model> {
     api_key::Entity::find_by_id(id)
         .filter(api_key::Column::AccountId.eq(account_id))
         .filter(api_key::Column::Platform.eq(false))
         .one(db)
         .await?
-        .ok_or_else(|| ApiError::not_found("api key"))
+        .ok_or(StoreError::NotFound("api key"))
 }
 
 /// The key whose secret hashes to `hash`, of any account.
@@ -144,7 +147,7 @@ pub async fn active_name_taken<C: ConnectionTrait>(
     account_id: Uuid,
     name: &str,
     now: DateTime<Utc>,
-) -> ApiResult<bool> {
+) -> StoreResult<bool> {
     Ok(api_key::Entity::find()
         .select_only()
         .column(api_key::Column::Id)
@@ -166,7 +169,7 @@ pub async fn page<C: ConnectionTrait>(
     active_at: Option<DateTime<Utc>>,
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: u64,
-) -> ApiResult<Vec<api_key::Model>> {
+) -> StoreResult<Vec<api_key::Model>> {
     let mut select = api_key::Entity::find()
         .filter(api_key::Column::AccountId.eq(account_id))
         .filter(api_key::Column::Platform.eq(false));
@@ -194,7 +197,7 @@ pub async fn page<C: ConnectionTrait>(
 
 /// Sets `revoke_time` if the key is not revoked yet; whether this call did it
 /// (so two concurrent revocations record one revocation).
-pub async fn revoke<C: ConnectionTrait>(db: &C, id: Uuid, now: DateTime<Utc>) -> ApiResult<bool> {
+pub async fn revoke<C: ConnectionTrait>(db: &C, id: Uuid, now: DateTime<Utc>) -> StoreResult<bool> {
     let result = api_key::Entity::update_many()
         .col_expr(api_key::Column::RevokeTime, Expr::value(Some(now)))
         .filter(api_key::Column::Id.eq(id))
