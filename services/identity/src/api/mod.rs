@@ -10,6 +10,7 @@ use usher_kit::{error::ApiError, principal::Principal};
 use crate::state::Identity;
 
 pub mod accounts;
+pub mod api_keys;
 pub mod convert;
 pub mod validate;
 

@@ -6,8 +6,11 @@
 use sea_orm::sea_query::StringLen;
 use usher_kit::error::{ApiError, ApiResult};
 
+pub mod api_keys;
+pub mod auth;
 pub mod effects;
 pub mod grants;
+pub mod password_links;
 pub mod rules;
 
 /// Read users, invitations and deliveries.

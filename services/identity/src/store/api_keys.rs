@@ -12,6 +12,8 @@
 //! is no key at the gateway (fail closed); the table stays the source of
 //! truth and [`publish`] rebuilds a snapshot from it.
 
+use std::collections::BTreeSet;
+
 use chrono::{DateTime, Duration, Utc};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
@@ -25,26 +27,18 @@ use usher_kit::{
 };
 use uuid::Uuid;
 
-use super::entities::{account, api_key};
-use crate::{api::convert, domain::CATALOGUE, state::Identity};
+use super::entities::{account, api_key, product};
+pub use crate::domain::api_keys::{enabled_permissions, is_active, secret_prefix};
+use crate::{domain::CATALOGUE, state::Identity};
+use usher_kit::{
+    convert,
+    db::{StoreError, StoreResult},
+};
 
 /// Longest secret looked up; anything longer is no key of ours.
 pub const MAX_SECRET_CHARS: usize = 128;
-/// Characters of the secret shown in lists (`usk_` and 4 random characters,
-/// 24 of its 256 bits).
-const SHOWN_PREFIX_CHARS: usize = API_KEY_PREFIX.len() + 4;
 /// `last_use_time` is written at most this often per key.
 const LAST_USE_RESOLUTION: Duration = Duration::seconds(60);
-
-/// The non-secret beginning of `secret` shown in lists.
-pub fn secret_prefix(secret: &str) -> String {
-    secret.chars().take(SHOWN_PREFIX_CHARS).collect()
-}
-
-/// Whether a key is usable at `now`: not revoked, not expired.
-pub fn is_active(key: &api_key::Model, now: DateTime<Utc>) -> bool {
-    key.revoke_time.is_none() && key.expire_time.is_none_or(|at| at > now)
-}
 
 /// The condition "usable at `now`".
 pub fn active_condition(now: DateTime<Utc>) -> Condition {
@@ -63,13 +57,88 @@ pub async fn find_in_account<C: ConnectionTrait>(
     db: &C,
     account_id: Uuid,
     id: Uuid,
-) -> ApiResult<api_key::Model> {
+) -> StoreResult<api_key::Model> {
     api_key::Entity::find_by_id(id)
         .filter(api_key::Column::AccountId.eq(account_id))
         .filter(api_key::Column::Platform.eq(false))
         .one(db)
         .await?
-        .ok_or_else(|| ApiError::not_found("api key"))
+        .ok_or(StoreError::NotFound("api key"))
+}
+
+/// The key whose secret hashes to `hash`, of any account.
+pub async fn find_by_secret_hash<C: ConnectionTrait>(
+    db: &C,
+    hash: &str,
+) -> StoreResult<Option<api_key::Model>> {
+    Ok(api_key::Entity::find()
+        .filter(api_key::Column::SecretHash.eq(hash))
+        .one(db)
+        .await?)
+}
+
+/// Permissions `account` can grant: the core catalogue and those of its
+/// enabled products.
+pub async fn grantable_permissions<C: ConnectionTrait>(
+    db: &C,
+    account: &account::Model,
+) -> StoreResult<BTreeSet<String>> {
+    let mut known: BTreeSet<String> = CATALOGUE.iter().map(|(p, _)| (*p).to_owned()).collect();
+    let codes = convert::strings(&account.products);
+    if !codes.is_empty() {
+        let products = product::Entity::find()
+            .filter(product::Column::Code.is_in(codes))
+            .all(db)
+            .await?;
+        for product in &products {
+            known.extend(super::accounts::product_permission_names(product));
+        }
+    }
+    Ok(known)
+}
+
+/// A new key of an account, as stored.
+#[derive(Clone, Debug)]
+pub struct NewAccountKey {
+    /// The account.
+    pub account_id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// The keyed hash of its secret (`TokenPurpose::ApiKey`).
+    pub secret_hash: String,
+    /// The non-secret beginning of the secret.
+    pub secret_prefix: String,
+    /// Its permissions.
+    pub permissions: Vec<String>,
+    /// Who created it.
+    pub creator_user_id: Option<Uuid>,
+    /// When it expires.
+    pub expire_time: Option<DateTime<Utc>>,
+}
+
+/// Inserts `key`, created at `now`.
+pub async fn insert<C: ConnectionTrait>(
+    db: &C,
+    key: NewAccountKey,
+    now: DateTime<Utc>,
+) -> StoreResult<api_key::Model> {
+    use sea_orm::{ActiveModelTrait, Set};
+    Ok(api_key::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        account_id: Set(Some(key.account_id)),
+        name: Set(key.name),
+        secret_hash: Set(key.secret_hash),
+        secret_prefix: Set(key.secret_prefix),
+        permissions: Set(convert::json_strings(key.permissions)),
+        platform: Set(false),
+        creator_user_id: Set(key.creator_user_id),
+        create_time: Set(now),
+        expire_time: Set(key.expire_time),
+        last_use_time: Set(None),
+        revoke_time: Set(None),
+    }
+    .insert(db)
+    .await?)
 }
 
 /// Whether an active key of the account already has `name`.
@@ -78,7 +147,7 @@ pub async fn active_name_taken<C: ConnectionTrait>(
     account_id: Uuid,
     name: &str,
     now: DateTime<Utc>,
-) -> ApiResult<bool> {
+) -> StoreResult<bool> {
     Ok(api_key::Entity::find()
         .select_only()
         .column(api_key::Column::Id)
@@ -100,7 +169,7 @@ pub async fn page<C: ConnectionTrait>(
     active_at: Option<DateTime<Utc>>,
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: u64,
-) -> ApiResult<Vec<api_key::Model>> {
+) -> StoreResult<Vec<api_key::Model>> {
     let mut select = api_key::Entity::find()
         .filter(api_key::Column::AccountId.eq(account_id))
         .filter(api_key::Column::Platform.eq(false));
@@ -128,7 +197,7 @@ pub async fn page<C: ConnectionTrait>(
 
 /// Sets `revoke_time` if the key is not revoked yet; whether this call did it
 /// (so two concurrent revocations record one revocation).
-pub async fn revoke<C: ConnectionTrait>(db: &C, id: Uuid, now: DateTime<Utc>) -> ApiResult<bool> {
+pub async fn revoke<C: ConnectionTrait>(db: &C, id: Uuid, now: DateTime<Utc>) -> StoreResult<bool> {
     let result = api_key::Entity::update_many()
         .col_expr(api_key::Column::RevokeTime, Expr::value(Some(now)))
         .filter(api_key::Column::Id.eq(id))
@@ -203,20 +272,6 @@ pub async fn resolve_api_key(state: &Identity, secret: &str) -> ApiResult<Option
         .exec(&state.db)
         .await?;
     Ok(Some(principal))
-}
-
-/// `permissions` without those of products not in `products` (core
-/// permissions always stay).
-pub fn enabled_permissions(permissions: Vec<String>, products: &[String]) -> Vec<String> {
-    permissions
-        .into_iter()
-        .filter(|permission| {
-            CATALOGUE.iter().any(|(core, _)| core == permission)
-                || permission
-                    .split_once('.')
-                    .is_some_and(|(product, _)| products.iter().any(|p| p == product))
-        })
-        .collect()
 }
 
 /// The gateway's snapshot of `key`, for an account with `products` (ignored

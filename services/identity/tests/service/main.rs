@@ -6,3 +6,5 @@
 
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod auth;
