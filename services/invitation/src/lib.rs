@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod config;
+pub mod domain;
 pub mod expiry;
 pub mod migration;
 pub mod results;
