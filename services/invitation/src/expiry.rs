@@ -2,21 +2,16 @@
 //! sweep marks PENDING invitations past their expiry (`expiry_published`)
 //! and writes the events to the outbox in the same transaction. Several
 //! replicas may sweep at once (`FOR UPDATE SKIP LOCKED`); a resend clears the
-//! mark, so a resent invitation that expires again is published again.
+//! mark, so a resent invitation that expires again is published again. The
+//! rule is the state machine's ([`crate::domain::Invitation::expire`]).
 
 use std::time::Duration;
 
-use sea_orm::{
-    ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, IntoActiveModel, QueryFilter,
-    QuerySelect, TransactionTrait, sea_query::LockBehavior,
-};
+use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
-use usher_kit::{clock::SharedClock, error::ApiResult, outbox};
+use usher_kit::{clock::SharedClock, error::ApiResult};
 
-use crate::{
-    api::{expired_event, state_of},
-    store::entities::invitation::{self, Column},
-};
+use crate::store::Repository;
 
 /// Most invitations marked per transaction.
 const BATCH: u64 = 500;
@@ -25,30 +20,18 @@ const BATCH: u64 = 500;
 /// returns how many.
 pub async fn sweep_once(db: &DatabaseConnection, clock: &SharedClock) -> ApiResult<usize> {
     let now = clock.now();
-    let txn = db.begin().await?;
-    let expired = invitation::Entity::find()
-        .filter(Column::State.eq("PENDING"))
-        .filter(Column::ExpiryPublished.eq(false))
-        .filter(Column::ExpireTime.lte(now))
-        .limit(BATCH)
-        .lock_with_behavior(
-            sea_orm::sea_query::LockType::Update,
-            LockBehavior::SkipLocked,
-        )
-        .all(&txn)
-        .await?;
+    let tx = Repository::new(db.clone()).begin().await?;
+    let expired = tx.lock_newly_expired(now, BATCH).await?;
     let mut events = Vec::with_capacity(expired.len());
-    for model in &expired {
-        if state_of(model, now) != usher_proto::invitation::v1::InvitationState::Expired {
+    for invitation in &expired {
+        let Some(transition) = invitation.expire(now) else {
             continue;
-        }
-        let mut marked = model.clone();
-        marked.expiry_published = true;
-        marked.into_active_model().reset_all().update(&txn).await?;
-        events.push(expired_event(model, now));
+        };
+        tx.apply(&transition.row).await?;
+        events.extend(transition.emit);
     }
-    outbox::enqueue(&txn, &events).await?;
-    txn.commit().await?;
+    tx.emit(&events).await?;
+    tx.commit().await?;
     Ok(events.len())
 }
 

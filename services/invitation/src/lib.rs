@@ -3,9 +3,17 @@
 //! public preview / accept / decline of a link. `main.rs` only parses
 //! arguments; `usher dev` and the integration tests start the service
 //! in-process through [`serve`].
+//!
+//! Layers, each importing only those below it: [`api`] (gRPC handlers:
+//! decode, call, encode) → [`app`] (load, decide, persist) → [`domain`]
+//! (the rules and the invitation state machine, pure) ← [`store`] (SQL and
+//! the token keys) and [`directory`] (identity).
 
 pub mod api;
+pub mod app;
 pub mod config;
+pub mod directory;
+pub mod domain;
 pub mod expiry;
 pub mod migration;
 pub mod results;
@@ -32,10 +40,7 @@ use usher_kit::{
     tokens::TokenHasher,
     ttl::SharedTtlStore,
 };
-use usher_proto::{
-    identity::internal::v1::directory_service_client::DirectoryServiceClient,
-    invitation::v1 as invitation,
-};
+use usher_proto::invitation::v1 as invitation;
 
 pub use config::Config;
 
@@ -69,13 +74,12 @@ pub fn state(
         clock.clone(),
     )?;
     Ok(state::Invitations {
-        db,
+        repo: store::Repository::new(db),
         tokens: store::tokens::TokenStore::with_store(
             keys,
             TokenHasher::from_config(&config.tokens)?,
         ),
-        directory: DirectoryServiceClient::new(channel)
-            .max_decoding_message_size(config.server.max_message_bytes),
+        directory: directory::Directory::new(channel, config.server.max_message_bytes),
         sealer: Sealer::from_config(&config.seal)?,
         link_base: config.links.base().to_owned(),
         rules: config.invitations.clone(),

@@ -11,13 +11,12 @@
 use std::time::Duration;
 
 use prost::Message;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, sea_query::Expr};
+use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
 use usher_kit::{amqp::QueueSpec, broker::Broker, clock::SharedClock, error::ApiResult};
 use usher_proto::notification::v1 as notification;
-use uuid::Uuid;
 
-use crate::store::entities::invitation::{self, Column};
+use crate::{domain::delivery, store::Repository};
 
 /// The queue of this service's delivery results.
 pub const QUEUE: &str = "usher.invitation.delivery-results";
@@ -31,40 +30,19 @@ pub fn queue() -> QueueSpec {
     QueueSpec::durable(QUEUE).quorum()
 }
 
-/// Records `result`; returns whether an invitation was updated.
+/// Records `result` (see [`crate::domain::delivery`]); returns whether an
+/// invitation was updated.
 pub async fn record(
     db: &DatabaseConnection,
     result: &notification::DeliveryResult,
     clock: &SharedClock,
 ) -> ApiResult<bool> {
-    let (Ok(invitation_id), false) = (
-        Uuid::parse_str(&result.invitation_id),
-        result.job_id.is_empty(),
-    ) else {
+    let Some(report) = delivery::report(result) else {
         return Ok(false);
     };
-    let mut update = invitation::Entity::update_many();
-    if result.status == notification::DeliveryStatus::Queued as i32 {
-        // A late QUEUED never overwrites a final status.
-        update = update.filter(Column::DeliveryStatus.is_not_in([
-            notification::DeliveryStatus::Sent as i32,
-            notification::DeliveryStatus::Failed as i32,
-        ]));
-    }
-    let updated = update
-        .col_expr(Column::DeliveryStatus, Expr::value(result.status))
-        .col_expr(
-            Column::DeliveryReason,
-            Expr::value(result.reason.chars().take(500).collect::<String>()),
-        )
-        .col_expr(Column::DeliveryAttempts, Expr::value(result.attempts))
-        .col_expr(Column::DeliveryUpdateTime, Expr::value(clock.now()))
-        .col_expr(Column::UpdateTime, Expr::value(clock.now()))
-        .filter(Column::Id.eq(invitation_id))
-        .filter(Column::DeliveryJobId.eq(result.job_id.clone()))
-        .exec(db)
-        .await?;
-    Ok(updated.rows_affected > 0)
+    Ok(Repository::new(db.clone())
+        .record_delivery(&report, clock.now())
+        .await?)
 }
 
 /// Consumes the results until `shutdown`.

@@ -1,22 +1,24 @@
 //! What every handler shares.
 
-use sea_orm::DatabaseConnection;
-use usher_kit::{client::ServiceChannel, clock::SharedClock, seal::Sealer};
-use usher_proto::identity::internal::v1::directory_service_client::DirectoryServiceClient;
+use usher_kit::{clock::SharedClock, seal::Sealer};
 
-use crate::{config::InvitationsConfig, store::tokens::TokenStore};
+use crate::{
+    config::InvitationsConfig,
+    directory::Directory,
+    store::{Repository, tokens::TokenStore},
+};
 
 /// The invitation service's state.
 #[derive(Debug)]
 pub struct Invitations {
     /// The invitation database.
-    pub db: DatabaseConnection,
+    pub repo: Repository,
     /// Time, injectable in tests.
     pub clock: SharedClock,
     /// Token keys and the hourly quota in Redis.
     pub tokens: TokenStore,
     /// Identity's internal DirectoryService.
-    pub directory: DirectoryServiceClient<ServiceChannel>,
+    pub directory: Directory,
     /// Seals the links in email jobs.
     pub sealer: Sealer,
     /// `<public_base_url>` without a trailing `/`.

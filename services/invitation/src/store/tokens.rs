@@ -15,28 +15,16 @@ use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use usher_kit::{
-    error::ApiResult,
+    db::StoreResult,
     redis::Redis,
     tokens::{Token, TokenHasher, TokenPurpose},
     ttl::{RedisTtlStore, SharedTtlStore, TtlEntry},
 };
 use uuid::Uuid;
 
-/// Longest token looked up; anything longer is no token of ours.
-pub const MAX_TOKEN_CHARS: usize = 128;
-
-/// One key to write: the token's hash, what it points at, until when.
-#[derive(Clone, Debug)]
-pub struct TokenEntry {
-    /// HMAC of the token.
-    pub hash: String,
-    /// The invitation.
-    pub invitation_id: Uuid,
-    /// The invitation's token version this token carries.
-    pub version: i64,
-    /// When the link stops working.
-    pub expire_time: DateTime<Utc>,
-}
+use super::classified;
+use crate::domain::ports::TokenPort;
+pub use crate::domain::{input::MAX_TOKEN_CHARS, ports::TokenEntry};
 
 /// What a token points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,13 +57,6 @@ impl TokenStore {
         Self { store, hasher }
     }
 
-    /// A new token and its hash.
-    pub fn generate(&self) -> (Token, String) {
-        let token = Token::generate();
-        let hash = self.hasher.hash(TokenPurpose::Invitation, token.as_str());
-        (token, hash)
-    }
-
     fn key(hash: &str) -> String {
         format!("inv:tok:{hash}")
     }
@@ -85,9 +66,50 @@ impl TokenStore {
         format!("inv:quota:{account}:{hour}")
     }
 
+    /// What `token` points at, if its key exists. Malformed tokens are never
+    /// looked up.
+    pub async fn get(&self, token: &str) -> StoreResult<Option<TokenTarget>> {
+        if token.is_empty()
+            || token.len() > MAX_TOKEN_CHARS
+            || !token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Ok(None);
+        }
+        let hash = self.hasher.hash(TokenPurpose::Invitation, token);
+        let value = classified(self.store.get(&Self::key(&hash)).await)?;
+        Ok(value.as_deref().and_then(parse_target))
+    }
+
+    /// Deletes the keys of `hashes` (unknown ones are ignored).
+    pub async fn delete(&self, hashes: &[String]) -> StoreResult<()> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = hashes.iter().map(|h| Self::key(h)).collect();
+        classified(self.store.delete(keys).await)?;
+        Ok(())
+    }
+
+    /// The time until the quota window of `now` ends (the domain's rule,
+    /// [`crate::domain::transitions::quota_retry_after`]).
+    pub fn quota_retry_after(now: DateTime<Utc>) -> Duration {
+        crate::domain::transitions::quota_retry_after(now)
+    }
+}
+
+impl TokenPort for TokenStore {
+    /// A new token and its hash.
+    fn generate(&self) -> (Token, String) {
+        let token = Token::generate();
+        let hash = self.hasher.hash(TokenPurpose::Invitation, token.as_str());
+        (token, hash)
+    }
+
     /// Writes `entries` in one pipelined round trip. An entry already past
     /// its expiry at `now` is skipped (it could never be used).
-    pub async fn put(&self, entries: &[TokenEntry], now: DateTime<Utc>) -> ApiResult<()> {
+    async fn put(&self, entries: &[TokenEntry], now: DateTime<Utc>) -> StoreResult<()> {
         let keys: Vec<TtlEntry> = entries
             .iter()
             .filter_map(|entry| {
@@ -102,40 +124,14 @@ impl TokenStore {
         if keys.is_empty() {
             return Ok(());
         }
-        self.store.set_many(keys).await
-    }
-
-    /// What `token` points at, if its key exists. Malformed tokens are never
-    /// looked up.
-    pub async fn get(&self, token: &str) -> ApiResult<Option<TokenTarget>> {
-        if token.is_empty()
-            || token.len() > MAX_TOKEN_CHARS
-            || !token
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Ok(None);
-        }
-        let hash = self.hasher.hash(TokenPurpose::Invitation, token);
-        let value = self.store.get(&Self::key(&hash)).await?;
-        Ok(value.as_deref().and_then(parse_target))
-    }
-
-    /// Deletes the keys of `hashes` (unknown ones are ignored).
-    pub async fn delete(&self, hashes: &[String]) -> ApiResult<()> {
-        if hashes.is_empty() {
-            return Ok(());
-        }
-        let keys: Vec<String> = hashes.iter().map(|h| Self::key(h)).collect();
-        self.store.delete(keys).await?;
-        Ok(())
+        classified(self.store.set_many(keys).await)
     }
 
     /// Deletes the keys of links that no longer work, after the commit that
     /// killed them. Best effort: PostgreSQL already refuses those links, so a
     /// failure only leaves a key pointing at nothing until its TTL; it is
     /// logged with `what` (e.g. "revoked").
-    pub async fn forget(&self, hashes: &[String], what: &str) {
+    async fn forget(&self, hashes: &[String], what: &str) {
         if let Err(err) = self.delete(hashes).await {
             tracing::warn!(error = %err, what, "dead invitation token keys not deleted");
         }
@@ -144,54 +140,43 @@ impl TokenStore {
     /// Takes up to `wanted` sends from `account`'s quota of `limit` per clock
     /// hour and returns how many were granted (0 when the quota is used up).
     /// A `limit` of 0 means no quota.
-    pub async fn take_quota(
+    async fn take_quota(
         &self,
         account: Uuid,
         wanted: u32,
         limit: u32,
         now: DateTime<Utc>,
-    ) -> ApiResult<u32> {
+    ) -> StoreResult<u32> {
         if limit == 0 || wanted == 0 {
             return Ok(wanted);
         }
         let key = Self::quota_key(account, now);
-        let used = self
-            .store
-            .add(&key, i64::from(wanted), QUOTA_KEY_TTL)
-            .await?;
+        let used = classified(self.store.add(&key, i64::from(wanted), QUOTA_KEY_TTL).await)?;
         let before = used - i64::from(wanted);
         let granted = (i64::from(limit) - before).clamp(0, i64::from(wanted));
         let refused = i64::from(wanted) - granted;
         if refused > 0 {
             // Give back what was not granted so later calls see the truth.
-            self.store.add(&key, -refused, QUOTA_KEY_TTL).await?;
+            classified(self.store.add(&key, -refused, QUOTA_KEY_TTL).await)?;
         }
         Ok(u32::try_from(granted).unwrap_or(0))
     }
 
     /// Returns `count` unused sends to `account`'s quota of the hour of `now`
     /// (after a call failed or some invitees were not invited).
-    pub async fn give_back_quota(
+    async fn give_back_quota(
         &self,
         account: Uuid,
         count: u32,
         limit: u32,
         now: DateTime<Utc>,
-    ) -> ApiResult<()> {
+    ) -> StoreResult<()> {
         if limit == 0 || count == 0 {
             return Ok(());
         }
         let key = Self::quota_key(account, now);
-        self.store
-            .add(&key, -i64::from(count), QUOTA_KEY_TTL)
-            .await?;
+        classified(self.store.add(&key, -i64::from(count), QUOTA_KEY_TTL).await)?;
         Ok(())
-    }
-
-    /// The time until the quota window of `now` ends.
-    pub fn quota_retry_after(now: DateTime<Utc>) -> Duration {
-        let into_hour = u64::try_from(now.timestamp().rem_euclid(3600)).unwrap_or(0);
-        Duration::from_secs(3600 - into_hour)
     }
 }
 

@@ -1,5 +1,7 @@
 //! What the invitation service writes to its outbox: email jobs (with the
 //! link sealed for the notification service) and `invitation.*` events.
+//! Pure builders: a transition calls them so the change and what it emits
+//! are decided together.
 
 use chrono::{DateTime, Utc};
 use usher_kit::{
@@ -7,6 +9,7 @@ use usher_kit::{
     convert::timestamp,
     error::{ApiError, ApiResult},
     events::DomainEvent,
+    seal::Sealer,
     tokens::Token,
 };
 use usher_proto::{
@@ -15,8 +18,10 @@ use usher_proto::{
 };
 use uuid::Uuid;
 
-use super::convert;
-use crate::{state::Invitations, store::entities::invitation};
+use super::{
+    Invitation, InvitationState,
+    actors::{invitee, inviter},
+};
 
 /// The emitting service in event sources.
 const SOURCE: &str = "invitation";
@@ -32,19 +37,28 @@ pub struct EmailContext {
     pub request_id: String,
 }
 
+/// Where links point and how they are sealed for the notification service.
+#[derive(Clone, Copy, Debug)]
+pub struct Links<'a> {
+    /// Seals the link in the email job.
+    pub sealer: &'a Sealer,
+    /// `<public_base_url>` without a trailing `/`.
+    pub base: &'a str,
+}
+
 /// The invitation (or reinvitation) email of `model`, carrying `token`
 /// sealed: returns the outbox message and the job id.
 pub fn invitation_email(
-    state: &Invitations,
-    model: &invitation::Model,
+    links: Links<'_>,
+    model: &Invitation,
     token: &Token,
     template: notification::EmailTemplate,
     context: &EmailContext,
     now: DateTime<Utc>,
 ) -> ApiResult<(OutgoingMessage, String)> {
     let job_id = Uuid::now_v7().to_string();
-    let link = format!("{}/invite?token={}", state.link_base, token.as_str());
-    let sealed_link = state
+    let link = format!("{}/invite?token={}", links.base, token.as_str());
+    let sealed_link = links
         .sealer
         .try_seal(&job_id, &link)
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("sealing the link: {e}")))?;
@@ -64,7 +78,7 @@ pub fn invitation_email(
             ..Default::default()
         }),
         sealed_link,
-        seal_key_id: state.sealer.key_id().to_owned(),
+        seal_key_id: links.sealer.key_id().to_owned(),
         source: notification::EmailSource::Invitation as i32,
         invitation_id: model.id.to_string(),
         user_id: model.user_id.to_string(),
@@ -91,7 +105,7 @@ pub struct InviterAddress {
 /// The "invitation accepted" email to the inviter of `model`, who joined as
 /// `invitee_name`.
 pub fn accepted_email(
-    model: &invitation::Model,
+    model: &Invitation,
     inviter: &InviterAddress,
     invitee_name: &str,
     context: &EmailContext,
@@ -124,7 +138,7 @@ pub fn accepted_email(
 
 fn event(
     routing_key: &'static str,
-    model: &invitation::Model,
+    model: &Invitation,
     now: DateTime<Utc>,
 ) -> DomainEvent<'static> {
     DomainEvent {
@@ -138,7 +152,7 @@ fn event(
 
 /// `invitation.created`.
 pub fn created(
-    model: &invitation::Model,
+    model: &Invitation,
     actor: &identity::Actor,
     request_id: &str,
     now: DateTime<Utc>,
@@ -153,7 +167,7 @@ pub fn created(
             user_id: model.user_id.to_string(),
             role_id: model.role_id.to_string(),
             team_id: model.team_id.map(|id| id.to_string()).unwrap_or_default(),
-            products: usher_kit::convert::strings(&model.products),
+            products: model.products.clone(),
             locale: model.locale.clone(),
             expire_time: Some(timestamp(model.expire_time)),
             request_id: request_id.to_owned(),
@@ -162,11 +176,7 @@ pub fn created(
 }
 
 /// `invitation.resent`.
-pub fn resent(
-    model: &invitation::Model,
-    actor: &identity::Actor,
-    now: DateTime<Utc>,
-) -> OutgoingMessage {
+pub fn resent(model: &Invitation, actor: &identity::Actor, now: DateTime<Utc>) -> OutgoingMessage {
     event("invitation.resent", model, now).into_message(
         "InvitationResent",
         &events::InvitationResent {
@@ -183,9 +193,9 @@ pub fn resent(
 
 /// `invitation.revoked` or `invitation.deleted`, from `previous` state.
 pub fn removed(
-    model: &invitation::Model,
+    model: &Invitation,
     actor: &identity::Actor,
-    previous: pb::InvitationState,
+    previous: InvitationState,
     deleted: bool,
     now: DateTime<Utc>,
 ) -> OutgoingMessage {
@@ -198,7 +208,7 @@ pub fn removed(
                 actor: Some(actor.clone()),
                 email: model.email.clone(),
                 user_id: model.user_id.to_string(),
-                previous_state: previous as i32,
+                previous_state: pb::InvitationState::from(previous) as i32,
             },
         )
     } else {
@@ -210,23 +220,14 @@ pub fn removed(
                 actor: Some(actor.clone()),
                 email: model.email.clone(),
                 user_id: model.user_id.to_string(),
-                previous_state: previous as i32,
+                previous_state: pb::InvitationState::from(previous) as i32,
             },
         )
     }
 }
 
-/// The actor of an invitee using their link.
-pub fn invitee(model: &invitation::Model, name: &str) -> identity::Actor {
-    identity::Actor {
-        kind: identity::ActorKind::Anonymous as i32,
-        id: model.user_id.to_string(),
-        display_name: name.to_owned(),
-    }
-}
-
 /// `invitation.accepted`.
-pub fn accepted(model: &invitation::Model, name: &str, now: DateTime<Utc>) -> OutgoingMessage {
+pub fn accepted(model: &Invitation, name: &str, now: DateTime<Utc>) -> OutgoingMessage {
     event("invitation.accepted", model, now).into_message(
         "InvitationAccepted",
         &events::InvitationAccepted {
@@ -235,16 +236,16 @@ pub fn accepted(model: &invitation::Model, name: &str, now: DateTime<Utc>) -> Ou
             actor: Some(invitee(model, name)),
             email: model.email.clone(),
             user_id: model.user_id.to_string(),
-            inviter: Some(convert::inviter(model)),
+            inviter: Some(inviter(model)),
             role_id: model.role_id.to_string(),
             team_id: model.team_id.map(|id| id.to_string()).unwrap_or_default(),
-            products: usher_kit::convert::strings(&model.products),
+            products: model.products.clone(),
         },
     )
 }
 
 /// `invitation.declined`.
-pub fn declined(model: &invitation::Model, now: DateTime<Utc>) -> OutgoingMessage {
+pub fn declined(model: &Invitation, now: DateTime<Utc>) -> OutgoingMessage {
     event("invitation.declined", model, now).into_message(
         "InvitationDeclined",
         &events::InvitationDeclined {
@@ -258,7 +259,7 @@ pub fn declined(model: &invitation::Model, now: DateTime<Utc>) -> OutgoingMessag
 }
 
 /// `invitation.expired`.
-pub fn expired(model: &invitation::Model, now: DateTime<Utc>) -> OutgoingMessage {
+pub fn expired(model: &Invitation, now: DateTime<Utc>) -> OutgoingMessage {
     event("invitation.expired", model, now).into_message(
         "InvitationExpired",
         &events::InvitationExpired {

@@ -1,0 +1,438 @@
+//! The invitation rows, behind one [`Repository`]: every SQL statement of
+//! the service is here. Reads return domain [`Invitation`]s; writes take
+//! what a domain transition decided ([`RowChange`], messages for the
+//! outbox). A [`Tx`] locks what a command needs, then applies its changes
+//! and commits them with their outbox messages in one transaction.
+//!
+//! [`state_condition`] is the SQL twin of
+//! [`InvitationState::read`](crate::domain::InvitationState::read): list
+//! filters, the claim and the expiry sweep select with it, and the store
+//! tests prove the two readings agree at every boundary.
+
+use chrono::{DateTime, Utc};
+use prost::Message;
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, Condition, DatabaseConnection, DatabaseTransaction, EntityTrait,
+    IntoActiveModel, Order as Direction, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait, Value,
+    sea_query::{Expr, ExprTrait, LikeExpr, LockBehavior, LockType},
+};
+use usher_kit::{
+    amqp::OutgoingMessage,
+    db::{StoreResult, contains_pattern},
+    error::ApiResult,
+    idempotency::IdempotencyKey,
+    outbox,
+};
+use uuid::Uuid;
+
+use super::{
+    entities::invitation::{self, Column, StoredState},
+    from_api,
+};
+use crate::domain::{
+    Invitation, InvitationState,
+    delivery::DeliveryReport,
+    list::{After, ListFilter, Order, SortKey, SortValue},
+    ports::RepositoryPort,
+    transitions::RowChange,
+};
+
+/// Rows inserted per statement.
+const INSERT_CHUNK: usize = 200;
+
+/// The condition "reads as `state` at `now`": the SQL twin of
+/// [`InvitationState::read`]. An ACCEPTING row whose claim ran out (or that
+/// holds none) reads as the state it would return to.
+pub fn state_condition(state: InvitationState, now: DateTime<Utc>) -> Condition {
+    let claim_over = Condition::all()
+        .add(Column::State.eq(StoredState::Accepting))
+        .add(
+            Condition::any()
+                .add(Column::ClaimUntil.is_null())
+                .add(Column::ClaimUntil.lte(now)),
+        );
+    let open = Condition::any()
+        .add(Column::State.eq(StoredState::Pending))
+        .add(claim_over);
+    match state {
+        InvitationState::Pending => Condition::all().add(open).add(Column::ExpireTime.gt(now)),
+        InvitationState::Expired => Condition::all().add(open).add(Column::ExpireTime.lte(now)),
+        InvitationState::Accepting => Condition::all()
+            .add(Column::State.eq(StoredState::Accepting))
+            .add(Column::ClaimUntil.gt(now)),
+        InvitationState::Accepted => Condition::all().add(Column::State.eq(StoredState::Accepted)),
+        InvitationState::Revoked => Condition::all().add(Column::State.eq(StoredState::Revoked)),
+        InvitationState::Declined => Condition::all().add(Column::State.eq(StoredState::Declined)),
+    }
+}
+
+/// The condition "a link of `version` is usable at `now`": the SQL twin of
+/// [`Invitation::usable`].
+pub fn usable_condition(version: i64, now: DateTime<Utc>) -> Condition {
+    Condition::all()
+        .add(Column::TokenVersion.eq(version))
+        .add(Column::ExpireTime.gt(now))
+        .add(state_condition(InvitationState::Pending, now))
+}
+
+/// The account's invitations `filter` selects at `now`.
+fn filter_condition(account_id: Uuid, filter: &ListFilter, now: DateTime<Utc>) -> Condition {
+    let mut condition = Condition::all().add(Column::AccountId.eq(account_id));
+    if !filter.states.is_empty() {
+        let mut any = Condition::any();
+        for state in &filter.states {
+            any = any.add(state_condition(*state, now));
+        }
+        condition = condition.add(any);
+    }
+    if !filter.email_contains.is_empty() {
+        condition = condition.add(
+            Expr::col(Column::Email)
+                .like(LikeExpr::new(contains_pattern(&filter.email_contains)).escape('\\')),
+        );
+    }
+    if !filter.inviter_id.is_empty() {
+        condition = condition.add(Column::InviterId.eq(filter.inviter_id.clone()));
+    }
+    if let Some(role) = filter.role_id {
+        condition = condition.add(Column::RoleId.eq(role));
+    }
+    if let Some(team) = filter.team_id {
+        condition = condition.add(Column::TeamId.eq(team));
+    }
+    condition
+}
+
+/// The row to write for `invitation`: every column set.
+fn active(invitation: &Invitation) -> invitation::ActiveModel {
+    invitation::Model::from(invitation)
+        .into_active_model()
+        .reset_all()
+}
+
+fn rows(models: Vec<invitation::Model>) -> Vec<Invitation> {
+    models.into_iter().map(Invitation::from).collect()
+}
+
+/// The invitation database.
+#[derive(Clone, Debug)]
+pub struct Repository {
+    db: DatabaseConnection,
+}
+
+impl Repository {
+    /// The repository on `db`.
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    /// Stores the answer of an idempotent call.
+    pub async fn remember<R: Message>(
+        &self,
+        key: &IdempotencyKey,
+        answer: &R,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        key.remember(&self.db, answer, now).await.map_err(from_api)
+    }
+
+    /// The invitation `id` of `account_id`.
+    pub async fn find(&self, account_id: Uuid, id: Uuid) -> StoreResult<Option<Invitation>> {
+        Ok(invitation::Entity::find_by_id(id)
+            .filter(Column::AccountId.eq(account_id))
+            .one(&self.db)
+            .await?
+            .map(Invitation::from))
+    }
+
+    /// The invitation `id`, whatever its account (the public side, reached
+    /// by a link).
+    pub async fn find_by_id(&self, id: Uuid) -> StoreResult<Option<Invitation>> {
+        Ok(invitation::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .map(Invitation::from))
+    }
+
+    /// How many of the account's invitations `filter` selects at `now`.
+    pub async fn count(
+        &self,
+        account_id: Uuid,
+        filter: &ListFilter,
+        now: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        Ok(invitation::Entity::find()
+            .filter(filter_condition(account_id, filter, now))
+            .count(&self.db)
+            .await?)
+    }
+
+    /// Up to `limit` of the account's invitations `filter` selects at
+    /// `now`, in `order`, starting after `after`.
+    pub async fn page(
+        &self,
+        account_id: Uuid,
+        filter: &ListFilter,
+        order: Order,
+        after: Option<&After>,
+        limit: u64,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Invitation>> {
+        let column = match order.key {
+            SortKey::Create => Column::CreateTime,
+            SortKey::Expire => Column::ExpireTime,
+            SortKey::Email => Column::Email,
+        };
+        let mut select =
+            invitation::Entity::find().filter(filter_condition(account_id, filter, now));
+        if let Some(after) = after {
+            let value = match &after.value {
+                SortValue::Time(time) => Value::from(*time),
+                SortValue::Email(email) => Value::from(email.clone()),
+            };
+            let (past, tie) = if order.ascending {
+                (Expr::col(column).gt(value.clone()), Column::Id.gt(after.id))
+            } else {
+                (Expr::col(column).lt(value.clone()), Column::Id.lt(after.id))
+            };
+            select = select.filter(
+                Condition::any()
+                    .add(past)
+                    .add(Condition::all().add(Expr::col(column).eq(value)).add(tie)),
+            );
+        }
+        let direction = if order.ascending {
+            Direction::Asc
+        } else {
+            Direction::Desc
+        };
+        Ok(rows(
+            select
+                .order_by(column, direction.clone())
+                .order_by(Column::Id, direction)
+                .limit(limit)
+                .all(&self.db)
+                .await?,
+        ))
+    }
+
+    /// Takes the claim of an accept with a link of `version` on invitation
+    /// `id`: ACCEPTING until `until`, in one guarded update, so exactly one
+    /// of concurrent accepts wins. Returns whether this one did.
+    pub async fn claim(
+        &self,
+        id: Uuid,
+        version: i64,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let claimed = invitation::Entity::update_many()
+            .col_expr(Column::State, Expr::value(StoredState::Accepting))
+            .col_expr(Column::ClaimUntil, Expr::value(until))
+            .filter(Column::Id.eq(id))
+            .filter(usable_condition(version, now))
+            .exec(&self.db)
+            .await?;
+        Ok(claimed.rows_affected == 1)
+    }
+
+    /// Gives a claim taken with a link of `version` back (the link works
+    /// again), if it is still held.
+    pub async fn release_claim(&self, id: Uuid, version: i64) -> StoreResult<()> {
+        invitation::Entity::update_many()
+            .col_expr(Column::State, Expr::value(StoredState::Pending))
+            .col_expr(
+                Column::ClaimUntil,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            )
+            .filter(Column::Id.eq(id))
+            .filter(Column::State.eq(StoredState::Accepting))
+            .filter(Column::TokenVersion.eq(version))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Finishes an accept with a link of `version`: the row becomes
+    /// `accepted` and `emit` goes to the outbox, if the claim is still held
+    /// (one transaction). Returns whether it was.
+    pub async fn finish_accept(
+        &self,
+        accepted: &Invitation,
+        version: i64,
+        emit: &[OutgoingMessage],
+    ) -> StoreResult<bool> {
+        let txn = self.db.begin().await?;
+        let done = invitation::Entity::update_many()
+            .col_expr(Column::State, Expr::value(accepted.state))
+            .col_expr(Column::AcceptTime, Expr::value(accepted.accept_time))
+            .col_expr(Column::UpdateTime, Expr::value(accepted.update_time))
+            .col_expr(Column::ClaimUntil, Expr::value(accepted.claim_until))
+            .filter(Column::Id.eq(accepted.id))
+            .filter(Column::State.eq(StoredState::Accepting))
+            .filter(Column::TokenVersion.eq(version))
+            .exec(&txn)
+            .await?;
+        let won = done.rows_affected == 1;
+        if won {
+            outbox::enqueue(&txn, emit).await?;
+        }
+        txn.commit().await?;
+        Ok(won)
+    }
+
+    /// Records a delivery `report` on its invitation if the report's job
+    /// is the invitation's latest email and its status may be overwritten.
+    /// Returns whether a row changed.
+    pub async fn record_delivery(
+        &self,
+        report: &DeliveryReport,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut update = invitation::Entity::update_many();
+        if !report.unless_status_in.is_empty() {
+            update = update
+                .filter(Column::DeliveryStatus.is_not_in(report.unless_status_in.iter().copied()));
+        }
+        let updated = update
+            .col_expr(Column::DeliveryStatus, Expr::value(report.status))
+            .col_expr(Column::DeliveryReason, Expr::value(report.reason.clone()))
+            .col_expr(Column::DeliveryAttempts, Expr::value(report.attempts))
+            .col_expr(Column::DeliveryUpdateTime, Expr::value(now))
+            .col_expr(Column::UpdateTime, Expr::value(now))
+            .filter(Column::Id.eq(report.invitation_id))
+            .filter(Column::DeliveryJobId.eq(report.job_id.clone()))
+            .exec(&self.db)
+            .await?;
+        Ok(updated.rows_affected > 0)
+    }
+
+    /// Opens a transaction.
+    pub async fn begin(&self) -> StoreResult<Tx> {
+        Ok(Tx {
+            txn: self.db.begin().await?,
+        })
+    }
+}
+
+impl RepositoryPort for Repository {
+    /// The stored answer of an earlier identical call (the kit's
+    /// idempotency rule answers its own IDEMPOTENCY_CONFLICT, hence the
+    /// `ApiResult`).
+    async fn replay<R: Message + Default>(&self, key: &IdempotencyKey) -> ApiResult<Option<R>> {
+        key.replay(&self.db).await
+    }
+
+    /// Inserts new invitations with their outbox messages and, for an
+    /// idempotent call, its answer, in one transaction.
+    async fn insert_created<R: Message>(
+        &self,
+        created: &[Invitation],
+        emit: &[OutgoingMessage],
+        answer: Option<(&IdempotencyKey, &R)>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let txn = self.db.begin().await?;
+        for chunk in created.chunks(INSERT_CHUNK) {
+            invitation::Entity::insert_many(chunk.iter().map(active))
+                .exec(&txn)
+                .await?;
+        }
+        outbox::enqueue(&txn, emit).await?;
+        if let Some((key, answer)) = answer {
+            key.remember(&txn, answer, now).await.map_err(from_api)?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+}
+
+/// One transaction: lock, apply, commit. Dropped without
+/// [`Tx::commit`], it rolls back.
+#[derive(Debug)]
+pub struct Tx {
+    txn: DatabaseTransaction,
+}
+
+impl Tx {
+    /// The invitations `ids` of `account_id` that exist, locked until the
+    /// transaction ends.
+    pub async fn lock(&self, account_id: Uuid, ids: &[Uuid]) -> StoreResult<Vec<Invitation>> {
+        Ok(rows(
+            invitation::Entity::find()
+                .filter(Column::AccountId.eq(account_id))
+                .filter(Column::Id.is_in(ids.to_vec()))
+                .lock_exclusive()
+                .all(&self.txn)
+                .await?,
+        ))
+    }
+
+    /// The invitation `id` (of `account_id` when given), locked until the
+    /// transaction ends.
+    pub async fn lock_one(
+        &self,
+        account_id: Option<Uuid>,
+        id: Uuid,
+    ) -> StoreResult<Option<Invitation>> {
+        let mut select = invitation::Entity::find_by_id(id);
+        if let Some(account_id) = account_id {
+            select = select.filter(Column::AccountId.eq(account_id));
+        }
+        Ok(select
+            .lock_exclusive()
+            .one(&self.txn)
+            .await?
+            .map(Invitation::from))
+    }
+
+    /// Up to `limit` PENDING invitations past their expiry at `now` whose
+    /// expiry was not published yet, locked; rows another sweep holds are
+    /// skipped.
+    pub async fn lock_newly_expired(
+        &self,
+        now: DateTime<Utc>,
+        limit: u64,
+    ) -> StoreResult<Vec<Invitation>> {
+        Ok(rows(
+            invitation::Entity::find()
+                .filter(Column::State.eq(StoredState::Pending))
+                .filter(Column::ExpiryPublished.eq(false))
+                .filter(Column::ExpireTime.lte(now))
+                .limit(limit)
+                .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+                .all(&self.txn)
+                .await?,
+        ))
+    }
+
+    /// Writes what a transition decided for the row.
+    pub async fn apply(&self, change: &RowChange) -> StoreResult<()> {
+        match change {
+            RowChange::Keep => {}
+            RowChange::Update(row) => {
+                active(row).update(&self.txn).await?;
+            }
+            RowChange::Delete(id) => {
+                invitation::Entity::delete_by_id(*id)
+                    .exec(&self.txn)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `messages` to the outbox: published if and only if the
+    /// transaction commits.
+    pub async fn emit(&self, messages: &[OutgoingMessage]) -> StoreResult<()> {
+        outbox::enqueue(&self.txn, messages).await?;
+        Ok(())
+    }
+
+    /// Commits.
+    pub async fn commit(self) -> StoreResult<()> {
+        self.txn.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,231 @@
+//! The two readings of an invitation's state agree: the Rust one
+//! (`InvitationState::read`, `Invitation::usable`) and its SQL twin in the
+//! store (`state_condition`, `usable_condition`), on every stored state and
+//! claim, at times on both sides of every boundary (to the microsecond),
+//! on PostgreSQL and on SQLite (`usher dev`).
+
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use sea_orm::{Database, DatabaseConnection};
+use sea_orm_migration::MigratorTrait;
+use usher_invitation::{
+    domain::{
+        Invitation, InvitationState, StoredState,
+        list::{ListFilter, Order, SortKey},
+        ports::RepositoryPort,
+    },
+    migration::Migrator,
+    store::{Repository, entities::invitation},
+};
+use usher_kit::testing::TestDatabase;
+use uuid::Uuid;
+
+fn start() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 3, 2, 9, 0, 0).unwrap()
+}
+
+fn at(millis: i64) -> DateTime<Utc> {
+    start() + Duration::milliseconds(millis)
+}
+
+/// Expiry at +100 s; claims ending before it, after it, or never set.
+const EXPIRE: i64 = 100_000;
+const CLAIMS: [Option<i64>; 4] = [None, Some(50_000), Some(150_000), Some(100_000)];
+
+/// Every instant next to a boundary, and some far from any.
+fn instants() -> Vec<DateTime<Utc>> {
+    let mut instants = vec![at(0), at(200_000)];
+    for boundary in [50_000, EXPIRE, 150_000] {
+        let exact = at(boundary);
+        instants.extend([
+            exact - Duration::microseconds(1),
+            exact,
+            exact + Duration::microseconds(1),
+            exact - Duration::milliseconds(1),
+            exact + Duration::milliseconds(1),
+        ]);
+    }
+    instants
+}
+
+fn row(account_id: Uuid, stored: StoredState, claim: Option<i64>, version: i64) -> Invitation {
+    Invitation {
+        id: Uuid::now_v7(),
+        account_id,
+        email: format!("{}@acme.example", Uuid::new_v4().simple()),
+        display_name: String::new(),
+        state: stored,
+        role_id: Uuid::from_u128(3),
+        role_name: "User".into(),
+        team_id: None,
+        team_name: String::new(),
+        products: Vec::new(),
+        metadata: None,
+        inviter_kind: "user".into(),
+        inviter_id: "inviter".into(),
+        inviter_name: String::new(),
+        user_id: Uuid::new_v4(),
+        locale: String::new(),
+        token_version: version,
+        token_hash: Uuid::new_v4().to_string(),
+        create_time: start(),
+        update_time: start(),
+        expire_time: at(EXPIRE),
+        accept_time: None,
+        revoke_time: None,
+        decline_time: None,
+        claim_until: claim.map(at),
+        resend_count: 0,
+        last_send_time: start(),
+        delivery_job_id: String::new(),
+        delivery_status: 0,
+        delivery_reason: String::new(),
+        delivery_attempts: 0,
+        delivery_update_time: None,
+        expiry_published: false,
+    }
+}
+
+/// Every stored state with every claim.
+fn rows(account_id: Uuid) -> Vec<Invitation> {
+    StoredState::ALL
+        .into_iter()
+        .flat_map(|stored| CLAIMS.into_iter().map(move |claim| (stored, claim)))
+        .map(|(stored, claim)| row(account_id, stored, claim, 1))
+        .collect()
+}
+
+async fn insert(repo: &Repository, rows: &[Invitation]) {
+    repo.insert_created::<usher_proto::invitation::v1::CreateInvitationsResponse>(
+        rows,
+        &[],
+        None,
+        start(),
+    )
+    .await
+    .expect("insert");
+}
+
+/// Lists the account's invitations reading as `state` at `now` through the
+/// store, and compares with the Rust reading of every row.
+async fn readings_agree(db: &DatabaseConnection, backend: &str) {
+    let repo = Repository::new(db.clone());
+    let account = Uuid::new_v4();
+    let rows = rows(account);
+    insert(&repo, &rows).await;
+    let order = Order {
+        key: SortKey::Create,
+        ascending: true,
+    };
+    for now in instants() {
+        for state in InvitationState::ALL {
+            let filter = ListFilter {
+                states: vec![state],
+                ..ListFilter::default()
+            };
+            let sql: BTreeSet<Uuid> = repo
+                .page(account, &filter, order, None, 1_000, now)
+                .await
+                .expect("page")
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+            let rust: BTreeSet<Uuid> = rows
+                .iter()
+                .filter(|r| r.state_at(now) == state)
+                .map(|r| r.id)
+                .collect();
+            assert_eq!(
+                sql, rust,
+                "{backend}: {state:?} at {now}: the SQL and Rust readings differ"
+            );
+            let counted = repo.count(account, &filter, now).await.expect("count");
+            assert_eq!(counted, rust.len() as u64, "{backend}: count of {state:?}");
+        }
+    }
+}
+
+/// Claims fresh copies of every row with the current and another link
+/// version at every instant: the store's guarded update claims exactly
+/// the rows whose link the Rust rule finds usable.
+async fn claims_agree(db: &DatabaseConnection, backend: &str) {
+    let repo = Repository::new(db.clone());
+    let account = Uuid::new_v4();
+    for now in instants() {
+        let fresh = rows(account);
+        insert(&repo, &fresh).await;
+        for row in &fresh {
+            for version in [1, 2] {
+                let until = now + Duration::seconds(30);
+                let claimed = repo
+                    .claim(row.id, version, until, now)
+                    .await
+                    .expect("claim");
+                assert_eq!(
+                    claimed,
+                    row.usable(version, now),
+                    "{backend}: claim of {:?} (claim {:?}) with version {version} at {now}",
+                    row.state,
+                    row.claim_until
+                );
+                if claimed {
+                    let stored = repo.find_by_id(row.id).await.unwrap().unwrap();
+                    assert_eq!(
+                        Some(stored.clone()),
+                        row.claim(version, until, now),
+                        "{backend}"
+                    );
+                    assert_eq!(stored.state_at(now), InvitationState::Accepting);
+                }
+            }
+        }
+    }
+}
+
+/// Every row round-trips through the store unchanged (the typed state
+/// column included).
+async fn rows_round_trip(db: &DatabaseConnection, backend: &str) {
+    let repo = Repository::new(db.clone());
+    let account = Uuid::new_v4();
+    let mut rows = rows(account);
+    rows[0].products = vec!["chat".into(), "video".into()];
+    rows[0].metadata = Some(serde_json::json!({"team": "blue"}));
+    insert(&repo, &rows).await;
+    for row in &rows {
+        let stored = repo.find(account, row.id).await.unwrap().unwrap();
+        assert_eq!(&stored, row, "{backend}");
+        let model = invitation::Model::from(row);
+        assert_eq!(model.state, row.state);
+    }
+    assert_eq!(repo.find(Uuid::new_v4(), rows[0].id).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn the_rust_and_sql_readings_agree_on_postgresql() {
+    let database = TestDatabase::create("invitation-store")
+        .await
+        .expect("database");
+    let db = database.migrated::<Migrator>().await.expect("migrations");
+    readings_agree(&db, "postgres").await;
+    claims_agree(&db, "postgres").await;
+    rows_round_trip(&db, "postgres").await;
+    database.drop_database().await.expect("drop");
+}
+
+#[tokio::test]
+async fn the_rust_and_sql_readings_agree_on_sqlite() {
+    let path = std::env::temp_dir().join(format!("usher-invitation-{}.db", Uuid::new_v4()));
+    let db = Database::connect(format!("sqlite://{}?mode=rwc", path.display()))
+        .await
+        .expect("sqlite");
+    Migrator::up(&db, None).await.expect("migrations");
+    readings_agree(&db, "sqlite").await;
+    claims_agree(&db, "sqlite").await;
+    rows_round_trip(&db, "sqlite").await;
+    db.close().await.expect("close");
+    std::fs::remove_file(&path).expect("remove");
+}
