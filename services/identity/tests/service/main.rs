@@ -6,3 +6,8 @@
 
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod accounts;
+mod audit;
+mod common;
+mod users;
