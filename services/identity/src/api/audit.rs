@@ -5,7 +5,6 @@
 //! no account field, and every query filters on it.
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use tonic::{Request, Response, Status};
 use usher_kit::{
     error::{ApiResult, Violations},
@@ -15,7 +14,10 @@ use usher_proto::identity::v1 as pb;
 use uuid::Uuid;
 
 use super::{Call, IdentityApi, call, convert, roles::page_size, status};
-use crate::store::entities::audit_event;
+use crate::store::{
+    audit::{self, AuditFilter},
+    entities::audit_event,
+};
 
 /// Page size when the caller sends 0.
 const DEFAULT_PAGE_SIZE: u64 = 50;
@@ -104,17 +106,6 @@ fn audit_view(model: &audit_event::Model) -> pb::AuditEvent {
     }
 }
 
-/// A `LIKE` pattern matching every value starting with `prefix`.
-fn prefix_pattern(prefix: &str) -> String {
-    format!(
-        "{}%",
-        prefix
-            .replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_")
-    )
-}
-
 impl IdentityApi {
     async fn list_audit_events(
         &self,
@@ -169,45 +160,16 @@ impl IdentityApi {
         let cursor: Option<(DateTime<Utc>, Uuid)> =
             pagination::decode_token(&fingerprint, &request.page_token)?;
 
-        let mut select =
-            audit_event::Entity::find().filter(audit_event::Column::AccountId.eq(account_id));
-        if let Some(actor_id) = actor_id {
-            select = select.filter(audit_event::Column::ActorId.eq(actor_id));
-        }
-        if !target_type.is_empty() {
-            select = select.filter(audit_event::Column::TargetType.eq(target_type));
-        }
-        if let Some(target_id) = target_id {
-            select = select.filter(audit_event::Column::TargetId.eq(target_id));
-        }
-        if action.ends_with('.') {
-            select = select.filter(audit_event::Column::Action.like(prefix_pattern(&action)));
-        } else if !action.is_empty() {
-            select = select.filter(audit_event::Column::Action.eq(action));
-        }
-        if let Some(start) = start {
-            select = select.filter(audit_event::Column::EventTime.gte(start));
-        }
-        if let Some(end) = end {
-            select = select.filter(audit_event::Column::EventTime.lt(end));
-        }
-        if let Some((time, id)) = cursor {
-            select = select.filter(
-                Condition::any()
-                    .add(audit_event::Column::EventTime.lt(time))
-                    .add(
-                        Condition::all()
-                            .add(audit_event::Column::EventTime.eq(time))
-                            .add(audit_event::Column::Id.lt(id)),
-                    ),
-            );
-        }
-        let rows = select
-            .order_by_desc(audit_event::Column::EventTime)
-            .order_by_desc(audit_event::Column::Id)
-            .limit(size + 1)
-            .all(&self.state.db)
-            .await?;
+        let filter = AuditFilter {
+            account_id,
+            actor_id,
+            target_type,
+            target_id,
+            action,
+            start,
+            end,
+        };
+        let rows = audit::page(&self.state.db, filter, cursor, size + 1).await?;
         let more = rows.len() as u64 > size;
         let rows: Vec<_> = rows
             .into_iter()
