@@ -4,4 +4,5 @@
 //! and events) in that transaction. Handlers (`api`) only decode requests
 //! into commands and encode the answers.
 
+pub mod accounts;
 pub mod users;

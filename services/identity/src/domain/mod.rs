@@ -6,6 +6,7 @@
 use sea_orm::sea_query::StringLen;
 use usher_kit::error::{ApiError, ApiResult};
 
+pub mod accounts;
 pub mod effects;
 pub mod grants;
 pub mod managers;
