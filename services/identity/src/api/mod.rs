@@ -17,7 +17,7 @@ pub mod validate;
 /// The handlers of every identity RPC.
 #[derive(Clone, Debug)]
 pub struct IdentityApi {
-    state: Arc<Identity>,
+    pub(crate) state: Arc<Identity>,
 }
 
 impl IdentityApi {

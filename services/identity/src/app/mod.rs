@@ -1,8 +1,10 @@
-//! The application layer of usher-identity: one function per command that
-//! loads what it needs through `store`, asks `domain` what to change, and
-//! writes the change with its audit entries and events in one transaction.
-//! Handlers (`api`) decode a request into a command, call one of these and
-//! map the result.
+//! The application layer of usher-identity: each command opens its
+//! transaction, loads what it needs through `store`, lets `domain` decide,
+//! then persists the rows and applies the decision's effects (audit entries
+//! and events) in that transaction. Handlers (`api`) only decode requests
+//! into commands and encode the answers.
 
+pub mod accounts;
 pub mod api_keys;
 pub mod auth;
+pub mod users;

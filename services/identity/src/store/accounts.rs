@@ -2,10 +2,16 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
-    QuerySelect, Set,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, EntityTrait, IntoActiveModel,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    sea_query::{Expr, ExprTrait, Func},
 };
-use usher_kit::error::{ApiError, ApiResult};
+use serde_json::Value as Json;
+use usher_kit::{
+    convert::{json_strings, strings},
+    db::StoreResult,
+    error::{ApiError, ApiResult},
+};
 use uuid::Uuid;
 
 use super::entities::{account, product, role, user};
@@ -203,4 +209,190 @@ pub async fn held_permissions<C: ConnectionTrait>(
             ))
         }
     }
+}
+
+/// Inserts a new account; a slug another account holds is
+/// [`StoreError::Taken`].
+pub async fn insert<C: ConnectionTrait>(
+    db: &C,
+    row: account::Model,
+) -> StoreResult<account::Model> {
+    Ok(account::ActiveModel::from(row)
+        .reset_all()
+        .insert(db)
+        .await?)
+}
+
+/// Writes every column of `row` (an account the caller locked and changed).
+pub async fn save<C: ConnectionTrait>(db: &C, row: account::Model) -> StoreResult<account::Model> {
+    Ok(account::ActiveModel::from(row)
+        .reset_all()
+        .update(db)
+        .await?)
+}
+
+/// The products `codes`, by code.
+pub async fn products_by_code<C: ConnectionTrait>(
+    db: &C,
+    codes: Vec<String>,
+) -> StoreResult<Vec<product::Model>> {
+    Ok(product::Entity::find()
+        .filter(product::Column::Code.is_in(codes))
+        .order_by_asc(product::Column::Code)
+        .all(db)
+        .await?)
+}
+
+/// Takes the products not in `enabled` out of every user of the account at
+/// `now` (a disabled product leaves every user's grants).
+pub async fn keep_user_products<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    enabled: &[String],
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    let members = user::Entity::find()
+        .filter(user::Column::AccountId.eq(account_id))
+        .all(db)
+        .await?;
+    for member in members {
+        let grants = strings(&member.products);
+        let kept: Vec<String> = grants
+            .iter()
+            .filter(|g| enabled.contains(g))
+            .cloned()
+            .collect();
+        if kept.len() != grants.len() {
+            let mut member = member.into_active_model();
+            member.products = Set(json_strings(kept));
+            member.update_time = Set(now);
+            member.update(db).await?;
+        }
+    }
+    Ok(())
+}
+
+/// One page of accounts, newest first, after `after` (create time and id),
+/// with the slug `slug` (empty: any) and whose lower-cased name or slug holds
+/// `query` (empty: any); and how many match in all.
+pub async fn page<C: ConnectionTrait>(
+    db: &C,
+    slug: &str,
+    query: &str,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: u64,
+) -> StoreResult<(Vec<account::Model>, u64)> {
+    let mut select = account::Entity::find();
+    if !slug.is_empty() {
+        select = select.filter(account::Column::Slug.eq(slug));
+    }
+    if !query.is_empty() {
+        let pattern = super::contains_pattern(query);
+        select = select.filter(
+            Condition::any()
+                .add(
+                    Expr::expr(Func::lower(Expr::col(account::Column::Name))).like(pattern.clone()),
+                )
+                .add(account::Column::Slug.like(pattern)),
+        );
+    }
+    let total = select.clone().count(db).await?;
+    if let Some((time, id)) = after {
+        select = select.filter(
+            Condition::any()
+                .add(account::Column::CreateTime.lt(time))
+                .add(
+                    Condition::all()
+                        .add(account::Column::CreateTime.eq(time))
+                        .add(account::Column::Id.lt(id)),
+                ),
+        );
+    }
+    let rows = select
+        .order_by_desc(account::Column::CreateTime)
+        .order_by_desc(account::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?;
+    Ok((rows, total))
+}
+
+/// Creates or redefines the product `code` at `now`; answers the product and
+/// whether it is new.
+pub async fn upsert_product<C: ConnectionTrait>(
+    db: &C,
+    code: &str,
+    display_name: &str,
+    permissions: Json,
+    now: DateTime<Utc>,
+) -> StoreResult<(product::Model, bool)> {
+    let existing = product::Entity::find_by_id(code.to_owned()).one(db).await?;
+    Ok(match existing {
+        Some(existing) => {
+            let mut active = existing.into_active_model();
+            active.display_name = Set(display_name.to_owned());
+            active.permissions = Set(permissions);
+            active.update_time = Set(now);
+            (active.update(db).await?, false)
+        }
+        None => {
+            let created = product::ActiveModel {
+                code: Set(code.to_owned()),
+                display_name: Set(display_name.to_owned()),
+                permissions: Set(permissions),
+                create_time: Set(now),
+                update_time: Set(now),
+            }
+            .insert(db)
+            .await?;
+            (created, true)
+        }
+    })
+}
+
+/// Takes the permissions of product `code` that are not in `names` out of
+/// every custom role at `now`.
+pub async fn keep_product_permissions<C: ConnectionTrait>(
+    db: &C,
+    code: &str,
+    names: &[String],
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    let prefix = format!("{code}.");
+    let roles = role::Entity::find()
+        .filter(role::Column::BuiltIn.eq(false))
+        .all(db)
+        .await?;
+    for role in roles {
+        let held = strings(&role.permissions);
+        let kept: Vec<String> = held
+            .iter()
+            .filter(|p| !p.starts_with(&prefix) || names.contains(p))
+            .cloned()
+            .collect();
+        if kept.len() != held.len() {
+            let mut active = role.into_active_model();
+            active.permissions = Set(json_strings(kept));
+            active.update_time = Set(now);
+            active.update(db).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Up to `limit` products by code, after the code `after`.
+pub async fn products_page<C: ConnectionTrait>(
+    db: &C,
+    after: Option<String>,
+    limit: u64,
+) -> StoreResult<Vec<product::Model>> {
+    let mut select = product::Entity::find();
+    if let Some(after) = after {
+        select = select.filter(product::Column::Code.gt(after));
+    }
+    Ok(select
+        .order_by_asc(product::Column::Code)
+        .limit(limit)
+        .all(db)
+        .await?)
 }

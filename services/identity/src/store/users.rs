@@ -1,15 +1,32 @@
-//! Users: lookups shared by the handlers.
+//! Users: the one constructor of each kind of user row (owner, direct,
+//! invited), the row lock, the listing and search queries, and the counts
+//! the rules need (managers). Every query is scoped to one account (P14).
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
-    sea_query::{Expr, Func},
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait,
+    FromQueryResult, JoinType, Order, PaginatorTrait, QueryFilter, QueryOrder, QueryResult,
+    QuerySelect, RelationDef, Select,
+    sea_query::{Expr, ExprTrait, Func, LikeExpr, extension::postgres::PgExpr},
 };
-use usher_kit::error::ApiResult;
+use serde_json::Value as Json;
+use usher_kit::{
+    convert::{json_strings, strings},
+    db::{StoreError, StoreResult},
+    error::ApiResult,
+};
 use uuid::Uuid;
 
-use super::entities::user;
+use super::{
+    contains_pattern,
+    entities::{role, team, user},
+};
+use crate::domain::{
+    Origin, UserStatus, managers,
+    users::{ListFilter, MAX_BATCH, SortKey, UserOrder},
+};
 
 /// The text the substring search runs on: display name, email and username,
 /// lower-cased.
@@ -65,4 +82,478 @@ pub async fn count_by<C: ConnectionTrait>(
         .into_iter()
         .map(|(id, n)| (id, u64::try_from(n).unwrap_or(0)))
         .collect())
+}
+
+/// A user of the account, locked until the end of the transaction on
+/// PostgreSQL (writers that do not take the account lock, such as sign-in,
+/// wait for the change), or NOT_FOUND.
+pub async fn lock_user<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    user_id: Uuid,
+) -> StoreResult<user::Model> {
+    let query = user::Entity::find_by_id(user_id).filter(user::Column::AccountId.eq(account_id));
+    let query = if db.get_database_backend() == DbBackend::Postgres {
+        query.lock_exclusive()
+    } else {
+        query
+    };
+    query.one(db).await?.ok_or(StoreError::NotFound("user"))
+}
+
+/// The users `ids` of the account that exist, locked like [`lock_user`].
+pub async fn lock_users<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    ids: &[Uuid],
+) -> StoreResult<HashMap<Uuid, user::Model>> {
+    let query = user::Entity::find()
+        .filter(user::Column::AccountId.eq(account_id))
+        .filter(user::Column::Id.is_in(ids.iter().copied()));
+    let query = if db.get_database_backend() == DbBackend::Postgres {
+        query.lock_exclusive()
+    } else {
+        query
+    };
+    Ok(query
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|row| (row.id, row))
+        .collect())
+}
+
+// ---------------------------------------------------------------------------
+// The kinds of user rows
+
+/// Who a new user is; each kind of row fills the rest the same way.
+#[derive(Clone, Debug)]
+pub struct NewUser {
+    /// The account.
+    pub account_id: Uuid,
+    /// The canonical email, if any.
+    pub email: Option<String>,
+    /// The sign-in name, if any.
+    pub username: Option<String>,
+    /// The display name.
+    pub display_name: String,
+    /// The role.
+    pub role_id: Uuid,
+    /// The team, if any.
+    pub team_id: Option<Uuid>,
+    /// The products, as stored.
+    pub products: Vec<String>,
+    /// The locale (empty: the account's).
+    pub locale: String,
+    /// The platform's metadata.
+    pub metadata: Option<Json>,
+}
+
+/// A row of `new` with every field that differs between kinds at its base
+/// value: ACTIVE since `now`, created directly, no password, not the owner.
+fn base_row(id: Uuid, new: NewUser, now: DateTime<Utc>) -> user::Model {
+    user::Model {
+        id,
+        account_id: new.account_id,
+        search_text: search_text(
+            &new.display_name,
+            new.email.as_deref(),
+            new.username.as_deref(),
+        ),
+        email_canonical: new.email.clone(),
+        email: new.email,
+        username: new.username,
+        display_name: new.display_name,
+        status: UserStatus::Active,
+        role_id: new.role_id,
+        team_id: new.team_id,
+        products: json_strings(new.products),
+        locale: new.locale,
+        metadata: new.metadata,
+        owner: false,
+        origin: Origin::Direct,
+        password_hash: None,
+        password_change_required: false,
+        invitation_id: None,
+        invited_by: None,
+        create_time: now,
+        update_time: now,
+        activate_time: Some(now),
+        deactivate_time: None,
+        last_sign_in_time: None,
+    }
+}
+
+/// The owner of a new account: ACTIVE, with the password it signed up with.
+pub fn new_owner_row(
+    id: Uuid,
+    new: NewUser,
+    password_hash: String,
+    now: DateTime<Utc>,
+) -> user::Model {
+    user::Model {
+        owner: true,
+        origin: Origin::Owner,
+        password_hash: Some(password_hash),
+        ..base_row(id, new, now)
+    }
+}
+
+/// A user created directly (CreateUser, shared devices): ACTIVE, with a
+/// password or waiting for the set-password link.
+pub fn new_direct_row(
+    id: Uuid,
+    new: NewUser,
+    password_hash: Option<String>,
+    password_change_required: bool,
+    now: DateTime<Utc>,
+) -> user::Model {
+    user::Model {
+        password_hash,
+        password_change_required,
+        ..base_row(id, new, now)
+    }
+}
+
+/// An invitee reserved by the invitation service: INVITED by `invited_by`
+/// under `invitation_id`, not active yet.
+pub fn new_invited_row(
+    id: Uuid,
+    new: NewUser,
+    invitation_id: Uuid,
+    invited_by: String,
+    now: DateTime<Utc>,
+) -> user::Model {
+    user::Model {
+        status: UserStatus::Invited,
+        origin: Origin::Invitation,
+        invitation_id: Some(invitation_id),
+        invited_by: Some(invited_by),
+        activate_time: None,
+        ..base_row(id, new, now)
+    }
+}
+
+/// Inserts `row`; a username or email another user holds is
+/// [`StoreError::Taken`].
+pub async fn insert<C: ConnectionTrait>(db: &C, row: user::Model) -> StoreResult<user::Model> {
+    Ok(user::ActiveModel::from(row).reset_all().insert(db).await?)
+}
+
+/// Writes every column of `row` (a user the caller locked and changed).
+pub async fn save<C: ConnectionTrait>(db: &C, row: user::Model) -> StoreResult<user::Model> {
+    Ok(user::ActiveModel::from(row).reset_all().update(db).await?)
+}
+
+/// Deletes the user `user_id` of the account.
+pub async fn delete<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    user_id: Uuid,
+) -> StoreResult<()> {
+    user::Entity::delete_many()
+        .filter(user::Column::AccountId.eq(account_id))
+        .filter(user::Column::Id.eq(user_id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Sets the role (when `role_id` is given) and the team (when `team_id` is
+/// given, `Some(None)` for none) of the users `ids` of the account at `now`,
+/// in one statement.
+pub async fn set_role_and_team<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    ids: &[Uuid],
+    role_id: Option<Uuid>,
+    team_id: Option<Option<Uuid>>,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    let mut update = user::Entity::update_many()
+        .col_expr(user::Column::UpdateTime, Expr::val(now))
+        .filter(user::Column::AccountId.eq(account_id))
+        .filter(user::Column::Id.is_in(ids.iter().copied()));
+    if let Some(role_id) = role_id {
+        update = update.col_expr(user::Column::RoleId, Expr::val(role_id));
+    }
+    if let Some(team_id) = team_id {
+        update = update.col_expr(user::Column::TeamId, Expr::val(team_id));
+    }
+    update.exec(db).await?;
+    Ok(())
+}
+
+/// A user of the account holding `username` or the canonical `email`.
+pub async fn holding_name_or_email<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    username: &str,
+    email: Option<&str>,
+) -> StoreResult<Option<user::Model>> {
+    Ok(user::Entity::find()
+        .filter(user::Column::AccountId.eq(account_id))
+        .filter(
+            Condition::any()
+                .add(user::Column::Username.eq(username))
+                .add(user::Column::EmailCanonical.is_in(email.map(str::to_owned))),
+        )
+        .one(db)
+        .await?)
+}
+
+// ---------------------------------------------------------------------------
+// Roles and managers
+
+/// The account's roles, by id.
+pub async fn roles_of<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+) -> StoreResult<HashMap<Uuid, role::Model>> {
+    Ok(role::Entity::find()
+        .filter(role::Column::AccountId.eq(account_id))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r))
+        .collect())
+}
+
+/// Whether each role of `roles` holds `users.manage`.
+pub fn role_manages(roles: &HashMap<Uuid, role::Model>) -> HashMap<Uuid, bool> {
+    roles
+        .iter()
+        .map(|(id, r)| (*id, managers::manages(&strings(&r.permissions))))
+        .collect()
+}
+
+/// Active users of the account whose role (among `roles`) holds
+/// `users.manage`.
+pub async fn count_managers<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    roles: &HashMap<Uuid, role::Model>,
+) -> StoreResult<u64> {
+    let manager_roles: Vec<Uuid> = role_manages(roles)
+        .into_iter()
+        .filter_map(|(id, manages)| manages.then_some(id))
+        .collect();
+    if manager_roles.is_empty() {
+        return Ok(0);
+    }
+    Ok(user::Entity::find()
+        .filter(user::Column::AccountId.eq(account_id))
+        .filter(user::Column::Status.eq(UserStatus::Active.as_str()))
+        .filter(user::Column::RoleId.is_in(manager_roles))
+        .count(db)
+        .await?)
+}
+
+// ---------------------------------------------------------------------------
+// Listing
+
+/// A user row with the names of its role and team, and its sort key.
+#[derive(Clone, Debug)]
+pub struct UserRow {
+    /// The user.
+    pub user: user::Model,
+    /// The name of its role.
+    pub role_name: String,
+    /// The name of its team, if any.
+    pub team_name: Option<String>,
+    /// The text it sorts by in a listing by name or email.
+    pub sort_key: Option<String>,
+}
+
+impl FromQueryResult for UserRow {
+    fn from_query_result(res: &QueryResult, pre: &str) -> Result<Self, DbErr> {
+        Ok(Self {
+            user: user::Model::from_query_result(res, pre)?,
+            role_name: res.try_get(pre, "role_name")?,
+            team_name: res.try_get(pre, "team_name")?,
+            sort_key: res
+                .try_get::<Option<String>>(pre, "sort_key")
+                .ok()
+                .flatten(),
+        })
+    }
+}
+
+impl UserRow {
+    /// The cursor after this row in `order`.
+    pub fn key(&self, order: UserOrder) -> (SortKey, Uuid) {
+        let key = match order {
+            UserOrder::Newest => SortKey::Time(self.user.create_time),
+            UserOrder::DisplayName | UserOrder::Email => {
+                SortKey::Text(self.sort_key.clone().unwrap_or_default())
+            }
+        };
+        (key, self.user.id)
+    }
+}
+
+/// Users joined with the names of their role and team (one query).
+fn joined() -> Select<user::Entity> {
+    let role_join: RelationDef = user::Entity::belongs_to(role::Entity)
+        .from(user::Column::RoleId)
+        .to(role::Column::Id)
+        .into();
+    let team_join: RelationDef = user::Entity::belongs_to(team::Entity)
+        .from(user::Column::TeamId)
+        .to(team::Column::Id)
+        .into();
+    user::Entity::find()
+        .join(JoinType::InnerJoin, role_join)
+        .join(JoinType::LeftJoin, team_join)
+        .expr_as(Expr::col((role::Entity, role::Column::Name)), "role_name")
+        .expr_as(Expr::col((team::Entity, team::Column::Name)), "team_name")
+}
+
+/// The users `ids` of the account with their role and team names, by id
+/// (in chunks of [`MAX_BATCH`]).
+pub async fn rows<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    ids: &[Uuid],
+) -> StoreResult<HashMap<Uuid, UserRow>> {
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(MAX_BATCH) {
+        let rows = joined()
+            .filter(user::Column::AccountId.eq(account_id))
+            .filter(user::Column::Id.is_in(chunk.iter().copied()))
+            .into_model::<UserRow>()
+            .all(db)
+            .await?;
+        out.extend(rows.into_iter().map(|row| (row.user.id, row)));
+    }
+    Ok(out)
+}
+
+/// One user of the account with its role and team names, or NOT_FOUND.
+pub async fn row<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    user_id: Uuid,
+) -> StoreResult<UserRow> {
+    rows(db, account_id, &[user_id])
+        .await?
+        .remove(&user_id)
+        .ok_or(StoreError::NotFound("user"))
+}
+
+/// The condition of `filter`.
+fn condition(db: DbBackend, filter: &ListFilter) -> Condition {
+    let mut condition = Condition::all().add(user::Column::AccountId.eq(filter.account_id));
+    if let Some(status) = filter.status {
+        condition = condition.add(user::Column::Status.eq(status.as_str()));
+    }
+    if let Some(role_id) = filter.role_id {
+        condition = condition.add(user::Column::RoleId.eq(role_id));
+    }
+    if let Some(team_id) = filter.team_id {
+        condition = condition.add(user::Column::TeamId.eq(team_id));
+    }
+    if !filter.term.is_empty() {
+        // `search_text` is stored lower-cased. PostgreSQL: ILIKE, served
+        // by the trigram index, with `\` as its default escape (sea-query
+        // cannot render ILIKE … ESCAPE). SQLite: LIKE (case-insensitive
+        // for ASCII), whose escape must be named.
+        let column = Expr::col((user::Entity, user::Column::SearchText));
+        let pattern = contains_pattern(&filter.term);
+        condition = condition.add(if db == DbBackend::Postgres {
+            column.ilike(LikeExpr::new(pattern))
+        } else {
+            column.like(LikeExpr::new(pattern).escape('\\'))
+        });
+    }
+    condition
+}
+
+/// How many users match `filter`.
+pub async fn count<C: ConnectionTrait>(db: &C, filter: &ListFilter) -> StoreResult<u64> {
+    Ok(user::Entity::find()
+        .filter(condition(db.get_database_backend(), filter))
+        .count(db)
+        .await?)
+}
+
+/// The owner, when it matches `filter`.
+pub async fn matching_owner<C: ConnectionTrait>(
+    db: &C,
+    filter: &ListFilter,
+) -> StoreResult<Option<UserRow>> {
+    Ok(joined()
+        .filter(condition(db.get_database_backend(), filter))
+        .filter(user::Column::Owner.eq(true))
+        .into_model::<UserRow>()
+        .one(db)
+        .await?)
+}
+
+/// The text sort expression of `order` (case-insensitive name, or email
+/// falling back to the username); `None` for time order.
+fn text_expr(order: UserOrder) -> Option<Expr> {
+    match order {
+        UserOrder::DisplayName => {
+            Some(Func::lower(Expr::col((user::Entity, user::Column::DisplayName))).into())
+        }
+        UserOrder::Email => Some(
+            Func::coalesce([
+                Expr::col((user::Entity, user::Column::EmailCanonical)),
+                Expr::col((user::Entity, user::Column::Username)),
+                Expr::val(""),
+            ])
+            .into(),
+        ),
+        UserOrder::Newest => None,
+    }
+}
+
+/// Up to `limit` non-owner users matching `filter` in `order`, after the
+/// cursor `after`; a cursor of the other kind of order is
+/// [`StoreError::NotFound`] of `page_token`.
+pub async fn page<C: ConnectionTrait>(
+    db: &C,
+    filter: &ListFilter,
+    order: UserOrder,
+    after: Option<&(SortKey, Uuid)>,
+    limit: u64,
+) -> StoreResult<Option<Vec<UserRow>>> {
+    let mut select = joined()
+        .filter(condition(db.get_database_backend(), filter))
+        .filter(user::Column::Owner.eq(false));
+    let id = Expr::col((user::Entity, user::Column::Id));
+    select = match text_expr(order) {
+        Some(key) => {
+            if let Some((sort, last)) = after {
+                let SortKey::Text(text) = sort else {
+                    return Ok(None);
+                };
+                select = select.filter(
+                    Expr::tuple([key.clone(), id.clone()])
+                        .gt(Expr::tuple([Expr::val(text.clone()), Expr::val(*last)])),
+                );
+            }
+            select
+                .expr_as(key.clone(), "sort_key")
+                .order_by(key, Order::Asc)
+                .order_by(id, Order::Asc)
+        }
+        None => {
+            let time = Expr::col((user::Entity, user::Column::CreateTime));
+            if let Some((sort, last)) = after {
+                let SortKey::Time(at) = sort else {
+                    return Ok(None);
+                };
+                select = select.filter(
+                    Expr::tuple([time.clone(), id.clone()])
+                        .lt(Expr::tuple([Expr::val(*at), Expr::val(*last)])),
+                );
+            }
+            select.order_by(time, Order::Desc).order_by(id, Order::Desc)
+        }
+    };
+    Ok(Some(
+        select.limit(limit).into_model::<UserRow>().all(db).await?,
+    ))
 }

@@ -7,4 +7,8 @@
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod accounts;
+mod audit;
 mod auth;
+mod common;
+mod users;
