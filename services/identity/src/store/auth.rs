@@ -5,10 +5,10 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait,
     IntoActiveModel, QueryFilter, QuerySelect, Set, sea_query::Expr,
 };
-use usher_kit::db::{StoreError, StoreResult};
+use usher_kit::db::StoreResult;
 use uuid::Uuid;
 
 use super::entities::{account, password_reset, role, team, user};
@@ -82,22 +82,7 @@ pub async fn find_member<C: ConnectionTrait>(
         .await?)
 }
 
-/// The user `user_id` of `account_id`, locked until the end of the caller's
-/// transaction (PostgreSQL), or NOT_FOUND.
-// TODO(lead): use store::users::lock_user
-pub async fn lock_user(
-    txn: &DatabaseTransaction,
-    account_id: Uuid,
-    user_id: Uuid,
-) -> StoreResult<user::Model> {
-    let query = user::Entity::find_by_id(user_id).filter(user::Column::AccountId.eq(account_id));
-    let query = if txn.get_database_backend() == DbBackend::Postgres {
-        query.lock_exclusive()
-    } else {
-        query
-    };
-    query.one(txn).await?.ok_or(StoreError::NotFound("user"))
-}
+pub use super::users::lock_user;
 
 /// The account whose slug is `slug`.
 pub async fn account_by_slug<C: ConnectionTrait>(
