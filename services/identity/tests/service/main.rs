@@ -6,3 +6,7 @@
 
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod directory;
+mod roles;
+mod teams;
