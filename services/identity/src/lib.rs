@@ -3,6 +3,7 @@
 //! integration tests start the service in-process through [`serve`].
 
 pub mod api;
+pub mod app;
 pub mod audit_ingest;
 pub mod config;
 pub mod domain;

@@ -8,6 +8,7 @@ use usher_kit::error::{ApiError, ApiResult};
 
 pub mod effects;
 pub mod grants;
+pub mod reservations;
 pub mod rules;
 
 /// Read users, invitations and deliveries.

@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod api_keys;
 pub mod audit;
+pub mod directory;
 pub mod effects;
 pub mod entities;
 pub mod events;

@@ -1,0 +1,7 @@
+//! The application layer: each function runs one command as load → decide
+//! → persist. It opens the transaction, loads what the rules need through
+//! `store`, asks the pure rules in `domain`, and writes their answer (rows,
+//! audit entries, events) in that transaction. The handlers in `api` only
+//! decode requests into commands and map the answers.
+
+pub mod directory;
