@@ -5,3 +5,5 @@
 //! decode requests into commands and map the answers.
 
 pub mod directory;
+pub mod roles;
+pub mod teams;

@@ -9,7 +9,9 @@ use usher_kit::error::{ApiError, ApiResult};
 pub mod effects;
 pub mod grants;
 pub mod reservations;
+pub mod roles;
 pub mod rules;
+pub mod teams;
 
 /// Read users, invitations and deliveries.
 pub const USERS_READ: &str = "users.read";

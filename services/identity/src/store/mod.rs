@@ -10,8 +10,10 @@ pub mod entities;
 pub mod events;
 pub mod idempotency;
 pub mod principals;
+pub mod roles;
 pub mod schema;
 pub mod scoped;
+pub mod teams;
 pub mod users;
 
 pub use usher_kit::db::contains_pattern;
