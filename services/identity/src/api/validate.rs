@@ -4,7 +4,10 @@
 use std::collections::BTreeSet;
 
 use serde_json::Value as Json;
-use usher_kit::error::{ApiError, ApiResult, Reason};
+use usher_kit::{
+    error::{ApiError, ApiResult, Reason, Violations},
+    pagination,
+};
 
 use super::convert;
 use crate::store::entities::account;
@@ -84,5 +87,29 @@ pub fn require_enabled(account: &account::Model, products: &[String]) -> ApiResu
             format!("product {missing} is not enabled on the account"),
         )),
         None => Ok(()),
+    }
+}
+
+/// A page size: negative is INVALID_ARGUMENT on `page_size`, 0 is `default`,
+/// anything above `max` is `max`.
+pub fn page_size(requested: i32, default: u64, max: u64) -> ApiResult<u64> {
+    if requested == 0 {
+        return Ok(default);
+    }
+    Ok(pagination::page_size(requested)?.min(max))
+}
+
+/// The value of a validator's result, its field violations added to
+/// `violations` instead (so a request reports every bad field at once).
+pub fn checked<T>(violations: &mut Violations, result: ApiResult<T>) -> ApiResult<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(ApiError::InvalidArgument(list)) => {
+            for violation in list {
+                violations.add(violation.field, violation.description);
+            }
+            Ok(None)
+        }
+        Err(other) => Err(other),
     }
 }

@@ -11,4 +11,7 @@ mod accounts;
 mod audit;
 mod auth;
 mod common;
+mod directory;
+mod roles;
+mod teams;
 mod users;

@@ -1,0 +1,527 @@
+//! DirectoryService as load → decide → persist: each function opens the
+//! transaction, loads what the rules of `domain::reservations` judge through
+//! `store::directory`, asks them, and writes their answer and its effects
+//! (`store::effects`) in that transaction.
+//!
+//! Seats: reservations and releases first lock the account row
+//! (`accounts::lock`), like every other change that counts seats, so two
+//! concurrent reservations are counted one after the other and never exceed
+//! the limit. Activation hashes the password before opening the transaction
+//! (argon2id takes tens of milliseconds and must not hold locks).
+
+use std::collections::HashSet;
+
+use sea_orm::TransactionTrait;
+use usher_kit::{
+    email::canonical_domain,
+    error::{ApiError, ApiResult},
+    sessions::{IssuedSession, SessionMeta},
+};
+use usher_proto::identity::{internal::v1 as internal, v1 as pb};
+use uuid::Uuid;
+
+use crate::{
+    api::{convert, validate::require_enabled},
+    domain::{
+        USERS_MANAGE, UserStatus,
+        effects::Actor,
+        grants::{self, Grant, Grantor},
+        reservations::{
+            self, Acceptance, Invitee, ReleaseKey, ReleaseTarget, Released, Reservation, Reserved,
+        },
+    },
+    state::Identity,
+    store::{
+        accounts::{self, Holder},
+        directory::{self as store, InvitedRows},
+        effects, principals, scoped,
+        users::search_text,
+    },
+};
+
+/// Who invites, as named by the calling service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inviter {
+    /// A user of the account.
+    User(Uuid),
+    /// An API key of the account.
+    ApiKey(Uuid),
+}
+
+/// A validated GetInvitationContext.
+#[derive(Clone, Debug)]
+pub struct ContextQuery {
+    /// The account.
+    pub account_id: Uuid,
+    /// The role to describe, if any.
+    pub role_id: Option<Uuid>,
+    /// The team to describe, if any.
+    pub team_id: Option<Uuid>,
+    /// The inviter to describe, if any.
+    pub inviter: Option<Inviter>,
+    /// What the inviter holds is read for this holder (P26).
+    pub holder: Option<Holder>,
+}
+
+/// Whether `holder` may grant `role` (P26): nothing for no holder.
+async fn may_grant<C: sea_orm::ConnectionTrait>(
+    db: &C,
+    account: &crate::store::entities::account::Model,
+    role: &crate::store::entities::role::Model,
+    holder: Option<Holder>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> ApiResult<()> {
+    let granted = accounts::effective_permissions(db, role).await?;
+    let held = match holder {
+        Some(holder) => accounts::held_permissions(db, account, holder, now).await?,
+        None => Vec::new(),
+    };
+    grants::check_grant(
+        &Grantor {
+            user_id: None,
+            role_id: None,
+            permissions: &held,
+        },
+        &Grant::Role {
+            user: None,
+            role_id: role.id,
+            permissions: &granted,
+        },
+    )
+}
+
+/// The context of an invitation: the account, inviter, role and team.
+pub async fn invitation_context(
+    state: &Identity,
+    query: ContextQuery,
+) -> ApiResult<internal::GetInvitationContextResponse> {
+    let db = &state.db;
+    let account_id = query.account_id;
+    let account = accounts::find(db, account_id).await?;
+    let policy = &state.password_policy;
+    let mut response = internal::GetInvitationContextResponse {
+        password_policy: Some(pb::PasswordPolicy {
+            min_length: i32::try_from(policy.min_length()).unwrap_or(i32::MAX),
+            max_length: i32::try_from(policy.max_length()).unwrap_or(i32::MAX),
+        }),
+        ..Default::default()
+    };
+    match query.inviter {
+        Some(Inviter::User(id)) => {
+            let inviter = scoped::user(db, account_id, id).await?;
+            response.inviter_email = inviter
+                .email
+                .clone()
+                .or_else(|| inviter.email_canonical.clone())
+                .unwrap_or_default();
+            response.inviter_active = inviter.status == UserStatus::Active;
+            response.inviter_display_name = inviter.display_name;
+            response.inviter_locale = inviter.locale;
+        }
+        Some(Inviter::ApiKey(id)) => {
+            let key = store::inviter_key(db, account_id, id).await?;
+            let now = state.clock.now();
+            response.inviter_active =
+                key.revoke_time.is_none() && key.expire_time.is_none_or(|at| at > now);
+            response.inviter_display_name = key.name;
+        }
+        None => {}
+    }
+    if let Some(role_id) = query.role_id {
+        let role = scoped::role(db, account_id, role_id).await?;
+        response.role_manages_users = convert::strings(&role.permissions)
+            .iter()
+            .any(|p| p == USERS_MANAGE);
+        if query.inviter.is_some() {
+            // The rule of ReserveInvitees (P26), for callers that hand the
+            // role out again (ResendInvitations).
+            let now = state.clock.now();
+            response.inviter_may_grant_role = may_grant(db, &account, &role, query.holder, now)
+                .await
+                .is_ok();
+        }
+        response.role_name = role.name;
+    }
+    if let Some(team_id) = query.team_id {
+        response.team_name = scoped::team(db, account_id, team_id).await?.name;
+    }
+    // With the effective lifetime: the account's, or the deployment default.
+    response.account = Some(convert::account(
+        &account,
+        accounts::seats_used(db, account_id).await?,
+        state.settings.default_invitation_lifetime,
+    ));
+    Ok(response)
+}
+
+/// A validated ReserveInvitees.
+#[derive(Clone, Debug)]
+pub struct ReserveInvitees {
+    /// The account.
+    pub account_id: Uuid,
+    /// The role the invitees get.
+    pub role_id: Uuid,
+    /// The team they join.
+    pub team_id: Option<Uuid>,
+    /// The products granted.
+    pub products: Vec<String>,
+    /// Platform metadata.
+    pub metadata: Option<serde_json::Value>,
+    /// Their locale (empty: the account's).
+    pub locale: String,
+    /// The invitees, each address and invitation id once.
+    pub invitees: Vec<Invitee>,
+    /// Decide without writing.
+    pub dry_run: bool,
+    /// Whose permissions bound the role granted (P26).
+    pub holder: Option<Holder>,
+    /// The actor of the audit entries and events.
+    pub actor: Actor,
+}
+
+/// A reservation's answer with the names the invitation service shows.
+#[derive(Clone, Debug)]
+pub struct ReservationAnswer {
+    /// The verdicts and seat count.
+    pub reserved: Reserved,
+    /// The account's seat limit.
+    pub seat_limit: i32,
+    /// The role's name.
+    pub role_name: String,
+    /// The team's name (empty for none).
+    pub team_name: String,
+}
+
+/// Reserves a seat for each invitee that may have one, in one transaction
+/// under the account lock: the invitees are loaded in one query and the new
+/// invited users written in one statement.
+pub async fn reserve_invitees(
+    state: &Identity,
+    request_id: &str,
+    command: ReserveInvitees,
+) -> ApiResult<ReservationAnswer> {
+    let account_id = command.account_id;
+    let now = state.clock.now();
+    let txn = state.db.begin().await?;
+    // Every change that counts seats takes this lock first: concurrent
+    // reservations are counted one after the other.
+    let account = accounts::lock(&txn, account_id).await?;
+    let role = scoped::role(&txn, account_id, command.role_id).await?;
+    // No escalation (P26): the invitees' role carries nothing the inviter
+    // lacks. The inviter's permissions are read here, where the role is
+    // resolved, not taken from the calling service.
+    may_grant(&txn, &account, &role, command.holder, now).await?;
+    let team = match command.team_id {
+        Some(team_id) => Some(scoped::team(&txn, account_id, team_id).await?),
+        None => None,
+    };
+    require_enabled(&account, &command.products)?;
+    reservations::check_inviting_allowed(account.seat_limit)?;
+
+    let existing = store::existing_invitees(
+        &txn,
+        account_id,
+        command
+            .invitees
+            .iter()
+            .map(|i| i.email.canonical().to_owned())
+            .collect(),
+        command.invitees.iter().map(|i| i.invitation_id).collect(),
+    )
+    .await?;
+    reservations::check_invitation_ids(account_id, &command.invitees, &existing)?;
+    let allowed: HashSet<String> = convert::strings(&account.allowed_email_domains)
+        .iter()
+        .filter_map(|d| canonical_domain(d).ok())
+        .collect();
+    let seats_used = accounts::seats_used(&txn, account_id).await?;
+    let team_id = team.as_ref().map(|t| t.id);
+    let reservation = Reservation {
+        account_id,
+        seat_limit: account.seat_limit,
+        seats_used,
+        allowed_domains: &allowed,
+        role_id: role.id,
+        team_id,
+        products: &command.products,
+        dry_run: command.dry_run,
+    };
+    let mut reserved = reservations::reserve(
+        &reservation,
+        &command.invitees,
+        &existing,
+        &command.actor,
+        now,
+        Uuid::new_v4,
+    );
+    let answer_effects = std::mem::take(&mut reserved.effects);
+    if command.dry_run || reserved.new_users.is_empty() {
+        txn.rollback().await?;
+    } else {
+        let invited_by = format!("{}:{}", command.actor.kind, command.actor.id);
+        store::insert_invited(
+            &txn,
+            &InvitedRows {
+                account_id,
+                role_id: role.id,
+                team_id,
+                products: &command.products,
+                locale: &command.locale,
+                metadata: command.metadata.as_ref(),
+                invited_by: &invited_by,
+            },
+            &reserved.new_users,
+            now,
+        )
+        .await?;
+        effects::apply(&txn, answer_effects, &command.actor, request_id, now).await?;
+        txn.commit().await?;
+    }
+    Ok(ReservationAnswer {
+        reserved,
+        seat_limit: account.seat_limit,
+        role_name: role.name,
+        team_name: team.map(|t| t.name).unwrap_or_default(),
+    })
+}
+
+/// A validated ActivateInvitedUser.
+#[derive(Clone)]
+pub struct ActivateInvitedUser {
+    /// The invitation accepted.
+    pub invitation_id: Uuid,
+    /// The account.
+    pub account_id: Uuid,
+    /// The invited user.
+    pub user_id: Uuid,
+    /// The password chosen (checked against the policy).
+    pub password: String,
+    /// The choices of the invitee.
+    pub acceptance: Acceptance,
+}
+
+impl std::fmt::Debug for ActivateInvitedUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActivateInvitedUser")
+            .field("invitation_id", &self.invitation_id)
+            .field("account_id", &self.account_id)
+            .field("user_id", &self.user_id)
+            .field("password", &"<redacted>")
+            .field("acceptance", &self.acceptance)
+            .finish()
+    }
+}
+
+/// The answer to a retry: `Some` when `model` is ACTIVE through
+/// `invitation_id`. Rewrites the principal snapshot, in case the first
+/// attempt committed and then failed before doing it.
+async fn already_activated(
+    state: &Identity,
+    model: &crate::store::entities::user::Model,
+    invitation_id: Uuid,
+) -> ApiResult<Option<internal::ActivateInvitedUserResponse>> {
+    if !reservations::already_activated(model.status, model.invitation_id, invitation_id) {
+        return Ok(None);
+    }
+    principals::refresh_user(state, model.id).await?;
+    Ok(Some(internal::ActivateInvitedUserResponse {
+        user: Some(user_view(&state.db, model).await?),
+        already_activated: true,
+    }))
+}
+
+/// A user as the API shows it, with the names of its role and team.
+async fn user_view<C: sea_orm::ConnectionTrait>(
+    db: &C,
+    model: &crate::store::entities::user::Model,
+) -> ApiResult<pb::User> {
+    let (role_name, team_name) =
+        store::role_and_team_names(db, model.role_id, model.team_id).await?;
+    Ok(convert::user(
+        model,
+        role_name.as_deref().unwrap_or_default(),
+        team_name.as_deref(),
+    ))
+}
+
+/// Moves an invited user to ACTIVE with the invitee's choices; a retry (or
+/// the loser of a race) answers `already_activated`.
+pub async fn activate_invited_user(
+    state: &Identity,
+    request_id: &str,
+    command: ActivateInvitedUser,
+) -> ApiResult<internal::ActivateInvitedUserResponse> {
+    let ActivateInvitedUser {
+        invitation_id,
+        account_id,
+        user_id,
+        password,
+        acceptance,
+    } = command;
+    let current = scoped::user(&state.db, account_id, user_id).await?;
+    if let Some(done) = already_activated(state, &current, invitation_id).await? {
+        return Ok(done);
+    }
+    reservations::check_invited(current.status, current.invitation_id, invitation_id)?;
+    // Outside the transaction: hashing takes tens of milliseconds.
+    let password_hash = state.passwords.hash(password).await?;
+
+    let now = state.clock.now();
+    let txn = state.db.begin().await?;
+    let account = store::share_account(&txn, account_id).await?;
+    let current = scoped::user(&txn, account_id, user_id).await?;
+    let change = reservations::activation(
+        acceptance,
+        &convert::strings(&current.products),
+        &convert::strings(&account.products),
+    );
+    let text = search_text(
+        &change.display_name,
+        current.email_canonical.as_deref(),
+        current.username.as_deref(),
+    );
+    let done = store::activate(
+        &txn,
+        account_id,
+        user_id,
+        invitation_id,
+        &change,
+        text,
+        password_hash,
+        now,
+    )
+    .await?;
+    if !done {
+        txn.rollback().await?;
+        let current = scoped::user(&state.db, account_id, user_id).await?;
+        return match already_activated(state, &current, invitation_id).await? {
+            Some(done) => Ok(done),
+            None => Err(reservations::not_invited()),
+        };
+    }
+    let activated = scoped::user(&txn, account_id, user_id).await?;
+    let actor = reservations::invitee_actor(user_id, &change.display_name);
+    let caused = reservations::activated(
+        &store::activated_user(&activated),
+        invitation_id,
+        &change.changed,
+        &actor,
+        now,
+    );
+    effects::apply(&txn, caused, &actor, request_id, now).await?;
+    let user = user_view(&txn, &activated).await?;
+    txn.commit().await?;
+    // The user may act from the next call on.
+    principals::refresh_user(state, user_id).await?;
+    Ok(internal::ActivateInvitedUserResponse {
+        user: Some(user),
+        already_activated: false,
+    })
+}
+
+/// A validated ReleaseInvitees.
+#[derive(Clone, Debug)]
+pub struct ReleaseInvitees {
+    /// The account.
+    pub account_id: Uuid,
+    /// The targets, in the order given.
+    pub targets: Vec<ReleaseTarget>,
+    /// Why, as recorded in the audit log.
+    pub reason: &'static str,
+    /// The actor of the audit entries and events.
+    pub actor: Actor,
+}
+
+/// Deletes the invited users among the targets, in one transaction under
+/// the account lock; answers the outcomes and the seats now in use.
+pub async fn release_invitees(
+    state: &Identity,
+    request_id: &str,
+    command: ReleaseInvitees,
+) -> ApiResult<(Released, u64)> {
+    let account_id = command.account_id;
+    let now = state.clock.now();
+    let txn = state.db.begin().await?;
+    accounts::lock(&txn, account_id).await?;
+    let (mut ids, mut emails) = (Vec::new(), Vec::new());
+    for target in &command.targets {
+        match &target.key {
+            ReleaseKey::Id(id) => ids.push(*id),
+            ReleaseKey::Email(email) => emails.push(email.clone()),
+        }
+    }
+    let found = store::release_targets(&txn, account_id, ids, emails).await?;
+    let mut released = reservations::release(
+        account_id,
+        &command.targets,
+        &found,
+        command.reason,
+        &command.actor,
+        now,
+    );
+    if !released.deleted.is_empty() {
+        store::delete_invited(&txn, account_id, &released.deleted).await?;
+        let caused = std::mem::take(&mut released.effects);
+        effects::apply(&txn, caused, &command.actor, request_id, now).await?;
+    }
+    let seats_used = accounts::seats_used(&txn, account_id).await?;
+    txn.commit().await?;
+    Ok((released, seats_used))
+}
+
+/// A validated CreateSession.
+#[derive(Clone, Debug)]
+pub struct CreateSession {
+    /// The account.
+    pub account_id: Uuid,
+    /// The new member.
+    pub user_id: Uuid,
+    /// The invitation it joined by.
+    pub invitation_id: Uuid,
+    /// Where the member signs in from.
+    pub meta_client_ip: Option<String>,
+    /// With what.
+    pub meta_user_agent: Option<String>,
+}
+
+/// Opens the first session of a member who just joined by an invitation.
+pub async fn create_session(state: &Identity, command: CreateSession) -> ApiResult<IssuedSession> {
+    let CreateSession {
+        account_id,
+        user_id,
+        invitation_id,
+        ..
+    } = command;
+    let db = &state.db;
+    let member = scoped::user(db, account_id, user_id).await?;
+    reservations::check_joined(member.status, member.invitation_id, invitation_id)?;
+    let now = state.clock.now();
+    store::touch_sign_in(db, account_id, user_id, now).await?;
+    // The gateway builds the principal of every call from this snapshot.
+    principals::refresh_user(state, user_id).await?;
+    let issued = state
+        .sessions
+        .create(
+            account_id,
+            user_id,
+            SessionMeta {
+                client_ip: command.meta_client_ip,
+                user_agent: command.meta_user_agent,
+                password_change_required: member.password_change_required,
+            },
+        )
+        .await?;
+    tracing::info!(
+        session_id = %issued.record.id,
+        %user_id,
+        %account_id,
+        %invitation_id,
+        "session opened for an accepted invitation"
+    );
+    Ok(issued)
+}
+
+/// Internal error for a decoded command missing a validated field.
+pub fn missing() -> ApiError {
+    ApiError::Internal(anyhow::anyhow!("validated fields missing"))
+}

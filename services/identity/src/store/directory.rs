@@ -1,0 +1,295 @@
+//! The storage of DirectoryService (the invitation service's view of
+//! identity): the invitees of a reservation loaded in one query and written
+//! in one multi-row statement, the targets of a release loaded and deleted
+//! in one statement each, and the one conditional update of an activation.
+//! Every query is scoped to one account (P14).
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect, Set,
+    sea_query::Expr,
+};
+use serde_json::Value as Json;
+use usher_kit::db::{StoreError, StoreResult};
+use uuid::Uuid;
+
+use super::entities::{account, api_key, role, team, user};
+use crate::domain::{
+    Origin, UserStatus,
+    reservations::{ActivatedUser, Activation, Member, NewInvitee},
+};
+
+/// What the rules of a reservation or release need of a stored user.
+pub fn member(model: &user::Model) -> Member {
+    Member {
+        id: model.id,
+        account_id: model.account_id,
+        email: model.email_canonical.clone(),
+        display_name: model.display_name.clone(),
+        status: model.status,
+        invitation_id: model.invitation_id,
+    }
+}
+
+/// An activated user as its audit entry and event tell it.
+pub fn activated_user(model: &user::Model) -> ActivatedUser {
+    ActivatedUser {
+        id: model.id,
+        account_id: model.account_id,
+        email: model.email_canonical.clone(),
+        display_name: model.display_name.clone(),
+        role_id: model.role_id,
+        team_id: model.team_id,
+        products: usher_kit::convert::strings(&model.products),
+    }
+}
+
+/// The account, share-locked until the end of the transaction: changes of
+/// its subscription (which strip disabled products from every user under
+/// `accounts::lock`) wait, and so does this reader, but two activations do
+/// not wait for each other.
+pub async fn share_account<C: ConnectionTrait>(db: &C, id: Uuid) -> StoreResult<account::Model> {
+    let query = account::Entity::find_by_id(id);
+    let query = if db.get_database_backend() == DbBackend::Postgres {
+        query.lock_shared()
+    } else {
+        query
+    };
+    query.one(db).await?.ok_or(StoreError::NotFound("account"))
+}
+
+/// The API key `id` of `account_id` (an inviter), or NOT_FOUND `inviter`.
+pub async fn inviter_key<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    id: Uuid,
+) -> StoreResult<api_key::Model> {
+    api_key::Entity::find_by_id(id)
+        .filter(api_key::Column::AccountId.eq(account_id))
+        .one(db)
+        .await?
+        .ok_or(StoreError::NotFound("inviter"))
+}
+
+/// In one query, the users of `account_id` holding one of `emails`
+/// (canonical) and the users anywhere holding one of `invitation_ids` (the
+/// ids are unique across accounts).
+pub async fn existing_invitees<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    emails: Vec<String>,
+    invitation_ids: Vec<Uuid>,
+) -> StoreResult<Vec<Member>> {
+    let found = user::Entity::find()
+        .filter(
+            Condition::any()
+                .add(
+                    Condition::all()
+                        .add(user::Column::AccountId.eq(account_id))
+                        .add(user::Column::EmailCanonical.is_in(emails)),
+                )
+                .add(user::Column::InvitationId.is_in(invitation_ids)),
+        )
+        .all(db)
+        .await?;
+    Ok(found.iter().map(member).collect())
+}
+
+/// What every invited user of one reservation gets.
+#[derive(Clone, Debug)]
+pub struct InvitedRows<'a> {
+    /// The account.
+    pub account_id: Uuid,
+    /// The role.
+    pub role_id: Uuid,
+    /// The team.
+    pub team_id: Option<Uuid>,
+    /// The products granted.
+    pub products: &'a [String],
+    /// The locale (empty: the account's).
+    pub locale: &'a str,
+    /// Platform metadata.
+    pub metadata: Option<&'a Json>,
+    /// `kind:id` of the inviter.
+    pub invited_by: &'a str,
+}
+
+/// Writes the invited users `new` of one reservation in one multi-row
+/// insert (at most a thousand, well under PostgreSQL's bind limit).
+pub async fn insert_invited<C: ConnectionTrait>(
+    db: &C,
+    rows: &InvitedRows<'_>,
+    new: &[NewInvitee],
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    if new.is_empty() {
+        return Ok(());
+    }
+    let products = usher_kit::convert::json_strings(rows.products.to_vec());
+    // TODO(lead): use store::users::new_invited_row
+    let models = new.iter().map(|invitee| user::ActiveModel {
+        id: Set(invitee.id),
+        account_id: Set(rows.account_id),
+        email: Set(Some(invitee.email.clone())),
+        email_canonical: Set(Some(invitee.email.clone())),
+        username: Set(None),
+        display_name: Set(invitee.display_name.clone()),
+        search_text: Set(super::users::search_text(
+            &invitee.display_name,
+            Some(&invitee.email),
+            None,
+        )),
+        status: Set(UserStatus::Invited),
+        role_id: Set(rows.role_id),
+        team_id: Set(rows.team_id),
+        products: Set(products.clone()),
+        locale: Set(rows.locale.to_owned()),
+        metadata: Set(rows.metadata.cloned()),
+        owner: Set(false),
+        origin: Set(Origin::Invitation),
+        password_hash: Set(None),
+        password_change_required: Set(false),
+        invitation_id: Set(Some(invitee.invitation_id)),
+        invited_by: Set(Some(rows.invited_by.to_owned())),
+        create_time: Set(now),
+        update_time: Set(now),
+        activate_time: Set(None),
+        deactivate_time: Set(None),
+        last_sign_in_time: Set(None),
+    });
+    user::Entity::insert_many(models)
+        .exec_without_returning(db)
+        .await?;
+    Ok(())
+}
+
+/// In one query, the users of `account_id` with one of `ids` or `emails`.
+pub async fn release_targets<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    ids: Vec<Uuid>,
+    emails: Vec<String>,
+) -> StoreResult<Vec<Member>> {
+    let found = user::Entity::find()
+        .filter(user::Column::AccountId.eq(account_id))
+        .filter(
+            Condition::any()
+                .add(user::Column::Id.is_in(ids))
+                .add(user::Column::EmailCanonical.is_in(emails)),
+        )
+        .all(db)
+        .await?;
+    Ok(found.iter().map(member).collect())
+}
+
+/// Deletes the users `ids` of `account_id` that are still INVITED, in one
+/// statement.
+pub async fn delete_invited<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    ids: &[Uuid],
+) -> StoreResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    user::Entity::delete_many()
+        .filter(user::Column::AccountId.eq(account_id))
+        .filter(user::Column::Status.eq(UserStatus::Invited.as_str()))
+        .filter(user::Column::Id.is_in(ids.iter().copied()))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// The one conditional update that makes activation single-use: moves the
+/// user `user_id` from INVITED by `invitation_id` to ACTIVE with `change`;
+/// `false` when it is not (any more) in that state (of two concurrent
+/// activations, the second finds the user ACTIVE).
+#[allow(clippy::too_many_arguments)]
+pub async fn activate<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    user_id: Uuid,
+    invitation_id: Uuid,
+    change: &Activation,
+    search_text: String,
+    password_hash: String,
+    now: DateTime<Utc>,
+) -> StoreResult<bool> {
+    let mut update = user::Entity::update_many()
+        .col_expr(
+            user::Column::Status,
+            Expr::value(UserStatus::Active.as_str()),
+        )
+        .col_expr(
+            user::Column::DisplayName,
+            Expr::value(change.display_name.clone()),
+        )
+        .col_expr(user::Column::SearchText, Expr::value(search_text))
+        .col_expr(user::Column::PasswordHash, Expr::value(Some(password_hash)))
+        .col_expr(user::Column::ActivateTime, Expr::value(Some(now)))
+        .col_expr(user::Column::UpdateTime, Expr::value(now));
+    if let Some(locale) = &change.locale {
+        update = update.col_expr(user::Column::Locale, Expr::value(locale.clone()));
+    }
+    if let Some(metadata) = &change.metadata {
+        update = update.col_expr(user::Column::Metadata, Expr::value(Some(metadata.clone())));
+    }
+    if let Some(products) = &change.products {
+        update = update.col_expr(
+            user::Column::Products,
+            Expr::value(usher_kit::convert::json_strings(products.clone())),
+        );
+    }
+    let done = update
+        .filter(user::Column::Id.eq(user_id))
+        .filter(user::Column::AccountId.eq(account_id))
+        .filter(user::Column::Status.eq(UserStatus::Invited.as_str()))
+        .filter(user::Column::InvitationId.eq(invitation_id))
+        .exec(db)
+        .await?;
+    Ok(done.rows_affected == 1)
+}
+
+/// Records that the user `user_id` of `account_id` signed in at `now`.
+pub async fn touch_sign_in<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    user_id: Uuid,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    user::Entity::update_many()
+        .col_expr(user::Column::LastSignInTime, Expr::value(Some(now)))
+        .filter(user::Column::Id.eq(user_id))
+        .filter(user::Column::AccountId.eq(account_id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// The names of the role and team of a user, for its view (`None` when
+/// gone).
+pub async fn role_and_team_names<C: ConnectionTrait>(
+    db: &C,
+    role_id: Uuid,
+    team_id: Option<Uuid>,
+) -> StoreResult<(Option<String>, Option<String>)> {
+    let role_name: Option<String> = role::Entity::find_by_id(role_id)
+        .select_only()
+        .column(role::Column::Name)
+        .into_tuple()
+        .one(db)
+        .await?;
+    let team_name: Option<String> = match team_id {
+        Some(team_id) => {
+            team::Entity::find_by_id(team_id)
+                .select_only()
+                .column(team::Column::Name)
+                .into_tuple()
+                .one(db)
+                .await?
+        }
+        None => None,
+    };
+    Ok((role_name, team_name))
+}
