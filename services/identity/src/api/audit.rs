@@ -13,7 +13,7 @@ use usher_kit::{
 use usher_proto::identity::v1 as pb;
 use uuid::Uuid;
 
-use super::{Call, IdentityApi, call, convert, roles::page_size, status};
+use super::{Call, IdentityApi, call, convert, status, validate::page_size};
 use crate::store::{
     audit::{self, AuditFilter},
     entities::audit_event,

@@ -15,7 +15,10 @@ use usher_kit::{
 };
 use usher_proto::identity::v1 as pb;
 
-use super::{Call, IdentityApi, call, convert, mask_paths, status, validate::checked};
+use super::{
+    Call, IdentityApi, call, convert, mask_paths, status,
+    validate::{checked, page_size},
+};
 use crate::{
     app::roles::{self as app, NewRole, RoleChange},
     domain::{
@@ -25,12 +28,6 @@ use crate::{
     },
     store::entities::role,
 };
-
-// The helpers other handler files used from here.
-// TODO(lead): import these from their new homes in users.rs, auth.rs and
-// audit.rs, then drop the re-exports.
-pub(crate) use super::validate::page_size;
-pub(crate) use crate::store::roles::check_grant;
 
 /// Most roles an account may hold, built-in ones included (so one page of
 /// ListRoles always holds them all).
@@ -332,143 +329,5 @@ impl pb::role_service_server::RoleService for IdentityApi {
             .await
             .map(Response::new)
             .map_err(status)
-    }
-}
-
-#[cfg(test)]
-pub(crate) mod tests {
-    //! The helpers the in-crate audit tests share (the role tests themselves
-    //! are in `tests/service/roles.rs`).
-    // TODO(lead): drop once the audit tests move to tests/service (they can
-    // use `super::roles::{invalid, start, tenant}` there).
-
-    use std::sync::Arc;
-
-    use chrono::DateTime;
-    use prost::Message;
-    use tonic::{Response, Status};
-    use usher_kit::{clock::ManualClock, principal::Principal};
-    use uuid::Uuid;
-
-    use usher_proto::identity::v1::account_service_server::AccountService;
-
-    use crate::testing::{
-        TestIdentity, admin_permissions, member, new_account_request, platform, request,
-    };
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct RpcStatus {
-        #[prost(int32, tag = "1")]
-        code: i32,
-        #[prost(string, tag = "2")]
-        message: String,
-        #[prost(message, repeated, tag = "3")]
-        details: Vec<prost_types::Any>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct ErrorInfo {
-        #[prost(string, tag = "1")]
-        reason: String,
-        #[prost(string, tag = "2")]
-        domain: String,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct BadRequest {
-        #[prost(message, repeated, tag = "1")]
-        field_violations: Vec<FieldViolation>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct FieldViolation {
-        #[prost(string, tag = "1")]
-        field: String,
-        #[prost(string, tag = "2")]
-        description: String,
-    }
-
-    fn details(status: &Status) -> Vec<prost_types::Any> {
-        RpcStatus::decode(status.details())
-            .expect("google.rpc.Status details")
-            .details
-    }
-
-    /// The `ErrorInfo.reason` of a failed call.
-    pub(crate) fn reason(status: &Status) -> String {
-        details(status)
-            .iter()
-            .find(|any| any.type_url.ends_with("google.rpc.ErrorInfo"))
-            .map(|any| ErrorInfo::decode(any.value.as_slice()).expect("error info"))
-            .map(|info| {
-                assert_eq!(info.domain, "usher.dev");
-                info.reason
-            })
-            .unwrap_or_default()
-    }
-
-    /// The fields of the `BadRequest` of a failed call.
-    pub(crate) fn fields(status: &Status) -> Vec<String> {
-        details(status)
-            .iter()
-            .filter(|any| any.type_url.ends_with("google.rpc.BadRequest"))
-            .flat_map(|any| {
-                BadRequest::decode(any.value.as_slice())
-                    .expect("bad request")
-                    .field_violations
-            })
-            .map(|v| v.field)
-            .collect()
-    }
-
-    /// The error of a call that must fail with `expected`.
-    pub(crate) fn refused<T: std::fmt::Debug>(
-        result: Result<Response<T>, Status>,
-        expected: &str,
-    ) -> Status {
-        let status = result.expect_err(expected);
-        assert_eq!(reason(&status), expected, "{status:?}");
-        status
-    }
-
-    /// The error of a call that must fail with INVALID_ARGUMENT on `field`.
-    pub(crate) fn invalid<T: std::fmt::Debug>(result: Result<Response<T>, Status>, field: &str) {
-        let status = refused(result, "INVALID_ARGUMENT");
-        assert_eq!(status.code(), tonic::Code::InvalidArgument);
-        assert!(
-            fields(&status).iter().any(|f| f == field),
-            "{field} not in {status:?}"
-        );
-    }
-
-    /// A started service with a manual clock.
-    pub(crate) async fn start() -> (TestIdentity, Arc<ManualClock>) {
-        let clock = ManualClock::new(DateTime::from_timestamp(1_900_000_000, 0).expect("valid"));
-        (TestIdentity::start(clock.clone()).await, clock)
-    }
-
-    /// An account made by CreateAccount, with its owner.
-    #[derive(Clone, Debug)]
-    pub(crate) struct Tenant {
-        pub(crate) account: Uuid,
-        pub(crate) owner: Uuid,
-        /// The owner as a caller, holding every catalogue permission.
-        pub(crate) admin: Principal,
-    }
-
-    pub(crate) async fn tenant(test: &TestIdentity, products: &[&str]) -> Tenant {
-        let mut message = new_account_request(50);
-        message.products = products.iter().map(|p| (*p).to_owned()).collect();
-        let created = AccountService::create_account(&test.api, request(&platform(), message))
-            .await
-            .expect("account")
-            .into_inner();
-        let account = Uuid::parse_str(&created.account.expect("account").id).expect("uuid");
-        let owner = Uuid::parse_str(&created.owner.expect("owner").id).expect("uuid");
-        Tenant {
-            account,
-            owner,
-            admin: member(account, owner, &admin_permissions()),
-        }
     }
 }

@@ -114,8 +114,7 @@ pub async fn create(
     let known = store::grantable_permissions(&state.db, &account).await?;
     let new = rules::validate_new_key(&request, &known, now)?;
     // No escalation: a key never holds what its creator does not.
-    // TODO(lead): check_grant's loading half moves out of api::roles (DIR helper).
-    crate::api::roles::check_grant(&state.db, principal, &Grant::Permissions(&new.permissions))
+    crate::store::roles::check_grant(&state.db, principal, &Grant::Permissions(&new.permissions))
         .await?;
 
     let secret = Token::try_generate_with_prefix(API_KEY_PREFIX).map_err(internal)?;
