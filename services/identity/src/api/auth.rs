@@ -28,10 +28,7 @@ use crate::{
         validate_locale, validate_name,
     },
     passwords::{MAX_PASSWORD_CHARS, normalize},
-    store::{
-        auth::{NamedUser, Transaction},
-        entities::{account, user},
-    },
+    store::auth::NamedUser,
 };
 
 fn internal(error: impl std::fmt::Display) -> ApiError {
@@ -220,21 +217,6 @@ impl IdentityApi {
 
     // -----------------------------------------------------------------------
     // What other services' handlers call
-
-    /// Queues, in `txn`, the "choose your password" email of `target` (just
-    /// created with an email and no password); returns when the link expires.
-    /// See [`app::queue_set_password_link`].
-    // TODO(lead): callers (users.rs) may call app::auth::queue_set_password_link directly.
-    pub(crate) async fn queue_set_password_link(
-        &self,
-        txn: &Transaction,
-        account: &account::Model,
-        target: &user::Model,
-        request_id: &str,
-        now: chrono::DateTime<chrono::Utc>,
-    ) -> ApiResult<chrono::DateTime<chrono::Utc>> {
-        app::queue_set_password_link(&self.state, txn, account, target, request_id, now).await
-    }
 
     /// Sends a reset link to user `user_id` of the caller's account (an
     /// admin's UserService.SendPasswordReset): NOT_FOUND for an unknown user

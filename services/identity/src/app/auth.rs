@@ -608,7 +608,7 @@ fn password_link_job(
 /// expires.
 pub async fn queue_set_password_link(
     state: &Identity,
-    txn: &store::Transaction,
+    txn: &sea_orm::DatabaseTransaction,
     account: &account::Model,
     target: &user::Model,
     request_id: &str,

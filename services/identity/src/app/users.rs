@@ -290,8 +290,15 @@ impl IdentityApi {
         // transaction (the outbox), so a committed user always gets it.
         let set_password_link = match (&inserted.password_hash, &inserted.email_canonical) {
             (None, Some(_)) => Some(
-                self.queue_set_password_link(&txn, &account, &inserted, &call.request_id, now)
-                    .await?,
+                crate::app::auth::queue_set_password_link(
+                    &self.state,
+                    &txn,
+                    &account,
+                    &inserted,
+                    &call.request_id,
+                    now,
+                )
+                .await?,
             ),
             _ => None,
         };

@@ -4,7 +4,8 @@
 //! - [`reserve`] gives one verdict per invitee (a retry of the same
 //!   invitation keeps its seat; someone already invited or a member is
 //!   reported; an address outside the account's allowed domains, or a
-//!   reservation beyond the seat limit, is refused) and returns the invited
+//!   reservation beyond the seat limit, is refused; the seat and domain
+//!   rules themselves are `domain::seats`') and returns the invited
 //!   users to write with the audit entries and `user.created` events they
 //!   cause.
 //! - [`release`] decides which invited users a ReleaseInvitees call deletes
@@ -30,6 +31,7 @@ use uuid::Uuid;
 use super::{
     Origin, UserStatus,
     effects::{Actor, Audit, Effects},
+    seats,
 };
 
 /// One invitee of a reservation, validated.
@@ -137,16 +139,7 @@ pub struct Reserved {
     pub effects: Effects,
 }
 
-/// Refuses inviting on a single-seat plan.
-pub fn check_inviting_allowed(seat_limit: i32) -> ApiResult<()> {
-    if seat_limit <= 1 {
-        return Err(ApiError::rejected(
-            Reason::SingleUserPlan,
-            "the account's plan has a single seat: inviting is off",
-        ));
-    }
-    Ok(())
-}
+pub use super::seats::check_inviting_allowed;
 
 /// Refuses invitation ids already held by another invitee (another address,
 /// or another account): `existing` are the users holding one of the
@@ -193,8 +186,7 @@ pub fn reserve(
         .filter(|u| u.account_id == account_id)
         .filter_map(|u| u.email.as_deref().map(|e| (e, u)))
         .collect();
-    let limit = u64::try_from(reservation.seat_limit).unwrap_or_default();
-    let mut free = limit.saturating_sub(reservation.seats_used);
+    let mut free = seats::free_seats(reservation.seat_limit, reservation.seats_used);
     let mut results = Vec::with_capacity(invitees.len());
     let mut new_users = Vec::new();
     for invitee in invitees {
@@ -218,9 +210,7 @@ pub fn reserve(
                 }
                 _ => Verdict::AlreadyMember,
             }
-        } else if !reservation.allowed_domains.is_empty()
-            && !reservation.allowed_domains.contains(invitee.email.domain())
-        {
+        } else if !seats::domain_in(reservation.allowed_domains, invitee.email.domain()) {
             Verdict::DomainNotAllowed
         } else if free == 0 {
             Verdict::SeatLimitReached

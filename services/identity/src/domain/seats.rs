@@ -9,9 +9,16 @@ use usher_kit::{
     error::{ApiError, ApiResult, Reason},
 };
 
+/// How many seats are free: `seats_used` of `seat_limit` are taken.
+pub fn free_seats(seat_limit: i32, seats_used: u64) -> u64 {
+    u64::try_from(seat_limit)
+        .unwrap_or_default()
+        .saturating_sub(seats_used)
+}
+
 /// Whether one more seat is free: `seats_used` of `seat_limit` are taken.
 pub fn has_free_seat(seat_limit: i32, seats_used: u64) -> bool {
-    seats_used < u64::try_from(seat_limit).unwrap_or_default()
+    free_seats(seat_limit, seats_used) > 0
 }
 
 /// Refuses taking a seat when every seat of the account is taken.
@@ -37,6 +44,24 @@ pub fn check_multi_user_plan(seat_limit: i32) -> ApiResult<()> {
     } else {
         Ok(())
     }
+}
+
+/// Refuses inviting on a single-seat plan (its one seat is the owner's).
+pub fn check_inviting_allowed(seat_limit: i32) -> ApiResult<()> {
+    if seat_limit <= 1 {
+        return Err(ApiError::rejected(
+            Reason::SingleUserPlan,
+            "the account's plan has a single seat: inviting is off",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the canonical `domain` may join an account allowing the canonical
+/// domains `allowed` (any domain when there are none): the allow-list of a
+/// batch, read once for all its addresses.
+pub fn domain_in(allowed: &std::collections::HashSet<String>, domain: &str) -> bool {
+    allowed.is_empty() || allowed.contains(domain)
 }
 
 /// Whether `email` may join an account allowing the domains `allowed` (any

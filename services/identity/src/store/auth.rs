@@ -5,18 +5,14 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait,
-    IntoActiveModel, QueryFilter, QuerySelect, Set, sea_query::Expr,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter,
+    QuerySelect, Set, sea_query::Expr,
 };
 use usher_kit::db::StoreResult;
 use uuid::Uuid;
 
 use super::entities::{account, password_reset, role, team, user};
 use crate::domain::{UserStatus, auth::Login};
-
-/// A transaction of the identity database (what `users.rs` hands to
-/// `queue_set_password_link`).
-pub type Transaction = DatabaseTransaction;
 
 /// A user with the names of their role and team, as views show it.
 #[derive(Clone, Debug)]

@@ -6,8 +6,8 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect, Set,
-    sea_query::Expr,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter,
+    QuerySelect, sea_query::Expr,
 };
 use serde_json::Value as Json;
 use usher_kit::db::{StoreError, StoreResult};
@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::entities::{account, api_key, role, team, user};
 use crate::domain::{
-    Origin, UserStatus,
+    UserStatus,
     reservations::{ActivatedUser, Activation, Member, NewInvitee},
 };
 
@@ -125,37 +125,25 @@ pub async fn insert_invited<C: ConnectionTrait>(
     if new.is_empty() {
         return Ok(());
     }
-    let products = usher_kit::convert::json_strings(rows.products.to_vec());
-    // TODO(lead): use store::users::new_invited_row
-    let models = new.iter().map(|invitee| user::ActiveModel {
-        id: Set(invitee.id),
-        account_id: Set(rows.account_id),
-        email: Set(Some(invitee.email.clone())),
-        email_canonical: Set(Some(invitee.email.clone())),
-        username: Set(None),
-        display_name: Set(invitee.display_name.clone()),
-        search_text: Set(super::users::search_text(
-            &invitee.display_name,
-            Some(&invitee.email),
-            None,
-        )),
-        status: Set(UserStatus::Invited),
-        role_id: Set(rows.role_id),
-        team_id: Set(rows.team_id),
-        products: Set(products.clone()),
-        locale: Set(rows.locale.to_owned()),
-        metadata: Set(rows.metadata.cloned()),
-        owner: Set(false),
-        origin: Set(Origin::Invitation),
-        password_hash: Set(None),
-        password_change_required: Set(false),
-        invitation_id: Set(Some(invitee.invitation_id)),
-        invited_by: Set(Some(rows.invited_by.to_owned())),
-        create_time: Set(now),
-        update_time: Set(now),
-        activate_time: Set(None),
-        deactivate_time: Set(None),
-        last_sign_in_time: Set(None),
+    let models = new.iter().map(|invitee| {
+        let row = super::users::new_invited_row(
+            invitee.id,
+            super::users::NewUser {
+                account_id: rows.account_id,
+                email: Some(invitee.email.clone()),
+                username: None,
+                display_name: invitee.display_name.clone(),
+                role_id: rows.role_id,
+                team_id: rows.team_id,
+                products: rows.products.to_vec(),
+                locale: rows.locale.to_owned(),
+                metadata: rows.metadata.cloned(),
+            },
+            invitee.invitation_id,
+            rows.invited_by.to_owned(),
+            now,
+        );
+        user::ActiveModel::from(row).reset_all()
     });
     user::Entity::insert_many(models)
         .exec_without_returning(db)
