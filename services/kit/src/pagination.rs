@@ -46,6 +46,23 @@ pub fn encode_token<K: Serialize>(fingerprint: &str, key: &K) -> String {
     URL_SAFE_NO_PAD.encode(serde_json::to_vec(&envelope).unwrap_or_default())
 }
 
+/// One page out of `rows`, fetched as `size + 1` to learn whether more
+/// follow: the first `size` rows, and the next page's token, made by `token`
+/// from the last row kept (empty when no row follows).
+pub fn split_page<T>(
+    mut rows: Vec<T>,
+    size: u64,
+    token: impl FnOnce(&T) -> String,
+) -> (Vec<T>, String) {
+    let keep = usize::try_from(size).unwrap_or(usize::MAX);
+    if rows.len() <= keep {
+        return (rows, String::new());
+    }
+    rows.truncate(keep);
+    let next = rows.last().map(token).unwrap_or_default();
+    (rows, next)
+}
+
 /// Decodes a `page_token`: `None` for the first page, the cursor otherwise;
 /// `INVALID_ARGUMENT` on `page_token` when malformed or made for other filters.
 pub fn decode_token<K: DeserializeOwned>(fingerprint: &str, token: &str) -> ApiResult<Option<K>> {
@@ -67,6 +84,24 @@ pub fn decode_token<K: DeserializeOwned>(fingerprint: &str, token: &str) -> ApiR
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_keeps_size_rows_and_a_token_only_when_more_follow() {
+        let token = |last: &u32| format!("after {last}");
+        assert_eq!(
+            split_page(vec![1, 2, 3], 2, token),
+            (vec![1, 2], "after 2".into())
+        );
+        assert_eq!(
+            split_page(vec![1, 2], 2, token),
+            (vec![1, 2], String::new())
+        );
+        assert_eq!(
+            split_page(Vec::<u32>::new(), 2, token),
+            (vec![], String::new())
+        );
+        assert_eq!(split_page(vec![1, 2], 0, token), (vec![], String::new()));
+    }
 
     #[test]
     fn page_sizes_are_normalised() {

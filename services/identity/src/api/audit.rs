@@ -170,17 +170,9 @@ impl IdentityApi {
             end,
         };
         let rows = audit::page(&self.state.db, filter, cursor, size + 1).await?;
-        let more = rows.len() as u64 > size;
-        let rows: Vec<_> = rows
-            .into_iter()
-            .take(usize::try_from(size).unwrap_or(usize::MAX))
-            .collect();
-        let next_page_token = match (more, rows.last()) {
-            (true, Some(last)) => {
-                pagination::encode_token(&fingerprint, &(last.event_time, last.id))
-            }
-            _ => String::new(),
-        };
+        let (rows, next_page_token) = pagination::split_page(rows, size, |last| {
+            pagination::encode_token(&fingerprint, &(last.event_time, last.id))
+        });
         Ok(pb::ListAuditEventsResponse {
             audit_events: rows.iter().map(audit_view).collect(),
             next_page_token,

@@ -67,17 +67,9 @@ impl IdentityApi {
             pagination::decode_token(&fingerprint, &request.page_token)?;
         let (rows, counts, product_permissions) =
             app::list(&self.state, account_id, cursor, size + 1).await?;
-        let more = rows.len() as u64 > size;
-        let rows: Vec<_> = rows
-            .into_iter()
-            .take(usize::try_from(size).unwrap_or(usize::MAX))
-            .collect();
-        let next_page_token = match (more, rows.last()) {
-            (true, Some(last)) => {
-                pagination::encode_token(&fingerprint, &(last.built_in, &last.name, last.id))
-            }
-            _ => String::new(),
-        };
+        let (rows, next_page_token) = pagination::split_page(rows, size, |last| {
+            pagination::encode_token(&fingerprint, &(last.built_in, &last.name, last.id))
+        });
         Ok(pb::ListRolesResponse {
             roles: rows
                 .iter()

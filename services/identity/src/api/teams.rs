@@ -51,17 +51,9 @@ impl IdentityApi {
         let cursor: Option<(String, Uuid)> =
             pagination::decode_token(&fingerprint, &request.page_token)?;
         let (rows, total) = app::list(&self.state, account_id, &query, cursor, size + 1).await?;
-        let more = rows.len() as u64 > size;
-        let rows: Vec<_> = rows
-            .into_iter()
-            .take(usize::try_from(size).unwrap_or(usize::MAX))
-            .collect();
-        let next_page_token = match (more, rows.last()) {
-            (true, Some((last, _))) => {
-                pagination::encode_token(&fingerprint, &(&last.name, last.id))
-            }
-            _ => String::new(),
-        };
+        let (rows, next_page_token) = pagination::split_page(rows, size, |(last, _)| {
+            pagination::encode_token(&fingerprint, &(&last.name, last.id))
+        });
         Ok(pb::ListTeamsResponse {
             teams: rows
                 .iter()

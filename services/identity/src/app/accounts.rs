@@ -286,17 +286,9 @@ impl IdentityApi {
             pagination::decode_token(&fingerprint, page_token)?;
         let db = &self.state.db;
         let (rows, total) = accounts::page(db, slug, query, cursor, size + 1).await?;
-        let more = rows.len() as u64 > size;
-        let rows: Vec<_> = rows
-            .into_iter()
-            .take(usize::try_from(size).unwrap_or(usize::MAX))
-            .collect();
-        let next_page_token = match (more, rows.last()) {
-            (true, Some(last)) => {
-                pagination::encode_token(&fingerprint, &(last.create_time, last.id))
-            }
-            _ => String::new(),
-        };
+        let (rows, next_page_token) = pagination::split_page(rows, size, |last| {
+            pagination::encode_token(&fingerprint, &(last.create_time, last.id))
+        });
         let mut accounts_out = Vec::with_capacity(rows.len());
         for row in &rows {
             accounts_out.push(convert::account(
@@ -346,15 +338,9 @@ impl IdentityApi {
         let fingerprint = pagination::fingerprint(&"products");
         let cursor: Option<String> = pagination::decode_token(&fingerprint, page_token)?;
         let rows = accounts::products_page(&self.state.db, cursor, size + 1).await?;
-        let more = rows.len() as u64 > size;
-        let rows: Vec<_> = rows
-            .into_iter()
-            .take(usize::try_from(size).unwrap_or(usize::MAX))
-            .collect();
-        let next_page_token = match (more, rows.last()) {
-            (true, Some(last)) => pagination::encode_token(&fingerprint, &last.code),
-            _ => String::new(),
-        };
+        let (rows, next_page_token) = pagination::split_page(rows, size, |last| {
+            pagination::encode_token(&fingerprint, &last.code)
+        });
         Ok(pb::ListProductsResponse {
             products: rows.iter().map(product_view).collect(),
             next_page_token,

@@ -202,15 +202,9 @@ pub async fn list(
     let cursor: Option<(DateTime<Utc>, Uuid)> = pagination::decode_token(&fingerprint, page_token)?;
     let active_at = (!show_revoked).then(|| state.clock.now());
     let rows = store::page(&state.db, account_id, active_at, cursor, size + 1).await?;
-    let more = rows.len() as u64 > size;
-    let rows: Vec<_> = rows
-        .into_iter()
-        .take(usize::try_from(size).unwrap_or(usize::MAX))
-        .collect();
-    let next_page_token = match (more, rows.last()) {
-        (true, Some(last)) => pagination::encode_token(&fingerprint, &(last.create_time, last.id)),
-        _ => String::new(),
-    };
+    let (rows, next_page_token) = pagination::split_page(rows, size, |last| {
+        pagination::encode_token(&fingerprint, &(last.create_time, last.id))
+    });
     Ok((rows, next_page_token))
 }
 
