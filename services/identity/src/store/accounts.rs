@@ -104,7 +104,7 @@ pub async fn create_built_in_roles<C: ConnectionTrait>(
         account_id: Set(account_id),
         name: Set(name.to_owned()),
         description: Set(description.to_owned()),
-        permissions: Set(crate::api::convert::json_strings(permissions)),
+        permissions: Set(usher_kit::convert::json_strings(permissions)),
         built_in: Set(true),
         create_time: Set(now),
         update_time: Set(now),
@@ -142,12 +142,12 @@ pub async fn effective_permissions<C: ConnectionTrait>(
     db: &C,
     role: &role::Model,
 ) -> ApiResult<Vec<String>> {
-    let listed = crate::api::convert::strings(&role.permissions);
+    let listed = usher_kit::convert::strings(&role.permissions);
     if !(role.built_in && role.name == ADMIN_ROLE) {
         return Ok(listed);
     }
     let account = find(db, role.account_id).await?;
-    let codes = crate::api::convert::strings(&account.products);
+    let codes = usher_kit::convert::strings(&account.products);
     let products = product::Entity::find()
         .filter(product::Column::Code.is_in(codes))
         .all(db)

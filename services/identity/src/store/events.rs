@@ -4,11 +4,14 @@
 use chrono::{DateTime, Utc};
 use prost::Message;
 use sea_orm::ConnectionTrait;
-use usher_kit::{error::ApiResult, events::DomainEvent, outbox};
+use usher_kit::{error::ApiResult, outbox};
 use uuid::Uuid;
 
+use crate::domain::effects::Effects;
+
 /// Writes the event `kind` (a `usher.events.v1` message name) with routing
-/// key `routing_key` about `subject` to the outbox on `db`.
+/// key `routing_key` about `subject` to the outbox on `db` (the one event of
+/// [`Effects::event`], for callers with no other effect to write).
 pub async fn emit<C: ConnectionTrait, M: Message>(
     db: &C,
     routing_key: &str,
@@ -18,14 +21,8 @@ pub async fn emit<C: ConnectionTrait, M: Message>(
     payload: &M,
     now: DateTime<Utc>,
 ) -> ApiResult<()> {
-    let message = DomainEvent {
-        routing_key,
-        service: "identity",
-        subject: subject.into(),
-        account_id,
-        time: now,
-    }
-    .into_message(kind, payload);
-    outbox::enqueue(db, &[message]).await?;
+    let mut effects = Effects::new();
+    effects.event(routing_key, kind, subject, account_id, payload, now);
+    outbox::enqueue(db, &effects.events).await?;
     Ok(())
 }

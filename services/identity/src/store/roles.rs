@@ -236,15 +236,7 @@ pub async fn active_managers<C: ConnectionTrait>(db: &C, account_id: Uuid) -> St
         .filter(|r| facts(r).manages_users())
         .map(|r| r.id)
         .collect();
-    if manager_roles.is_empty() {
-        return Ok(0);
-    }
-    Ok(user::Entity::find()
-        .filter(user::Column::AccountId.eq(account_id))
-        .filter(user::Column::Status.eq(UserStatus::Active.as_str()))
-        .filter(user::Column::RoleId.is_in(manager_roles))
-        .count(db)
-        .await?)
+    super::users::count_active_in_roles(db, account_id, manager_roles).await
 }
 
 /// For each active holder of the role: whether it is the owner.

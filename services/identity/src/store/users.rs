@@ -338,13 +338,22 @@ pub async fn count_managers<C: ConnectionTrait>(
         .into_iter()
         .filter_map(|(id, manages)| manages.then_some(id))
         .collect();
-    if manager_roles.is_empty() {
+    count_active_in_roles(db, account_id, manager_roles).await
+}
+
+/// Active users of the account holding one of `role_ids`.
+pub async fn count_active_in_roles<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    role_ids: Vec<Uuid>,
+) -> StoreResult<u64> {
+    if role_ids.is_empty() {
         return Ok(0);
     }
     Ok(user::Entity::find()
         .filter(user::Column::AccountId.eq(account_id))
         .filter(user::Column::Status.eq(UserStatus::Active.as_str()))
-        .filter(user::Column::RoleId.is_in(manager_roles))
+        .filter(user::Column::RoleId.is_in(role_ids))
         .count(db)
         .await?)
 }
