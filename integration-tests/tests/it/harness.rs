@@ -37,13 +37,28 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A free loopback port.
+/// A loopback port for a binary to listen on, free when handed out.
+///
+/// Between this check and the binary's own bind the port is unheld, so it is
+/// taken below Linux's ephemeral range (32768–60999): there, any outgoing
+/// connection of a parallel test (to PostgreSQL, Redis, RabbitMQ, a service)
+/// could be given it by the kernel, and the binary would fail with "address
+/// already in use". Ports are handed out once per process, in turn from a
+/// start that depends on the process id, so two tests never get the same one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(613) % SPAN;
+    for _ in 0..SPAN {
+        let turn = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = u16::try_from(FIRST + (start + turn) % SPAN).expect("below 32000");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// Resources isolated for one test: database names, a Redis prefix, a vhost.
