@@ -5,13 +5,15 @@
 use std::sync::Arc;
 
 use tonic::{Request, Status};
-use usher_kit::{error::ApiError, principal::Principal};
+use usher_kit::error::ApiError;
 
 use crate::state::Identity;
 
 pub mod accounts;
 pub mod api_keys;
-pub mod convert;
+/// The protobuf views of stored rows (they live in `app::view`, which builds
+/// some answers itself).
+pub use crate::app::view as convert;
 pub mod validate;
 
 /// The handlers of every identity RPC.
@@ -27,14 +29,7 @@ impl IdentityApi {
     }
 }
 
-/// What every handler knows about its call.
-#[derive(Clone, Debug)]
-pub struct Call {
-    /// The verified caller.
-    pub principal: Principal,
-    /// The request id (for the audit log and logs).
-    pub request_id: String,
-}
+pub use crate::app::Call;
 
 /// The verified caller and request id of `request`, once its text fields
 /// passed the one text rule ([`usher_kit::text`]) and its `x-request-id` the

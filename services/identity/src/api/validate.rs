@@ -5,12 +5,11 @@ use std::collections::BTreeSet;
 
 use serde_json::Value as Json;
 use usher_kit::{
-    error::{ApiError, ApiResult, Reason, Violations},
+    error::{ApiError, ApiResult, Violations},
     pagination,
 };
 
 use super::convert;
-use crate::store::entities::account;
 
 /// Most products one user may be granted.
 pub const MAX_PRODUCTS: usize = 50;
@@ -78,17 +77,7 @@ pub fn validate_metadata(
     Ok(Some(json))
 }
 
-/// Refuses products the account has not enabled.
-pub fn require_enabled(account: &account::Model, products: &[String]) -> ApiResult<()> {
-    let enabled = convert::strings(&account.products);
-    match products.iter().find(|p| !enabled.contains(p)) {
-        Some(missing) => Err(ApiError::rejected(
-            Reason::ProductNotEnabled,
-            format!("product {missing} is not enabled on the account"),
-        )),
-        None => Ok(()),
-    }
-}
+pub use crate::domain::accounts::require_enabled;
 
 /// A page size: negative is INVALID_ARGUMENT on `page_size`, 0 is `default`,
 /// anything above `max` is `max`.

@@ -14,7 +14,8 @@ use usher_proto::identity::v1 as pb;
 use uuid::Uuid;
 
 use crate::{
-    api::{Call, IdentityApi, convert},
+    api::IdentityApi,
+    app::{Call, view as convert},
     domain::{self, accounts as rules, effects::Actor},
     store::{
         accounts,

@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::auth::require_settled_password;
 use crate::{
-    api::Call,
+    app::Call,
     domain::{
         api_keys::{self as rules, NewKeyRequest, SEALED_SECRET_PREFIX},
         auth::{hex, unhex},

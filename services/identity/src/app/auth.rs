@@ -40,7 +40,7 @@ use usher_proto::{events::v1 as events, notification::v1 as notification};
 use uuid::Uuid;
 
 use crate::{
-    api::Call,
+    app::Call,
     domain::{
         auth::{self as rules, ProfileUpdate, SignIn},
         effects::Actor,

@@ -21,7 +21,8 @@ use usher_proto::identity::{internal::v1 as internal, v1 as pb};
 use uuid::Uuid;
 
 use crate::{
-    api::{convert, validate::require_enabled},
+    app::view as convert,
+    domain::accounts::require_enabled,
     domain::{
         USERS_MANAGE, UserStatus,
         effects::Actor,

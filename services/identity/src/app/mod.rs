@@ -4,6 +4,8 @@
 //! answer (rows, audit entries, events) in that transaction. The handlers in
 //! `api` only decode requests into commands and map the answers.
 
+use usher_kit::principal::Principal;
+
 pub mod accounts;
 pub mod api_keys;
 pub mod auth;
@@ -11,3 +13,14 @@ pub mod directory;
 pub mod roles;
 pub mod teams;
 pub mod users;
+pub mod view;
+
+/// Who calls and under which request id: what every command knows about its
+/// call (the handlers build it from the verified principal).
+#[derive(Clone, Debug)]
+pub struct Call {
+    /// The verified caller.
+    pub principal: Principal,
+    /// The request id (for the audit log and logs).
+    pub request_id: String,
+}

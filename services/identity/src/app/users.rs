@@ -21,7 +21,9 @@ use usher_proto::identity::v1 as pb;
 use uuid::Uuid;
 
 use crate::{
-    api::{Call, IdentityApi, convert, validate::require_enabled},
+    api::IdentityApi,
+    app::{Call, view as convert},
+    domain::accounts::require_enabled,
     domain::{
         effects::{Actor, Effects},
         grants::{Grant, Grantor},

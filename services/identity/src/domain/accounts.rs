@@ -227,6 +227,21 @@ pub fn product_registered(
     effects
 }
 
+/// Refuses products the account has not enabled.
+pub fn require_enabled(
+    account: &crate::store::entities::account::Model,
+    products: &[String],
+) -> usher_kit::error::ApiResult<()> {
+    let enabled = usher_kit::convert::strings(&account.products);
+    match products.iter().find(|p| !enabled.contains(p)) {
+        Some(missing) => Err(usher_kit::error::ApiError::rejected(
+            usher_kit::error::Reason::ProductNotEnabled,
+            format!("product {missing} is not enabled on the account"),
+        )),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use uuid::Uuid;

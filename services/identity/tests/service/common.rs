@@ -1,12 +1,14 @@
 //! Helpers several areas of the service tests share: reading the error
 //! details of a failed call, and a started service with an account made by
-//! CreateAccount.
+//! CreateAccount (with its owner and built-in roles).
 
 use std::sync::Arc;
 
 use chrono::DateTime;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use tonic::{Response, Status};
 use tonic_types::StatusExt;
+use usher_identity::store::entities::role;
 use usher_identity::testing::{
     TestIdentity, admin_permissions, member, new_account_request, platform, request,
 };
@@ -64,6 +66,10 @@ pub struct Tenant {
     pub owner: Uuid,
     /// The owner as a caller, holding every catalogue permission.
     pub admin: Principal,
+    /// Its built-in Admin role.
+    pub admin_role: Uuid,
+    /// Its built-in User role.
+    pub user_role: Uuid,
 }
 
 /// A new account of 50 seats with `products` enabled.
@@ -76,9 +82,23 @@ pub async fn tenant(test: &TestIdentity, products: &[&str]) -> Tenant {
         .into_inner();
     let account = Uuid::parse_str(&created.account.expect("account").id).expect("uuid");
     let owner = Uuid::parse_str(&created.owner.expect("owner").id).expect("uuid");
+    let roles = role::Entity::find()
+        .filter(role::Column::AccountId.eq(account))
+        .all(&test.state.db)
+        .await
+        .expect("roles");
+    let id_of = |name: &str| {
+        roles
+            .iter()
+            .find(|r| r.name == name)
+            .expect("built-in role")
+            .id
+    };
     Tenant {
         account,
         owner,
         admin: member(account, owner, &admin_permissions()),
+        admin_role: id_of("Admin"),
+        user_role: id_of("User"),
     }
 }

@@ -1,16 +1,13 @@
 //! Service tests of RoleService, and the helpers the team tests share: real
 //! PostgreSQL and Redis through `TestIdentity`.
 
-use std::sync::Arc;
-
-use chrono::{DateTime, Duration};
+use chrono::Duration;
 use prost::Message;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter, Set,
     Statement,
 };
-use tonic::{Response, Status};
-use usher_kit::{clock::ManualClock, principal::Principal};
+use usher_kit::principal::Principal;
 use usher_proto::{events::v1 as events, identity::v1 as pb};
 use uuid::Uuid;
 
@@ -19,140 +16,10 @@ use pb::{account_service_server::AccountService, role_service_server::RoleServic
 use usher_identity::{
     domain::{Origin, UserStatus},
     store::entities::{audit_event, role, user},
-    testing::{TestIdentity, admin_permissions, member, new_account_request, platform, request},
+    testing::{TestIdentity, admin_permissions, member, platform, request},
 };
 
-#[derive(Clone, PartialEq, prost::Message)]
-struct RpcStatus {
-    #[prost(int32, tag = "1")]
-    code: i32,
-    #[prost(string, tag = "2")]
-    message: String,
-    #[prost(message, repeated, tag = "3")]
-    details: Vec<prost_types::Any>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct ErrorInfo {
-    #[prost(string, tag = "1")]
-    reason: String,
-    #[prost(string, tag = "2")]
-    domain: String,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct BadRequest {
-    #[prost(message, repeated, tag = "1")]
-    field_violations: Vec<FieldViolation>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct FieldViolation {
-    #[prost(string, tag = "1")]
-    field: String,
-    #[prost(string, tag = "2")]
-    description: String,
-}
-
-fn details(status: &Status) -> Vec<prost_types::Any> {
-    RpcStatus::decode(status.details())
-        .expect("google.rpc.Status details")
-        .details
-}
-
-/// The `ErrorInfo.reason` of a failed call.
-pub(crate) fn reason(status: &Status) -> String {
-    details(status)
-        .iter()
-        .find(|any| any.type_url.ends_with("google.rpc.ErrorInfo"))
-        .map(|any| ErrorInfo::decode(any.value.as_slice()).expect("error info"))
-        .map(|info| {
-            assert_eq!(info.domain, "usher.dev");
-            info.reason
-        })
-        .unwrap_or_default()
-}
-
-/// The fields of the `BadRequest` of a failed call.
-pub(crate) fn fields(status: &Status) -> Vec<String> {
-    details(status)
-        .iter()
-        .filter(|any| any.type_url.ends_with("google.rpc.BadRequest"))
-        .flat_map(|any| {
-            BadRequest::decode(any.value.as_slice())
-                .expect("bad request")
-                .field_violations
-        })
-        .map(|v| v.field)
-        .collect()
-}
-
-/// The error of a call that must fail with `expected`.
-pub(crate) fn refused<T: std::fmt::Debug>(
-    result: Result<Response<T>, Status>,
-    expected: &str,
-) -> Status {
-    let status = result.expect_err(expected);
-    assert_eq!(reason(&status), expected, "{status:?}");
-    status
-}
-
-/// The error of a call that must fail with INVALID_ARGUMENT on `field`.
-pub(crate) fn invalid<T: std::fmt::Debug>(result: Result<Response<T>, Status>, field: &str) {
-    let status = refused(result, "INVALID_ARGUMENT");
-    assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    assert!(
-        fields(&status).iter().any(|f| f == field),
-        "{field} not in {status:?}"
-    );
-}
-
-/// A started service with a manual clock.
-pub(crate) async fn start() -> (TestIdentity, Arc<ManualClock>) {
-    let clock = ManualClock::new(DateTime::from_timestamp(1_900_000_000, 0).expect("valid"));
-    (TestIdentity::start(clock.clone()).await, clock)
-}
-
-/// An account made by CreateAccount, with its owner and built-in roles.
-#[derive(Clone, Debug)]
-pub(crate) struct Tenant {
-    pub(crate) account: Uuid,
-    pub(crate) owner: Uuid,
-    /// The owner as a caller, holding every catalogue permission.
-    pub(crate) admin: Principal,
-    pub(crate) admin_role: Uuid,
-    pub(crate) user_role: Uuid,
-}
-
-pub(crate) async fn tenant(test: &TestIdentity, products: &[&str]) -> Tenant {
-    let mut message = new_account_request(50);
-    message.products = products.iter().map(|p| (*p).to_owned()).collect();
-    let created = AccountService::create_account(&test.api, request(&platform(), message))
-        .await
-        .expect("account")
-        .into_inner();
-    let account = Uuid::parse_str(&created.account.expect("account").id).expect("uuid");
-    let owner = Uuid::parse_str(&created.owner.expect("owner").id).expect("uuid");
-    let roles = role::Entity::find()
-        .filter(role::Column::AccountId.eq(account))
-        .all(&test.state.db)
-        .await
-        .expect("roles");
-    let id_of = |name: &str| {
-        roles
-            .iter()
-            .find(|r| r.name == name)
-            .expect("built-in role")
-            .id
-    };
-    Tenant {
-        account,
-        owner,
-        admin: member(account, owner, &admin_permissions()),
-        admin_role: id_of("Admin"),
-        user_role: id_of("User"),
-    }
-}
+pub(crate) use crate::common::{fields, invalid, reason, refused, start, tenant};
 
 /// Registers the product `meter` with `meter.refill` and `meter.read`.
 pub(crate) async fn register_meter(test: &TestIdentity) {
