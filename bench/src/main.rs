@@ -30,7 +30,7 @@ struct Args {
     /// Where the service binaries are (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-    /// Where the services' logs go (default: <out>/logs, not committed).
+    /// Where the services' logs go (default: `<out>/logs`, not committed).
     #[arg(long)]
     log_dir: Option<PathBuf>,
     /// A README whose results section (between the `results:start` and

@@ -1,5 +1,5 @@
 //! The invitation page at `/invite?token=…`: what an invitee's link opens;
-//! and the password pages `/reset` and `/set-password` (see [`password`]).
+//! and the password pages `/reset` and `/set-password` (see the `password` module).
 //!
 //! Server-rendered (minijinja, HTML auto-escaping), English or French, no
 //! script and no external asset. The language is the page's switch (`lang`),

@@ -9,7 +9,7 @@
 //! RabbitMQ does with the unacked messages of a closed channel.
 //!
 //! [`MemoryBroker`] keeps the semantics the services rely on, and the
-//! [`conformance`] suite runs the same checks on both: topic, direct and
+//! `conformance` suite runs the same checks on both: topic, direct and
 //! fanout routing; `mandatory` messages with no queue refused, broadcasts
 //! confirmed; prefetch bounds the unacked messages of a subscription;
 //! requeued and abandoned messages come back; a queue with a message TTL and

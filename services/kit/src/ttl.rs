@@ -5,7 +5,7 @@
 //!   `PEXPIRE [NX]` in `MULTI`), keys under the deployment's prefix.
 //! - [`MemoryTtlStore`]: in the process, for `usher dev` without Redis
 //!   (ARCHITECTURE.md, "`usher dev` — the embedded default"). Time comes
-//!   from a [`Clock`], so tests move it instead of sleeping.
+//!   from a [`Clock`](crate::clock::Clock), so tests move it instead of sleeping.
 //!
 //! Both pass the same [`conformance`] suite: a key lives until its TTL and
 //! not a moment longer, is gone once deleted, counters add atomically, and a

@@ -10,7 +10,7 @@
 //!   INACTIVE user, and runs an argon2id verification in every case (a dummy
 //!   one when there is no hash to check). A reset request answers the same
 //!   whether or not the email exists, doing the same work (a token, its hash,
-//!   a seal, a transaction) in both cases ([`decoy_reset`]). A reset token
+//!   a seal, a transaction) in both cases (`decoy_reset`). A reset token
 //!   answers RESET_TOKEN_NOT_USABLE for every cause, and the new password is
 //!   hashed before the token is looked at.
 //! - **Throttling.** Failed sign-ins are counted per account and login in

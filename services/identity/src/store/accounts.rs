@@ -212,7 +212,7 @@ pub async fn held_permissions<C: ConnectionTrait>(
 }
 
 /// Inserts a new account; a slug another account holds is
-/// [`StoreError::Taken`].
+/// [`StoreError::Taken`](usher_kit::db::StoreError::Taken).
 pub async fn insert<C: ConnectionTrait>(
     db: &C,
     row: account::Model,
