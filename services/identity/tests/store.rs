@@ -10,8 +10,8 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use sea_orm::{
-    ConnectionTrait, Database, DatabaseConnection, EntityTrait, PaginatorTrait, Statement,
-    TransactionTrait,
+    ColumnTrait, ConnectionTrait, Database, DatabaseConnection, EntityTrait, PaginatorTrait,
+    QueryFilter, Statement, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 use usher_identity::{
@@ -272,6 +272,104 @@ async fn the_batched_invited_insert_writes_every_row(db: &DatabaseConnection) {
     assert_eq!(accounts_users, invitees.len(), "of {count} rows");
 }
 
+/// The seat counter equals a count of the account's active and invited
+/// users after every kind of change: a batched invite, single inserts,
+/// status changes in and out of the counted set (and within it), a bulk
+/// status change and deletes — and other accounts are left alone.
+async fn the_seat_counter_follows_every_change(db: &DatabaseConnection) {
+    async fn agree(db: &DatabaseConnection, account_id: Uuid, expected: u64) {
+        let counted = accounts::seats_counted(db, account_id)
+            .await
+            .expect("count");
+        let counter = accounts::seats_used(db, account_id).await.expect("counter");
+        assert_eq!((counter, counted), (expected, expected));
+    }
+    async fn set_status(db: &DatabaseConnection, ids: &[Uuid], status: UserStatus) {
+        user::Entity::update_many()
+            .col_expr(
+                user::Column::Status,
+                sea_orm::sea_query::Expr::value(status.as_str()),
+            )
+            .filter(user::Column::Id.is_in(ids.iter().copied()))
+            .exec(db)
+            .await
+            .expect("status");
+    }
+    let (account_id, role) = account(db).await;
+    let (other, other_role) = account(db).await;
+    agree(db, account_id, 0).await;
+    let invitees: Vec<NewInvitee> = (0..40)
+        .map(|i| NewInvitee {
+            id: Uuid::new_v4(),
+            email: format!("s{i}@acme.example"),
+            display_name: String::new(),
+            invitation_id: Uuid::new_v4(),
+        })
+        .collect();
+    let rows = directory::InvitedRows {
+        account_id,
+        role_id: role,
+        team_id: None,
+        products: &[],
+        locale: "",
+        metadata: None,
+        invited_by: "user:inviter",
+    };
+    let txn = db.begin().await.expect("begin");
+    directory::insert_invited(&txn, &rows, &invitees, now())
+        .await
+        .expect("batch");
+    txn.commit().await.expect("commit");
+    agree(db, account_id, 40).await;
+    // A rolled-back change counts nothing.
+    let txn = db.begin().await.expect("begin");
+    let more = [NewInvitee {
+        id: Uuid::new_v4(),
+        email: "gone@acme.example".into(),
+        display_name: String::new(),
+        invitation_id: Uuid::new_v4(),
+    }];
+    directory::insert_invited(&txn, &rows, &more, now())
+        .await
+        .expect("one more");
+    txn.rollback().await.expect("rollback");
+    agree(db, account_id, 40).await;
+
+    let direct = users::insert(
+        db,
+        users::new_direct_row(
+            Uuid::new_v4(),
+            new_user(other, other_role, Some("d@acme.example"), None),
+            None,
+            false,
+            now(),
+        ),
+    )
+    .await
+    .expect("direct user");
+    agree(db, other, u64::from(direct.status == UserStatus::Active)).await;
+    let other_seats = accounts::seats_used(db, other).await.expect("other");
+
+    let ids: Vec<Uuid> = invitees.iter().map(|i| i.id).collect();
+    set_status(db, &ids[..10], UserStatus::Active).await; // within the set
+    agree(db, account_id, 40).await;
+    set_status(db, &ids[..5], UserStatus::Inactive).await; // out of it
+    agree(db, account_id, 35).await;
+    set_status(db, &ids[..3], UserStatus::Active).await; // back in
+    agree(db, account_id, 38).await;
+    user::Entity::delete_many()
+        .filter(user::Column::Id.is_in(ids[..8].iter().copied()))
+        .exec(db)
+        .await
+        .expect("delete");
+    // ids 0..3 active, 3..5 inactive, 5..8 active: 6 counted rows deleted.
+    agree(db, account_id, 32).await;
+    assert_eq!(
+        accounts::seats_used(db, other).await.expect("other"),
+        other_seats
+    );
+}
+
 /// The effects of a decision: every audit entry as a row with the call's
 /// actor and request id, every event in the outbox.
 async fn effects_write_audit_rows_and_outbox_events(db: &DatabaseConnection) {
@@ -383,4 +481,5 @@ conformance_suite!(
     lock_user_is_scoped_to_its_account,
     the_batched_invited_insert_writes_every_row,
     effects_write_audit_rows_and_outbox_events,
+    the_seat_counter_follows_every_change,
 );

@@ -44,11 +44,15 @@ pub async fn lock<C: ConnectionTrait>(db: &C, id: Uuid) -> ApiResult<account::Mo
 
 /// Seats in use: ACTIVE and INVITED users.
 pub async fn seats_used<C: ConnectionTrait>(db: &C, account_id: Uuid) -> ApiResult<u64> {
+    Ok(super::seats::used(db, account_id).await?)
+}
+
+/// The seats `account_id` uses, counted from its users (what the counter of
+/// [`super::seats`] must always equal; for tests and repairs).
+pub async fn seats_counted<C: ConnectionTrait>(db: &C, account_id: Uuid) -> ApiResult<u64> {
     Ok(user::Entity::find()
         .filter(user::Column::AccountId.eq(account_id))
-        .filter(
-            user::Column::Status.is_in([UserStatus::Active.as_str(), UserStatus::Invited.as_str()]),
-        )
+        .filter(user::Column::Status.is_in(super::seats::COUNTED_STATUSES.map(|s| s.as_str())))
         .count(db)
         .await?)
 }

@@ -14,6 +14,7 @@ pub mod principals;
 pub mod roles;
 pub mod schema;
 pub mod scoped;
+pub mod seats;
 pub mod teams;
 pub mod users;
 
