@@ -18,6 +18,7 @@ pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod coalesce;
 pub mod config;
 pub mod convert;
 pub mod db;
