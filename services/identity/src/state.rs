@@ -36,6 +36,8 @@ pub struct Identity {
     pub keys: SharedTtlStore,
     /// Seals the links inside queued email jobs.
     pub sealer: Sealer,
+    /// Concurrent ReserveInvitees of one account, written in batches.
+    pub reservations: crate::app::directory::Reservations,
 }
 
 /// Settings the handlers read.

@@ -69,6 +69,9 @@ impl TestIdentity {
             settings: Arc::new(Settings::from_config(&config)),
             keys: Arc::new(RedisTtlStore::new(redis.clone())),
             sealer: usher_kit::seal::Sealer::from_config(&config.seal).expect("seal key"),
+            reservations: crate::app::directory::Reservations::new(
+                crate::app::directory::RESERVATION_BATCH,
+            ),
         });
         Self {
             api: IdentityApi::new(state.clone()),

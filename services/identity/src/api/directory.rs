@@ -352,6 +352,7 @@ impl IdentityApi {
             seats_used: seats(answer.reserved.seats_used),
             role_name: answer.role_name,
             team_name: answer.team_name,
+            context: Some(answer.context),
         })
     }
 

@@ -28,7 +28,8 @@ use crate::{
         effects::Actor,
         grants::{self, Grant, Grantor},
         reservations::{
-            self, Acceptance, Invitee, ReleaseKey, ReleaseTarget, Released, Reservation, Reserved,
+            self, Acceptance, Invitee, Member, ReleaseKey, ReleaseTarget, Released, Reservation,
+            Reserved,
         },
     },
     state::Identity,
@@ -99,6 +100,33 @@ pub async fn invitation_context(
     let db = &state.db;
     let account_id = query.account_id;
     let account = accounts::find(db, account_id).await?;
+    let mut response = describe(state, &account, query.inviter).await?;
+    if let Some(role_id) = query.role_id {
+        let role = scoped::role(db, account_id, role_id).await?;
+        // The rule of ReserveInvitees (P26), for callers that hand the role
+        // out again (ResendInvitations).
+        let may = query.inviter.is_some()
+            && may_grant(db, &account, &role, query.holder, state.clock.now())
+                .await
+                .is_ok();
+        describe_role(&mut response, &role, may);
+    }
+    if let Some(team_id) = query.team_id {
+        response.team_name = scoped::team(db, account_id, team_id).await?.name;
+    }
+    Ok(response)
+}
+
+/// The part of an invitation's context that needs no role or team: the
+/// account with its seats used and effective invitation lifetime, the
+/// password rules, and the inviter, if any.
+async fn describe(
+    state: &Identity,
+    account: &crate::store::entities::account::Model,
+    inviter: Option<Inviter>,
+) -> ApiResult<internal::GetInvitationContextResponse> {
+    let db = &state.db;
+    let account_id = account.id;
     let policy = &state.password_policy;
     let mut response = internal::GetInvitationContextResponse {
         password_policy: Some(pb::PasswordPolicy {
@@ -107,7 +135,7 @@ pub async fn invitation_context(
         }),
         ..Default::default()
     };
-    match query.inviter {
+    match inviter {
         Some(Inviter::User(id)) => {
             let inviter = scoped::user(db, account_id, id).await?;
             response.inviter_email = inviter
@@ -128,31 +156,26 @@ pub async fn invitation_context(
         }
         None => {}
     }
-    if let Some(role_id) = query.role_id {
-        let role = scoped::role(db, account_id, role_id).await?;
-        response.role_manages_users = convert::strings(&role.permissions)
-            .iter()
-            .any(|p| p == USERS_MANAGE);
-        if query.inviter.is_some() {
-            // The rule of ReserveInvitees (P26), for callers that hand the
-            // role out again (ResendInvitations).
-            let now = state.clock.now();
-            response.inviter_may_grant_role = may_grant(db, &account, &role, query.holder, now)
-                .await
-                .is_ok();
-        }
-        response.role_name = role.name;
-    }
-    if let Some(team_id) = query.team_id {
-        response.team_name = scoped::team(db, account_id, team_id).await?.name;
-    }
     // With the effective lifetime: the account's, or the deployment default.
     response.account = Some(convert::account(
-        &account,
+        account,
         accounts::seats_used(db, account_id).await?,
         state.settings.default_invitation_lifetime,
     ));
     Ok(response)
+}
+
+/// Adds the role to a context.
+fn describe_role(
+    response: &mut internal::GetInvitationContextResponse,
+    role: &crate::store::entities::role::Model,
+    inviter_may_grant: bool,
+) {
+    response.role_manages_users = convert::strings(&role.permissions)
+        .iter()
+        .any(|p| p == USERS_MANAGE);
+    response.inviter_may_grant_role = inviter_may_grant;
+    response.role_name = role.name.clone();
 }
 
 /// A validated ReserveInvitees.
@@ -191,11 +214,40 @@ pub struct ReservationAnswer {
     pub role_name: String,
     /// The team's name (empty for none).
     pub team_name: String,
+    /// The context GetInvitationContext answers for this account, inviter,
+    /// role and team, as read before the reservation.
+    pub context: internal::GetInvitationContextResponse,
 }
 
-/// Reserves a seat for each invitee that may have one, in one transaction
-/// under the account lock: the invitees are loaded in one query and the new
-/// invited users written in one statement.
+/// A reservation checked outside the lock, waiting for its batch.
+#[derive(Debug)]
+pub struct PreparedReservation {
+    request_id: String,
+    command: ReserveInvitees,
+    context: internal::GetInvitationContextResponse,
+    role: crate::store::entities::role::Model,
+    team: Option<crate::store::entities::team::Model>,
+}
+
+/// The batches of reservations, one worker per account (see
+/// [`usher_kit::coalesce`]).
+pub type Reservations =
+    usher_kit::coalesce::Coalescer<Uuid, PreparedReservation, ApiResult<ReservationAnswer>>;
+
+/// Reservations per batch at most (each holds up to 1,000 invitees).
+pub const RESERVATION_BATCH: usize = 64;
+
+/// Reserves a seat for each invitee that may have one.
+///
+/// What needs no lock is checked first, on its own: the role and team exist
+/// in the account and the inviter may grant the role (P26). The call then
+/// joins its account's next batch: concurrent reservations of one account
+/// are written together in one transaction under the account lock — the
+/// lock taken once, the counter of seats read once, the existing invitees
+/// of the whole batch loaded in one query — and each is decided in arrival
+/// order against what the ones before it took, exactly as if they had run
+/// one after the other. A batch that fails as a whole is run again call by
+/// call, so each caller gets its own answer.
 pub async fn reserve_invitees(
     state: &Identity,
     request_id: &str,
@@ -203,87 +255,201 @@ pub async fn reserve_invitees(
 ) -> ApiResult<ReservationAnswer> {
     let account_id = command.account_id;
     let now = state.clock.now();
-    let txn = state.db.begin().await?;
-    // Every change that counts seats takes this lock first: concurrent
-    // reservations are counted one after the other.
-    let account = accounts::lock(&txn, account_id).await?;
-    let role = scoped::role(&txn, account_id, command.role_id).await?;
+    let account = accounts::find(&state.db, account_id).await?;
+    let role = scoped::role(&state.db, account_id, command.role_id).await?;
     // No escalation (P26): the invitees' role carries nothing the inviter
     // lacks. The inviter's permissions are read here, where the role is
     // resolved, not taken from the calling service.
-    may_grant(&txn, &account, &role, command.holder, now).await?;
+    may_grant(&state.db, &account, &role, command.holder, now).await?;
     let team = match command.team_id {
-        Some(team_id) => Some(scoped::team(&txn, account_id, team_id).await?),
+        Some(team_id) => Some(scoped::team(&state.db, account_id, team_id).await?),
         None => None,
     };
     require_enabled(&account, &command.products)?;
     reservations::check_inviting_allowed(account.seat_limit)?;
+    // The context the caller would otherwise ask for separately.
+    let inviter = command.holder.map(|holder| match holder {
+        Holder::User(id) => Inviter::User(id),
+        Holder::ApiKey(id) => Inviter::ApiKey(id),
+    });
+    let mut context = describe(state, &account, inviter).await?;
+    describe_role(&mut context, &role, inviter.is_some());
+    if let Some(team) = &team {
+        context.team_name = team.name.clone();
+    }
+    let mut command = command;
+    if command.actor.name.is_empty() {
+        // The audit log names the inviter even when the caller did not.
+        command.actor.name = context.inviter_display_name.clone();
+    }
+    let prepared = PreparedReservation {
+        request_id: request_id.to_owned(),
+        command,
+        context,
+        role,
+        team,
+    };
+    let batch_state = state.clone();
+    state
+        .reservations
+        .submit(account_id, prepared, move |batch| {
+            let state = batch_state.clone();
+            async move { reserve_batch(&state, batch).await }
+        })
+        .await
+        .map_err(|err| ApiError::Unavailable(err.to_string()))?
+}
 
-    let existing = store::existing_invitees(
+/// Runs one batch of reservations of one account; a batch that fails as a
+/// whole is run again one reservation at a time.
+async fn reserve_batch(
+    state: &Identity,
+    batch: Vec<PreparedReservation>,
+) -> Vec<ApiResult<ReservationAnswer>> {
+    match reserve_together(state, &batch).await {
+        Ok(answers) => answers,
+        Err(err) if batch.len() == 1 => vec![Err(err)],
+        Err(err) => {
+            tracing::debug!(error = %err, size = batch.len(), "reservation batch retried call by call");
+            let mut answers = Vec::with_capacity(batch.len());
+            for one in &batch {
+                answers.push(
+                    match reserve_together(state, std::slice::from_ref(one)).await {
+                        Ok(mut answer) => answer.pop().unwrap_or_else(|| Err(missing())),
+                        Err(err) => Err(err),
+                    },
+                );
+            }
+            answers
+        }
+    }
+}
+
+/// Decides and writes `batch` in one transaction under the account lock.
+/// The outer error fails the whole batch (nothing written); the inner ones
+/// are each call's own refusals.
+async fn reserve_together(
+    state: &Identity,
+    batch: &[PreparedReservation],
+) -> ApiResult<Vec<ApiResult<ReservationAnswer>>> {
+    let Some(first) = batch.first() else {
+        return Ok(Vec::new());
+    };
+    let account_id = first.command.account_id;
+    let now = state.clock.now();
+    let txn = state.db.begin().await?;
+    // Every change that counts seats takes this lock first: concurrent
+    // reservations (of other replicas too) are counted one after the other.
+    let account = accounts::lock(&txn, account_id).await?;
+    let mut seats_used = accounts::seats_used(&txn, account_id).await?;
+    let mut existing = store::existing_invitees(
         &txn,
         account_id,
-        command
-            .invitees
+        batch
             .iter()
+            .flat_map(|p| p.command.invitees.iter())
             .map(|i| i.email.canonical().to_owned())
             .collect(),
-        command.invitees.iter().map(|i| i.invitation_id).collect(),
+        batch
+            .iter()
+            .flat_map(|p| p.command.invitees.iter())
+            .map(|i| i.invitation_id)
+            .collect(),
     )
     .await?;
-    reservations::check_invitation_ids(account_id, &command.invitees, &existing)?;
     let allowed: HashSet<String> = convert::strings(&account.allowed_email_domains)
         .iter()
         .filter_map(|d| canonical_domain(d).ok())
         .collect();
-    let seats_used = accounts::seats_used(&txn, account_id).await?;
-    let team_id = team.as_ref().map(|t| t.id);
-    let reservation = Reservation {
-        account_id,
-        seat_limit: account.seat_limit,
-        seats_used,
-        allowed_domains: &allowed,
-        role_id: role.id,
-        team_id,
-        products: &command.products,
-        dry_run: command.dry_run,
-    };
-    let mut reserved = reservations::reserve(
-        &reservation,
-        &command.invitees,
-        &existing,
-        &command.actor,
-        now,
-        Uuid::new_v4,
-    );
-    let answer_effects = std::mem::take(&mut reserved.effects);
-    if command.dry_run || reserved.new_users.is_empty() {
-        txn.rollback().await?;
-    } else {
-        let invited_by = format!("{}:{}", command.actor.kind, command.actor.id);
-        store::insert_invited(
-            &txn,
-            &InvitedRows {
-                account_id,
-                role_id: role.id,
-                team_id,
-                products: &command.products,
-                locale: &command.locale,
-                metadata: command.metadata.as_ref(),
-                invited_by: &invited_by,
-            },
-            &reserved.new_users,
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut wrote = false;
+    for prepared in batch {
+        let command = &prepared.command;
+        // The account may have changed since the call was prepared.
+        let checked = require_enabled(&account, &command.products)
+            .and_then(|()| reservations::check_inviting_allowed(account.seat_limit))
+            .and_then(|()| {
+                reservations::check_invitation_ids(account_id, &command.invitees, &existing)
+            });
+        if let Err(err) = checked {
+            answers.push(Err(err));
+            continue;
+        }
+        let team_id = prepared.team.as_ref().map(|t| t.id);
+        let reservation = Reservation {
+            account_id,
+            seat_limit: account.seat_limit,
+            seats_used,
+            allowed_domains: &allowed,
+            role_id: prepared.role.id,
+            team_id,
+            products: &command.products,
+            dry_run: command.dry_run,
+        };
+        let mut reserved = reservations::reserve(
+            &reservation,
+            &command.invitees,
+            &existing,
+            &command.actor,
             now,
-        )
-        .await?;
-        effects::apply(&txn, answer_effects, &command.actor, request_id, now).await?;
-        txn.commit().await?;
+            Uuid::new_v4,
+        );
+        let answer_effects = std::mem::take(&mut reserved.effects);
+        if !command.dry_run && !reserved.new_users.is_empty() {
+            let invited_by = format!("{}:{}", command.actor.kind, command.actor.id);
+            store::insert_invited(
+                &txn,
+                &InvitedRows {
+                    account_id,
+                    role_id: prepared.role.id,
+                    team_id,
+                    products: &command.products,
+                    locale: &command.locale,
+                    metadata: command.metadata.as_ref(),
+                    invited_by: &invited_by,
+                },
+                &reserved.new_users,
+                now,
+            )
+            .await?;
+            effects::apply(
+                &txn,
+                answer_effects,
+                &command.actor,
+                &prepared.request_id,
+                now,
+            )
+            .await?;
+            wrote = true;
+            // The calls after this one see its invitees as taken.
+            seats_used = reserved.seats_used;
+            existing.extend(reserved.new_users.iter().map(|new| Member {
+                id: new.id,
+                account_id,
+                email: Some(new.email.clone()),
+                display_name: new.display_name.clone(),
+                status: UserStatus::Invited,
+                invitation_id: Some(new.invitation_id),
+            }));
+        }
+        answers.push(Ok(ReservationAnswer {
+            reserved,
+            seat_limit: account.seat_limit,
+            role_name: prepared.role.name.clone(),
+            team_name: prepared
+                .team
+                .as_ref()
+                .map(|t| t.name.clone())
+                .unwrap_or_default(),
+            context: prepared.context.clone(),
+        }));
     }
-    Ok(ReservationAnswer {
-        reserved,
-        seat_limit: account.seat_limit,
-        role_name: role.name,
-        team_name: team.map(|t| t.name).unwrap_or_default(),
-    })
+    if wrote {
+        txn.commit().await?;
+    } else {
+        txn.rollback().await?;
+    }
+    Ok(answers)
 }
 
 /// A validated ActivateInvitedUser.

@@ -881,6 +881,71 @@ async fn concurrent_reservations_never_exceed_the_seat_limit() {
     test.stop().await;
 }
 
+/// Concurrent reservations of one account are written in batches: each
+/// call is still decided as if alone, in some order — one address asked for
+/// by every call gets one seat, the others learn it is invited; a call
+/// refused (an invitation id another address holds) fails alone; audit
+/// entries and the seat counter match the rows written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reservations_of_one_account_are_each_decided_as_if_alone() {
+    let test = start().await;
+    let acct = account(&test, 1_000).await;
+    let taken = invitee("holder@acme.example");
+    reserve(&test, reservation(&acct, vec![taken.clone()]))
+        .await
+        .expect("first holder");
+    let barrier = Arc::new(tokio::sync::Barrier::new(24));
+    let calls: Vec<_> = (0..24)
+        .map(|call| {
+            let api = test.api.clone();
+            let barrier = barrier.clone();
+            let mut invitees = vec![
+                invitee("everyone@acme.example"),
+                invitee(&format!("own{call}@acme.example")),
+            ];
+            if call == 7 {
+                // Another address's invitation id: this call alone is refused.
+                invitees[1].invitation_id = taken.invitation_id.clone();
+            }
+            let message = reservation(&acct, invitees);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                api.reserve_invitees(request(&svc(), message))
+                    .await
+                    .map(Response::into_inner)
+            })
+        })
+        .collect();
+    let mut shared = Vec::new();
+    for (call, task) in calls.into_iter().enumerate() {
+        let answer = task.await.expect("task");
+        if call == 7 {
+            let err = answer.expect_err("an invitation id held by another address");
+            assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+            continue;
+        }
+        let answer = answer.expect("reserve");
+        let got = verdicts(&answer);
+        assert_eq!(got[1], Verdict::Reserved, "call {call}: its own invitee");
+        shared.push(got[0]);
+    }
+    let winners = shared.iter().filter(|v| **v == Verdict::Reserved).count();
+    let invited = shared
+        .iter()
+        .filter(|v| **v == Verdict::AlreadyInvited)
+        .count();
+    assert_eq!((winners, invited), (1, 22), "{shared:?}");
+    // Owner + the first holder + one shared + 23 own invitees.
+    assert_eq!(users_of(&test, &acct).await, 26);
+    assert_eq!(seats_of(&test, &acct).await, 26);
+    let counted = accounts::seats_counted(&test.state.db, acct.id)
+        .await
+        .expect("count");
+    assert_eq!(counted, 26, "the counter agrees with the rows");
+    assert_eq!(audit_of(&test, &acct, "user.created").await, 25);
+    test.stop().await;
+}
+
 #[tokio::test]
 async fn a_thousand_invitees_in_one_call() {
     let test = start().await;

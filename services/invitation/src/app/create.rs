@@ -8,7 +8,9 @@
 //! 2. identity reserves an INVITED user per eligible invitee (idempotent per
 //!    invitation id; with a `request_id` the ids are derived from it, so a
 //!    retry after a crash reserves the same users again instead of leaking
-//!    seats);
+//!    seats) and answers the invitation's context (account, inviter, role
+//!    and team) with it — one call to identity; a call with nobody to
+//!    reserve asks for the context alone;
 //! 3. the token keys are written to Redis (a key whose invitation never
 //!    commits points at nothing: PostgreSQL is the guard);
 //! 4. one transaction inserts the invitations, their email jobs and
@@ -87,39 +89,24 @@ impl<D: DirectoryPort, T: TokenPort, R: RepositoryPort> CreateSaga<'_, D, T, R> 
             IdempotencyKey::new(caller, RPC, &request_id, &request)?
         };
         if let Some(key) = &idempotency
-            && let Some(answer) = self.repository.replay(key).await?
+            && let Some(answer) = timed("replay", self.repository.replay(key)).await?
         {
             return Ok(answer);
         }
 
         let now = self.clock.now();
         let inviter = actor(caller);
-        let context = self
-            .directory
-            .context(
-                account_id,
-                Some(inviter.clone()),
-                Some(command.role_id),
-                command.team_id,
-                call_id,
-            )
-            .await?;
-        let account = context.account.clone().unwrap_or_default();
-        // Named from here on: the events and identity's audit log show who.
-        let inviter = identity::Actor {
-            display_name: context.inviter_display_name.clone(),
-            ..inviter
-        };
-
         let mut triage = triage(&command.entries);
-        let granted = if dry_run {
+        let granted = if dry_run || triage.candidates.is_empty() {
             triage.candidates.len()
         } else {
             let wanted = u32::try_from(triage.candidates.len()).unwrap_or(u32::MAX);
-            let granted = self
-                .tokens
-                .take_quota(account_id, wanted, self.rules.hourly_quota, now)
-                .await?;
+            let granted = timed(
+                "quota",
+                self.tokens
+                    .take_quota(account_id, wanted, self.rules.hourly_quota, now),
+            )
+            .await?;
             usize::try_from(granted).unwrap_or(0)
         };
         triage.limit(granted);
@@ -130,9 +117,23 @@ impl<D: DirectoryPort, T: TokenPort, R: RepositoryPort> CreateSaga<'_, D, T, R> 
             .iter()
             .map(|&i| invitation_id(account_id, idempotent_id, &triage.results[i].email))
             .collect();
-        let mut seats_used = account.seats_used;
+        // Identity answers the context (account, inviter's name, role and
+        // team) with the reservation; only a call with nobody to reserve
+        // asks for it on its own.
         let mut reservation = internal::ReserveInviteesResponse::default();
-        if !triage.candidates.is_empty() {
+        let context = if triage.candidates.is_empty() {
+            timed(
+                "context",
+                self.directory.context(
+                    account_id,
+                    Some(inviter.clone()),
+                    Some(command.role_id),
+                    command.team_id,
+                    call_id,
+                ),
+            )
+            .await?
+        } else {
             let reserve = internal::ReserveInviteesRequest {
                 account_id: account_id.to_string(),
                 inviter: Some(inviter.clone()),
@@ -144,15 +145,26 @@ impl<D: DirectoryPort, T: TokenPort, R: RepositoryPort> CreateSaga<'_, D, T, R> 
                 dry_run,
                 locale: request.locale.clone(),
             };
-            reservation = match self.directory.reserve(reserve, call_id).await {
+            reservation = match timed("reserve", self.directory.reserve(reserve, call_id)).await {
                 Ok(answer) => answer,
                 Err(err) => {
                     self.give_back(account_id, granted, now).await;
                     return Err(err);
                 }
             };
-            seats_used = reservation.seats_used;
-        }
+            reservation.context.take().unwrap_or_default()
+        };
+        let account = context.account.clone().unwrap_or_default();
+        let seats_used = if triage.candidates.is_empty() {
+            account.seats_used
+        } else {
+            reservation.seats_used
+        };
+        // Named from here on: the events show who.
+        let inviter = identity::Actor {
+            display_name: context.inviter_display_name.clone(),
+            ..inviter
+        };
 
         let reserved = triage.apply_reservation(&ids, &reservation, dry_run)?;
         let batch = Batch {
@@ -245,7 +257,7 @@ impl<D: DirectoryPort, T: TokenPort, R: RepositoryPort> CreateSaga<'_, D, T, R> 
             .iter()
             .map(|(_, model, _)| TokenEntry::of(model))
             .collect();
-        self.tokens.put(&entries, now).await?;
+        timed("tokens", self.tokens.put(&entries, now)).await?;
 
         let rows: Vec<Invitation> = created.iter().map(|(_, model, _)| model.clone()).collect();
         let answer = idempotency.map(|key| {
@@ -257,14 +269,16 @@ impl<D: DirectoryPort, T: TokenPort, R: RepositoryPort> CreateSaga<'_, D, T, R> 
             );
             (key, answer)
         });
-        self.repository
-            .insert_created(
+        timed(
+            "insert",
+            self.repository.insert_created(
                 &rows,
                 &outgoing,
                 answer.as_ref().map(|(key, answer)| (*key, answer)),
                 now,
-            )
-            .await?;
+            ),
+        )
+        .await?;
         metrics::counter!("usher_invitations_created_total").increment(created.len() as u64);
         Ok(())
     }
@@ -304,6 +318,18 @@ impl<D: DirectoryPort, T: TokenPort, R: RepositoryPort> CreateSaga<'_, D, T, R> 
     async fn give_back(&self, account_id: Uuid, count: usize, now: DateTime<Utc>) {
         give_back(self.tokens, self.rules, account_id, count, now).await;
     }
+}
+
+/// Histogram of the time each step of CreateInvitations takes, by `step`
+/// (replay, context, quota, reserve, tokens, insert).
+pub const STEP_SECONDS: &str = "usher_invitation_create_step_seconds";
+
+/// Awaits `work`, recording how long it took as `step` of [`STEP_SECONDS`].
+async fn timed<F: std::future::Future>(step: &'static str, work: F) -> F::Output {
+    let started = std::time::Instant::now();
+    let output = work.await;
+    metrics::histogram!(STEP_SECONDS, "step" => step).record(started.elapsed().as_secs_f64());
+    output
 }
 
 /// Gives `count` sends back to the account's hourly quota, best effort (a
@@ -406,10 +432,15 @@ mod tests {
                 })
                 .collect();
             self.reserved.lock().unwrap().push(request);
+            let context = self
+                .context(Uuid::nil(), None, None, None, "")
+                .await
+                .expect("context");
             Ok(internal::ReserveInviteesResponse {
                 results,
                 seats_used: 3,
                 role_name: "User".into(),
+                context: Some(context),
                 ..Default::default()
             })
         }
