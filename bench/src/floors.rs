@@ -192,3 +192,78 @@ pub async fn raw(iso: &mut Isolation, n: u64) -> anyhow::Result<RawFloor> {
         rabbitmq_s,
     })
 }
+
+/// The per-call floor of creating one invitation per call: what one call
+/// must durably do at the least — one PostgreSQL transaction inserting an
+/// invitation-like row and an outbox row, and one Redis SET with expiry —
+/// at each concurrency of `sweep`, through a pool of `pool` connections (the
+/// services' default). The best throughput is the floor.
+pub async fn per_call(
+    iso: &mut Isolation,
+    sweep: &[usize],
+    warmup: Duration,
+    measure: Duration,
+    pool: u32,
+) -> anyhow::Result<Summary> {
+    let db_name = iso.database("percall");
+    let admin = Database::connect(Isolation::database_url("postgres")).await?;
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE \"{db_name}\""))
+        .await?;
+    admin.close().await?;
+    let mut options = sea_orm::ConnectOptions::new(Isolation::database_url(&db_name));
+    options.max_connections(pool).sqlx_logging(false);
+    let db = Database::connect(options).await?;
+    db.execute_unprepared(
+        "CREATE TABLE invitations (
+            id uuid PRIMARY KEY, account_id uuid NOT NULL, email text NOT NULL,
+            display_name text NOT NULL, token_hash text NOT NULL UNIQUE, state text NOT NULL,
+            role_id uuid NOT NULL, metadata jsonb, create_time timestamptz NOT NULL DEFAULT now(),
+            expire_time timestamptz NOT NULL);
+         CREATE INDEX invitations_account_email ON invitations (account_id, email);
+         CREATE TABLE outbox (id bigserial PRIMARY KEY, payload bytea NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now());",
+    )
+    .await?;
+    let client = redis::Client::open(REDIS)?;
+    let redis = client.get_multiplexed_async_connection().await?;
+    let prefix = iso.redis_prefix();
+    let account = uuid::Uuid::new_v4();
+    let mut best = Summary::default();
+    for &concurrency in sweep {
+        let (db, redis, prefix) = (db.clone(), redis.clone(), prefix.clone());
+        let summary = load::run(Load::timed(concurrency, warmup, measure), move |seq| {
+            let (db, mut redis, prefix) = (db.clone(), redis.clone(), prefix.clone());
+            async move {
+                let failed = |e: &dyn std::fmt::Display| tonic::Status::internal(e.to_string());
+                let token = uuid::Uuid::new_v4().simple().to_string();
+                let id = uuid::Uuid::now_v7();
+                let statements = format!(
+                    "BEGIN;
+                     INSERT INTO invitations (id, account_id, email, display_name, token_hash, state, role_id, metadata, expire_time)
+                       VALUES ('{id}','{account}','call{seq}@bench.example','Call {seq}','{token}','pending','{account}','{{}}',now() + interval '1 day');
+                     INSERT INTO outbox (payload) VALUES (decode(repeat('78', 600), 'hex'));
+                     COMMIT;"
+                );
+                db.execute_unprepared(&statements)
+                    .await
+                    .map_err(|e| failed(&e))?;
+                let () = redis::cmd("SET")
+                    .arg(format!("{prefix}call:{token}"))
+                    .arg(id.to_string())
+                    .arg("EX")
+                    .arg(3_600)
+                    .query_async(&mut redis)
+                    .await
+                    .map_err(|e| failed(&e))?;
+                Ok(())
+            }
+        })
+        .await;
+        if summary.throughput > best.throughput {
+            best = summary;
+        }
+    }
+    db.close().await?;
+    Ok(best)
+}

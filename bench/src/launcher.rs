@@ -256,6 +256,13 @@ impl Service {
 /// `usher_grpc_requests_total`, all codes; `None` when the metrics cannot be
 /// read.
 pub async fn requests_counted(metrics: SocketAddr, method: &str) -> Option<f64> {
+    let body = scrape(metrics).await?;
+    Some(sum_counter(&body, "usher_grpc_requests_total", method))
+}
+
+/// The Prometheus text a service serves on `metrics`; `None` when it cannot
+/// be read.
+pub async fn scrape(metrics: SocketAddr) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(metrics).await.ok()?;
     let request = format!("GET /metrics HTTP/1.0\r\nHost: {metrics}\r\n\r\n");
@@ -265,7 +272,17 @@ pub async fn requests_counted(metrics: SocketAddr, method: &str) -> Option<f64> 
         .await
         .ok()?
         .ok()?;
-    Some(sum_counter(&body, "usher_grpc_requests_total", method))
+    Some(body)
+}
+
+/// The mean of histogram `name` over the samples whose labels mention
+/// `label_text`, between two scrapes, in milliseconds; `None` without
+/// samples in between.
+pub fn mean_ms_between(before: &str, after: &str, name: &str, label_text: &str) -> Option<f64> {
+    let (sum, count) = (format!("{name}_sum"), format!("{name}_count"));
+    let sum = sum_counter(after, &sum, label_text) - sum_counter(before, &sum, label_text);
+    let count = sum_counter(after, &count, label_text) - sum_counter(before, &count, label_text);
+    (count > 0.0).then(|| sum / count * 1e3)
 }
 
 /// The sum of the samples of counter `name` whose labels mention `label_text`.
@@ -461,6 +478,15 @@ mod tests {
     #![allow(clippy::expect_used, clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_histogram_mean_is_taken_between_two_scrapes() {
+        let before = "h_sum{step=\"a\"} 1.0\nh_count{step=\"a\"} 10\nh_sum{step=\"b\"} 5\nh_count{step=\"b\"} 1\n";
+        let after = "h_sum{step=\"a\"} 1.5\nh_count{step=\"a\"} 20\nh_sum{step=\"b\"} 5\nh_count{step=\"b\"} 1\n";
+        let mean = mean_ms_between(before, after, "h", "step=\"a\"").unwrap();
+        assert!((mean - 50.0).abs() < 1e-9, "{mean}");
+        assert_eq!(mean_ms_between(before, after, "h", "step=\"b\""), None);
+    }
 
     #[test]
     fn vm_rss_is_read_from_proc_status() {
