@@ -3,13 +3,16 @@
 //! on the invitation whose latest email they concern: a result for an older
 //! email (an earlier link, before a resend) is ignored.
 //!
-//! The queue is durable (quorum); messages are acked after the update
-//! commits, and a result that cannot be decoded is dropped with a warning (it
+//! The queue is durable (quorum); results are recorded in batches — what
+//! the broker has delivered and is waiting, up to [`BATCH`], in one
+//! transaction — and acked after it commits (a failed batch is requeued as
+//! a whole). A result that cannot be decoded is dropped with a warning (it
 //! would never decode on a redelivery either). The consumer re-subscribes
 //! whenever the connection comes back.
 
 use std::time::Duration;
 
+use futures::FutureExt;
 use prost::Message;
 use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
@@ -30,18 +33,22 @@ pub fn queue() -> QueueSpec {
     QueueSpec::durable(QUEUE).quorum()
 }
 
-/// Records `result` (see [`crate::domain::delivery`]); returns whether an
-/// invitation was updated.
+/// Results recorded per transaction at most.
+pub const BATCH: usize = 64;
+
+/// Records `results` (see [`crate::domain::delivery`]) in one transaction;
+/// returns how many invitations were updated.
 pub async fn record(
     db: &DatabaseConnection,
-    result: &notification::DeliveryResult,
+    results: &[notification::DeliveryResult],
     clock: &SharedClock,
-) -> ApiResult<bool> {
-    let Some(report) = delivery::report(result) else {
-        return Ok(false);
-    };
+) -> ApiResult<usize> {
+    let reports: Vec<_> = results.iter().filter_map(delivery::report).collect();
+    if reports.is_empty() {
+        return Ok(0);
+    }
     Ok(Repository::new(db.clone())
-        .record_delivery(&report, clock.now())
+        .record_deliveries(&reports, clock.now())
         .await?)
 }
 
@@ -74,25 +81,47 @@ async fn consume_once(
         subscribed = broker.subscribe(QUEUE, "usher-invitation", PREFETCH) => subscribed?,
     };
     loop {
-        let delivery = tokio::select! {
+        let first = tokio::select! {
             () = shutdown.cancelled() => break,
             next = subscription.next() => match next {
                 Some(delivery) => delivery?,
                 None => break,
             },
         };
-        match notification::DeliveryResult::decode(delivery.data.as_slice()) {
-            Ok(result) => match record(db, &result, clock).await {
-                Ok(_) => delivery.ack().await?,
+        // With it, whatever else has arrived already: one transaction each.
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match subscription.next().now_or_never() {
+                Some(Some(delivery)) => batch.push(delivery?),
+                Some(None) | None => break,
+            }
+        }
+        let mut results = Vec::with_capacity(batch.len());
+        let mut held = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            match notification::DeliveryResult::decode(delivery.data.as_slice()) {
+                Ok(result) => {
+                    results.push(result);
+                    held.push(delivery);
+                }
                 Err(err) => {
-                    tracing::warn!(error = %err, "delivery result not recorded; requeued");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tracing::warn!(error = %err, "undecodable delivery result dropped");
+                    delivery.ack().await?;
+                }
+            }
+        }
+        match record(db, &results, clock).await {
+            Ok(_) => {
+                for delivery in held {
+                    delivery.ack().await?;
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, results = held.len(), "delivery results not recorded; requeued");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                for delivery in held {
                     delivery.requeue().await?;
                 }
-            },
-            Err(err) => {
-                tracing::warn!(error = %err, "undecodable delivery result dropped");
-                delivery.ack().await?;
             }
         }
     }

@@ -12,9 +12,9 @@
 use chrono::{DateTime, Utc};
 use prost::Message;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, DatabaseConnection, DatabaseTransaction, EntityTrait,
-    IntoActiveModel, Order as Direction, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait, Value,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection,
+    DatabaseTransaction, EntityTrait, IntoActiveModel, Order as Direction, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait, Value,
     sea_query::{Expr, ExprTrait, LikeExpr, LockBehavior, LockType},
 };
 use usher_kit::{
@@ -282,11 +282,26 @@ impl Repository {
         Ok(won)
     }
 
-    /// Records a delivery `report` on its invitation if the report's job
-    /// is the invitation's latest email and its status may be overwritten.
-    /// Returns whether a row changed.
-    pub async fn record_delivery(
+    /// Records delivery `reports` in one transaction, each on its invitation
+    /// if the report's job is the invitation's latest email and its status
+    /// may be overwritten. Returns how many rows changed.
+    pub async fn record_deliveries(
         &self,
+        reports: &[DeliveryReport],
+        now: DateTime<Utc>,
+    ) -> StoreResult<usize> {
+        let txn = self.db.begin().await?;
+        let mut updated = 0;
+        for report in reports {
+            updated += usize::from(Self::record_delivery(&txn, report, now).await?);
+        }
+        txn.commit().await?;
+        Ok(updated)
+    }
+
+    /// Records one delivery report on `db`; whether an invitation changed.
+    async fn record_delivery<C: ConnectionTrait>(
+        db: &C,
         report: &DeliveryReport,
         now: DateTime<Utc>,
     ) -> StoreResult<bool> {
@@ -303,7 +318,7 @@ impl Repository {
             .col_expr(Column::UpdateTime, Expr::value(now))
             .filter(Column::Id.eq(report.invitation_id))
             .filter(Column::DeliveryJobId.eq(report.job_id.clone()))
-            .exec(&self.db)
+            .exec(db)
             .await?;
         Ok(updated.rows_affected > 0)
     }
