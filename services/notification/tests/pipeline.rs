@@ -507,8 +507,8 @@ async fn the_topology_is_declared_idempotently_with_quorum_work_and_parking_queu
     for queue in [
         SEND_QUEUE,
         PARKED_QUEUE,
-        "usher.email.delay.100ms",
-        "usher.email.delay.800ms",
+        "usher.email.send.delay.100ms",
+        "usher.email.send.delay.800ms",
     ] {
         assert_eq!(
             kinds.get(queue).map(String::as_str),
