@@ -357,12 +357,10 @@ impl Pipeline {
         if job.sealed_link.is_empty() {
             return Err("malformed job: link missing".into());
         }
-        if job.seal_key_id != self.sealer.key_id() {
-            return Err("malformed job: unknown seal key".into());
-        }
+        // The current key, or the previous one during a rotation.
         let link = self
             .sealer
-            .open(&job.job_id, &job.sealed_link)
+            .open_with_key_id(&job.seal_key_id, &job.job_id, &job.sealed_link)
             .map_err(|error| format!("malformed job: {error}"))?;
         if !link_allowed(&link, &self.link_base) {
             return Err("malformed job: link outside the public base url".into());
