@@ -4,8 +4,9 @@ docs/queue-contract.md).
 
 It declares its own durable quorum queue bound on `usher.email` /
 `email.send`, takes the jobs of the sources it handles (the others are left
-to Usher's notification service), skips a job it has already handled (the
-queue is at least once: dedupe on `job_id`), opens the sealed link with the
+to Usher's notification service), does not send again a job it has
+already handled (the queue is at least once: dedupe on `job_id`; its result
+is published again), opens the sealed link with the
 shared key, "sends" the email to an SMTP server or writes it to a folder,
 and publishes the `DeliveryResult` on `usher.email` / `email.result.<source>`,
 which the producer records exactly as it records the built-in service's.
@@ -123,25 +124,32 @@ class State:
         self.db = sqlite3.connect(path)
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, status INTEGER NOT NULL,"
-            " attempts INTEGER NOT NULL)"
+            " attempts INTEGER NOT NULL, reason TEXT NOT NULL DEFAULT '',"
+            " message_id TEXT NOT NULL DEFAULT '')"
         )
         self.db.commit()
 
-    def status(self, job_id: str):
-        row = self.db.execute("SELECT status FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return row[0] if row else None
+    def outcome(self, job_id: str):
+        """(status, attempts, reason, message_id) of a job handled before, or None."""
+        return self.db.execute(
+            "SELECT status, attempts, reason, message_id FROM jobs WHERE job_id = ?", (job_id,)
+        ).fetchone()
 
     def attempt(self, job_id: str) -> int:
         self.db.execute(
-            "INSERT INTO jobs VALUES (?, ?, 1) ON CONFLICT(job_id) DO UPDATE SET attempts = attempts + 1",
+            "INSERT INTO jobs (job_id, status, attempts) VALUES (?, ?, 1)"
+            " ON CONFLICT(job_id) DO UPDATE SET attempts = attempts + 1",
             (job_id, pb.DELIVERY_STATUS_QUEUED),
         )
         self.db.commit()
         row = self.db.execute("SELECT attempts FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return row[0]
 
-    def finish(self, job_id: str, status: int) -> None:
-        self.db.execute("UPDATE jobs SET status = ? WHERE job_id = ?", (status, job_id))
+    def finish(self, job_id: str, status: int, reason: str, message_id: str) -> None:
+        self.db.execute(
+            "UPDATE jobs SET status = ?, reason = ?, message_id = ? WHERE job_id = ?",
+            (status, reason, message_id, job_id),
+        )
         self.db.commit()
 
 
@@ -197,9 +205,15 @@ class Consumer:
             # Another source: Usher's notification service sends it.
             channel.basic_ack(method.delivery_tag)
             return
-        if self.state.status(job.job_id) in (pb.DELIVERY_STATUS_SENT, pb.DELIVERY_STATUS_FAILED):
-            # A redelivered copy (at least once): handled already.
+        done = self.state.outcome(job.job_id)
+        if done and done[0] in (pb.DELIVERY_STATUS_SENT, pb.DELIVERY_STATUS_FAILED):
+            # A redelivered copy (at least once): not sent again. Its result
+            # is published again, in case the first one was lost with a crash
+            # before the ack (the producer dedupes results).
+            status, attempts, reason, message_id = done
+            self.publish_result(job, status, reason, attempts, message_id)
             channel.basic_ack(method.delivery_tag)
+            print(f"duplicate job {job.job_id}: not sent again", flush=True)
             return
         attempts = self.state.attempt(job.job_id)
         message_id = f"<{job.job_id}@{self.message_id_host}>"
@@ -219,8 +233,9 @@ class Consumer:
                 time.sleep(1)
                 channel.basic_nack(method.delivery_tag, requeue=True)
                 return
-        self.state.finish(job.job_id, status)
-        self.publish_result(job, status, reason[:500], attempts, message_id)
+        reason = reason[:500]
+        self.state.finish(job.job_id, status, reason, message_id)
+        self.publish_result(job, status, reason, attempts, message_id)
         channel.basic_ack(method.delivery_tag)
         print(f"{SOURCE_NAMES[job.source]} job {job.job_id}: {pb.DeliveryStatus.Name(status)}", flush=True)
 

@@ -4,8 +4,8 @@
 //! consumer in Python (`examples/python-consumer`) consumes the jobs from its
 //! own queue, opens the sealed links with the shared key, sends them to its
 //! own SMTP server and publishes the delivery results. Every invitation is
-//! delivered once by it, reads SENT, and its link works; the built-in service
-//! sends nothing.
+//! delivered once by it (a job published again too), reads SENT, and its link
+//! works; the built-in service sends nothing.
 //!
 //! The consumer runs in a virtual environment under the target folder, made
 //! once with `pip install -r requirements.txt`; its protobuf module is
@@ -18,18 +18,22 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prost::Message as _;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
 };
+use usher_kit::amqp::{
+    ConfirmedPublisher, EMAIL_EXCHANGE, EMAIL_SEND_ROUTING_KEY, email_job_message,
+};
 use usher_proto::{
     identity::v1::{SignInRequest, auth_service_client::AuthServiceClient, sign_in_request::Login},
     invitation::v1::{self as pb, invitation_service_client::InvitationServiceClient},
-    notification::v1::DeliveryStatus,
+    notification::v1::{DeliveryStatus, EmailJob},
 };
 
 use crate::{
-    harness::{OWNER_PASSWORD, bearer, create_account, role_id, sign_in},
+    harness::{OWNER_PASSWORD, bearer, bound_queues, create_account, role_id, sign_in},
     journey::{MailStack, accept_on_page, link_token},
     smtp_sink::SmtpSink,
 };
@@ -116,8 +120,10 @@ fn python_env() -> PathBuf {
 
 /// The reference consumer, running until dropped.
 struct Consumer {
-    _child: Child,
+    child: Child,
     _state: tempfile_dir::TempDir,
+    /// Every line it printed so far.
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// A temporary folder removed on drop (no extra crate for it).
@@ -188,11 +194,14 @@ impl Consumer {
             .expect("the python consumer starts");
         let stdout = child.stdout.take().expect("stdout");
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let printed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = printed.clone();
         tokio::spawn(async move {
             let mut ready = Some(ready_tx);
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 eprintln!("[python consumer] {line}");
+                kept.lock().expect("lines").push(line.clone());
                 if line.starts_with("ready")
                     && let Some(ready) = ready.take()
                 {
@@ -205,8 +214,29 @@ impl Consumer {
             .expect("the consumer bound its queue within 120 s")
             .expect("the consumer exited before it was ready (its log is above)");
         Self {
-            _child: child,
+            child,
             _state: state,
+            lines: printed,
+        }
+    }
+
+    /// Fails the test at once if the consumer exited (its traceback is above).
+    fn assert_running(&mut self) {
+        if let Ok(Some(exit)) = self.child.try_wait() {
+            panic!("the python consumer exited with {exit} (its output is above)");
+        }
+    }
+
+    /// Waits until the consumer printed `line`.
+    async fn printed(&mut self, line: &str) {
+        let started = Instant::now();
+        while !self.lines.lock().expect("lines").iter().any(|l| l == line) {
+            self.assert_running();
+            assert!(
+                started.elapsed() < DEADLINE,
+                "the consumer never printed {line:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }
@@ -229,7 +259,14 @@ async fn an_external_pipeline_in_python_delivers_every_invitation_once() {
     }
     let stack = MailStack::start_configured(&settings, &[]).await;
     let partner_sink = SmtpSink::start().await;
-    let _consumer = Consumer::start(&stack.isolation.amqp_url(), partner_sink.port).await;
+    let mut consumer = Consumer::start(&stack.isolation.amqp_url(), partner_sink.port).await;
+    // A copy of every job, to publish one again as a producer may.
+    let observer = bound_queues(
+        &stack.isolation,
+        "it-observer",
+        &[("it.observed-jobs", EMAIL_EXCHANGE, EMAIL_SEND_ROUTING_KEY)],
+    )
+    .await;
 
     let slug = format!("partner-{}", stack.isolation.id);
     create_account(
@@ -293,6 +330,7 @@ async fn an_external_pipeline_in_python_delivers_every_invitation_once() {
         if listed.len() == INVITEES && sent == INVITEES {
             break;
         }
+        consumer.assert_running();
         assert!(
             started.elapsed() < DEADLINE,
             "{sent} of {INVITEES} invitations SENT after {DEADLINE:?}"
@@ -336,10 +374,31 @@ async fn an_external_pipeline_in_python_delivers_every_invitation_once() {
         INVITEES + 1,
         "no duplicates: {per_recipient:?}"
     );
-    // The built-in service took every one of those jobs too, and handed it
-    // off: it sent nothing.
+    // A job published again (a producer's relay retrying after a lost
+    // confirm): the external pipeline does not send it twice.
+    let channel = observer.channel().await.expect("channel");
+    let copy = channel
+        .basic_get(
+            "it.observed-jobs".into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic_get")
+        .expect("an observed job");
+    let job = EmailJob::decode(copy.delivery.data.as_slice()).expect("an email job");
+    ConfirmedPublisher::new(observer.clone())
+        .publish(&email_job_message(&job))
+        .await
+        .expect("published again");
+    consumer
+        .printed(&format!("duplicate job {}: not sent again", job.job_id))
+        .await;
+    assert_eq!(partner_sink.count(), INVITEES + 1, "sent once");
+
+    // The built-in service took every one of those jobs too (the copy as
+    // well), and handed it off: it sent nothing.
     let started = Instant::now();
-    let wanted = format!("usher_notification_handed_off_total {}", INVITEES + 1);
+    let wanted = format!("usher_notification_handed_off_total {}", INVITEES + 2);
     loop {
         let metrics = crate::health::scrape(stack.notification.metrics).await;
         if metrics.lines().any(|line| line == wanted) {
