@@ -13,6 +13,14 @@ if ! command -v chromedriver >/dev/null 2>&1; then
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
+# The Python reference consumer's test (examples/python-consumer) makes a
+# virtual environment and installs its pinned packages from PyPI with pip.
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  echo "test: installing python3-venv" >&2
+  as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3 python3-venv >/dev/null
+fi
 # Integration tests start the real binaries: build them first.
 cargo build --workspace --bins
 

@@ -177,21 +177,8 @@ impl Journey {
 
     /// Accepts on the page as a browser posts the form.
     async fn accept_on_page(&self, token: &str, name: &str, password: &str) -> (u16, String) {
-        let mut form = url::form_urlencoded::Serializer::new(String::new());
-        form.append_pair("token", token)
-            .append_pair("lang", self.words.code)
-            .append_pair("action", "accept")
-            .append_pair("display_name", name)
-            .append_pair("password", password);
-        let (status, _, body) = http(
-            &self.stack.gateway,
-            "POST",
-            "/invite",
-            &[("content-type", "application/x-www-form-urlencoded")],
-            form.finish().as_bytes(),
-        )
-        .await;
-        (status, String::from_utf8_lossy(&body).into_owned())
+        crate::journey::accept_on_page(&self.stack.gateway, token, self.words.code, name, password)
+            .await
     }
 
     /// Every event published so far: (routing key, subject).

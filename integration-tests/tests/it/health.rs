@@ -42,7 +42,7 @@ async fn reflected_services(service: &Service) -> Vec<String> {
     }
 }
 
-async fn scrape(metrics: SocketAddr) -> String {
+pub async fn scrape(metrics: SocketAddr) -> String {
     let mut stream = tokio::net::TcpStream::connect(metrics)
         .await
         .expect("metrics port");

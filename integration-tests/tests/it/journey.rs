@@ -48,10 +48,27 @@ impl MailStack {
 
     /// [`Self::start`] with more settings for the gateway.
     pub async fn start_with(gateway_extra: &[(&'static str, &str)]) -> Self {
+        Self::start_configured(&[], gateway_extra).await
+    }
+
+    /// [`Self::start_with`] with more settings for the services too:
+    /// `(binary, variable, value)`.
+    pub async fn start_configured(
+        service_extra: &[(&str, &'static str, String)],
+        gateway_extra: &[(&'static str, &str)],
+    ) -> Self {
+        let extra = |binary: &str| -> Vec<(&'static str, String)> {
+            service_extra
+                .iter()
+                .filter(|(b, _, _)| *b == binary)
+                .map(|(_, key, value)| (*key, value.clone()))
+                .collect()
+        };
         let sink = SmtpSink::start().await;
         let mut isolation = Isolation::new();
         let mut identity_env = service_env(&mut isolation, "identity", POSTGRES);
         identity_env.push(("USHER_LINKS__PUBLIC_BASE_URL", BASE_URL.to_owned()));
+        identity_env.extend(extra("usher-identity"));
         let identity = Service::start("usher-identity", &identity_env);
         let mut invitation_env = service_env(&mut isolation, "invitation", POSTGRES);
         invitation_env.extend([
@@ -60,12 +77,14 @@ impl MailStack {
             // A journey reinvites at once; the cool-down has tests of its own.
             ("USHER_INVITATIONS__RESEND_COOLDOWN_SECS", "0".to_owned()),
         ]);
+        invitation_env.extend(extra("usher-invitation"));
         let invitation = Service::start("usher-invitation", &invitation_env);
         let mut notification_env = service_env(&mut isolation, "notification", POSTGRES);
         notification_env.extend([
             ("USHER_SMTP__PORT", sink.port.to_string()),
             ("USHER_LINKS__PUBLIC_BASE_URL", BASE_URL.to_owned()),
         ]);
+        notification_env.extend(extra("usher-notification"));
         let notification = Service::start("usher-notification", &notification_env);
         let mut gateway_env = vec![
             ("USHER_REDIS__KEY_PREFIX", isolation.redis_prefix()),
@@ -143,6 +162,32 @@ impl MailStack {
     pub async fn email_to(&self, address: &str) -> String {
         self.emails_to(address, 1).await.remove(0).1
     }
+}
+
+/// Accepts the invitation of `token` on the gateway's page in `lang`, as a
+/// browser posts the form; returns the status and the page.
+pub async fn accept_on_page(
+    gateway: &Service,
+    token: &str,
+    lang: &str,
+    name: &str,
+    password: &str,
+) -> (u16, String) {
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    form.append_pair("token", token)
+        .append_pair("lang", lang)
+        .append_pair("action", "accept")
+        .append_pair("display_name", name)
+        .append_pair("password", password);
+    let (status, _, body) = http(
+        gateway,
+        "POST",
+        "/invite",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        form.finish().as_bytes(),
+    )
+    .await;
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The token of the link to `path` (`/invite`, `/reset`) in an email's text.
@@ -244,21 +289,15 @@ async fn invited_by_email_accepted_on_the_page_and_delivery_reported() {
     let (status, _, page) = http(gateway, "GET", &format!("/invite?token={token}"), &[], b"").await;
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&page).contains("Jo Owner invited you to join Journey Co."));
-    let mut form = url::form_urlencoded::Serializer::new(String::new());
-    form.append_pair("token", &token)
-        .append_pair("lang", "en")
-        .append_pair("action", "accept")
-        .append_pair("display_name", "Ivy Journey")
-        .append_pair("password", "a long enough passphrase");
-    let (status, _, page) = http(
+    let (status, page) = accept_on_page(
         gateway,
-        "POST",
-        "/invite",
-        &[("content-type", "application/x-www-form-urlencoded")],
-        form.finish().as_bytes(),
+        &token,
+        "en",
+        "Ivy Journey",
+        "a long enough passphrase",
     )
     .await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&page));
+    assert_eq!(status, 200, "{page}");
     auth.sign_in(SignInRequest {
         account_slug: slug,
         login: Some(Login::Email("ivy@journey.example".into())),

@@ -9,6 +9,7 @@
 mod access;
 mod account_journey;
 mod browser;
+mod external_pipeline;
 mod faults;
 mod gateway;
 mod grants;

@@ -677,6 +677,7 @@ pub(crate) mod conformance {
         pub queue: String,
         pub other: String,
         pub delay: String,
+        pub by_name_delay: String,
     }
 
     impl Names {
@@ -688,6 +689,7 @@ pub(crate) mod conformance {
                 queue: format!("conf.q.{id}"),
                 other: format!("conf.other.{id}"),
                 delay: format!("conf.delay.{id}"),
+                by_name_delay: format!("conf.delay-by-name.{id}"),
             }
         }
 
@@ -701,6 +703,11 @@ pub(crate) mod conformance {
                     QueueSpec::exclusive(&self.delay)
                         .with_message_ttl(Duration::from_millis(300))
                         .with_dead_letter(&self.exchange, Some("job.retry")),
+                )
+                .queue(
+                    QueueSpec::exclusive(&self.by_name_delay)
+                        .with_message_ttl(Duration::from_millis(300))
+                        .with_dead_letter("", Some(&self.queue)),
                 )
                 .bind(&self.queue, &self.exchange, "job.#")
                 .bind(&self.other, &self.exchange, "*.audit")
@@ -819,6 +826,16 @@ pub(crate) mod conformance {
             sent.elapsed()
         );
         delayed.ack().await.expect("ack delayed");
+
+        // Through the default exchange by queue name, in and out (the email
+        // pipeline's private retries).
+        broker
+            .publish(&message("", &names.by_name_delay, "by name"))
+            .await
+            .expect("publish by queue name");
+        let by_name = next(&mut queue).await;
+        assert_eq!(by_name.data, b"by name");
+        by_name.ack().await.expect("ack by name");
         nothing(&mut queue, Duration::from_millis(200)).await;
         queue.close().await;
         other.close().await;

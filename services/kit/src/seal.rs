@@ -70,6 +70,13 @@ pub struct SealConfig {
     /// Names the key in each job (`EmailJob.seal_key_id`), for rotation: 1 to
     /// 64 characters of `[A-Za-z0-9._-]`.
     pub key_id: String,
+    /// A second key for a rotation (32 bytes in base64): it opens the links
+    /// of jobs naming [`Self::previous_key_id`] and never seals (read by the
+    /// notification service; `docs/notification.md`, "The seal format").
+    /// Empty for none.
+    pub previous_key: Secret,
+    /// The id of [`Self::previous_key`]; empty when it is.
+    pub previous_key_id: String,
 }
 
 impl Default for SealConfig {
@@ -77,6 +84,8 @@ impl Default for SealConfig {
         Self {
             key: Secret::default(),
             key_id: DEVELOPMENT_KEY_ID.into(),
+            previous_key: Secret::default(),
+            previous_key_id: String::new(),
         }
     }
 }
@@ -91,20 +100,31 @@ impl SealConfig {
                 "required in production (the development key is public)",
             ));
         }
-        let id_ok = (1..=MAX_KEY_ID_CHARS).contains(&self.key_id.chars().count())
-            && self
-                .key_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !id_ok {
+        check_key_id("key_id", &self.key_id)?;
+        if self.previous_key.is_empty() != self.previous_key_id.is_empty() {
             return Err(ConfigError::invalid(
-                format!("{SECTION}.key_id"),
-                format!(
-                    "must be 1 to {MAX_KEY_ID_CHARS} characters of A-Z, a-z, 0-9, '.', '_' and '-'"
-                ),
+                format!("{SECTION}.previous_key_id"),
+                "previous_key and previous_key_id go together",
             ));
         }
+        if self.previous()?.is_some() {
+            check_key_id("previous_key_id", &self.previous_key_id)?;
+            if self.previous_key_id == self.key_id {
+                return Err(ConfigError::invalid(
+                    format!("{SECTION}.previous_key_id"),
+                    "must differ from key_id",
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The previous key, when one is configured.
+    fn previous(&self) -> Result<Option<[u8; KEY_BYTES]>, ConfigError> {
+        if self.previous_key.is_empty() {
+            return Ok(None);
+        }
+        decode_key("previous_key", &self.previous_key).map(Some)
     }
 
     /// The key: the configured one, or the development key when empty.
@@ -112,13 +132,33 @@ impl SealConfig {
         if self.key.is_empty() {
             return Ok(*DEVELOPMENT_KEY);
         }
-        let field = || format!("{SECTION}.key");
-        let decoded = STANDARD
-            .decode(self.key.expose().trim())
-            .map_err(|_| ConfigError::invalid(field(), "must be base64"))?;
-        <[u8; KEY_BYTES]>::try_from(decoded.as_slice())
-            .map_err(|_| ConfigError::invalid(field(), format!("must be {KEY_BYTES} bytes")))
+        decode_key("key", &self.key)
     }
+}
+
+/// A key from standard base64 of its 32 bytes, for the setting `name`.
+fn decode_key(name: &str, key: &Secret) -> Result<[u8; KEY_BYTES], ConfigError> {
+    let field = || format!("{SECTION}.{name}");
+    let decoded = STANDARD
+        .decode(key.expose().trim())
+        .map_err(|_| ConfigError::invalid(field(), "must be base64"))?;
+    <[u8; KEY_BYTES]>::try_from(decoded.as_slice())
+        .map_err(|_| ConfigError::invalid(field(), format!("must be {KEY_BYTES} bytes")))
+}
+
+/// Checks a key id (the setting `name`).
+fn check_key_id(name: &str, id: &str) -> Result<(), ConfigError> {
+    let ok = (1..=MAX_KEY_ID_CHARS).contains(&id.chars().count())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        return Ok(());
+    }
+    Err(ConfigError::invalid(
+        format!("{SECTION}.{name}"),
+        format!("must be 1 to {MAX_KEY_ID_CHARS} characters of A-Z, a-z, 0-9, '.', '_' and '-'"),
+    ))
 }
 
 /// Why a value could not be sealed or opened. Messages never quote the
@@ -131,6 +171,9 @@ pub enum SealError {
     /// The tag does not verify: another key, another job id, or altered bytes.
     #[error("sealed value not authentic")]
     NotAuthentic,
+    /// The job names a key id this sealer does not hold.
+    #[error("unknown seal key")]
+    UnknownKey,
     /// It opened, but the plaintext is not UTF-8.
     #[error("sealed value is not text")]
     NotText,
@@ -148,12 +191,15 @@ pub enum SealError {
 pub struct Sealer {
     cipher: XChaCha20Poly1305,
     key_id: String,
+    /// The key being rotated out, with its id: opens, never seals.
+    previous: Option<(String, XChaCha20Poly1305)>,
 }
 
 impl fmt::Debug for Sealer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sealer")
             .field("key_id", &self.key_id)
+            .field("previous_key_id", &self.previous.as_ref().map(|(id, _)| id))
             .finish_non_exhaustive()
     }
 }
@@ -164,12 +210,21 @@ impl Sealer {
         Self {
             cipher: XChaCha20Poly1305::new(key.into()),
             key_id: key_id.into(),
+            previous: None,
         }
     }
 
-    /// The sealer of the configured key (the development key when empty).
+    /// The sealer of the configured key (the development key when empty),
+    /// also opening with the previous key when one is configured.
     pub fn from_config(config: &SealConfig) -> Result<Self, ConfigError> {
-        Ok(Self::new(&config.key_bytes()?, config.key_id.clone()))
+        let mut sealer = Self::new(&config.key_bytes()?, config.key_id.clone());
+        if let Some(previous) = config.previous()? {
+            sealer.previous = Some((
+                config.previous_key_id.clone(),
+                XChaCha20Poly1305::new(&previous.into()),
+            ));
+        }
+        Ok(sealer)
     }
 
     /// The key id to put in `EmailJob.seal_key_id` next to each sealed link.
@@ -194,13 +249,24 @@ impl Sealer {
 
     /// As [`Sealer::seal`], returning the error.
     pub fn try_seal(&self, job_id: &str, plaintext: &str) -> Result<Vec<u8>, SealError> {
-        if plaintext.len() > MAX_PLAINTEXT_BYTES {
-            return Err(SealError::TooLong);
-        }
         let mut nonce = [0u8; NONCE_BYTES];
         OsRng
             .try_fill_bytes(&mut nonce)
             .map_err(|error| SealError::Entropy(error.to_string()))?;
+        self.seal_with_nonce(job_id, plaintext, nonce)
+    }
+
+    /// Seals with a given nonce: only the documented test vectors choose
+    /// theirs; every real seal draws a random one.
+    fn seal_with_nonce(
+        &self,
+        job_id: &str,
+        plaintext: &str,
+        nonce: [u8; NONCE_BYTES],
+    ) -> Result<Vec<u8>, SealError> {
+        if plaintext.len() > MAX_PLAINTEXT_BYTES {
+            return Err(SealError::TooLong);
+        }
         let ciphertext = self
             .cipher
             .encrypt(
@@ -218,27 +284,49 @@ impl Sealer {
         Ok(sealed)
     }
 
+    /// Opens a link sealed for `job_id` under the key named `key_id`
+    /// (`EmailJob.seal_key_id`): this sealer's key or, during a rotation,
+    /// the previous one; [`SealError::UnknownKey`] for any other id.
+    pub fn open_with_key_id(
+        &self,
+        key_id: &str,
+        job_id: &str,
+        sealed: &[u8],
+    ) -> Result<String, SealError> {
+        if key_id == self.key_id {
+            return open_with(&self.cipher, job_id, sealed);
+        }
+        match &self.previous {
+            Some((id, cipher)) if id == key_id => open_with(cipher, job_id, sealed),
+            _ => Err(SealError::UnknownKey),
+        }
+    }
+
     /// Opens what [`Sealer::seal`] sealed for the same `job_id` under this key.
     pub fn open(&self, job_id: &str, sealed: &[u8]) -> Result<String, SealError> {
-        if sealed.len() < NONCE_BYTES + TAG_BYTES
-            || sealed.len() > NONCE_BYTES + MAX_PLAINTEXT_BYTES + TAG_BYTES
-        {
-            return Err(SealError::Malformed);
-        }
-        let (nonce, ciphertext) = sealed.split_at(NONCE_BYTES);
-        let nonce = <[u8; NONCE_BYTES]>::try_from(nonce).map_err(|_| SealError::Malformed)?;
-        let plaintext = self
-            .cipher
-            .decrypt(
-                &XNonce::from(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: job_id.as_bytes(),
-                },
-            )
-            .map_err(|_| SealError::NotAuthentic)?;
-        String::from_utf8(plaintext).map_err(|_| SealError::NotText)
+        open_with(&self.cipher, job_id, sealed)
     }
+}
+
+/// Opens `sealed` (nonce ‖ ciphertext ‖ tag) for `job_id` with `cipher`.
+fn open_with(cipher: &XChaCha20Poly1305, job_id: &str, sealed: &[u8]) -> Result<String, SealError> {
+    if sealed.len() < NONCE_BYTES + TAG_BYTES
+        || sealed.len() > NONCE_BYTES + MAX_PLAINTEXT_BYTES + TAG_BYTES
+    {
+        return Err(SealError::Malformed);
+    }
+    let (nonce, ciphertext) = sealed.split_at(NONCE_BYTES);
+    let nonce = <[u8; NONCE_BYTES]>::try_from(nonce).map_err(|_| SealError::Malformed)?;
+    let plaintext = cipher
+        .decrypt(
+            &XNonce::from(nonce),
+            Payload {
+                msg: ciphertext,
+                aad: job_id.as_bytes(),
+            },
+        )
+        .map_err(|_| SealError::NotAuthentic)?;
+    String::from_utf8(plaintext).map_err(|_| SealError::NotText)
 }
 
 #[cfg(test)]
@@ -286,6 +374,57 @@ mod tests {
         );
     }
 
+    /// Hex to bytes (test vectors are written in hex in the docs).
+    fn hex(text: &str) -> Vec<u8> {
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    /// The test vectors of `docs/notification.md` ("The seal format") and
+    /// `email_job.proto`, computed with libsodium's
+    /// `crypto_aead_xchacha20poly1305_ietf_encrypt` (PyNaCl), so two
+    /// implementations agree on them; `examples/python-consumer` checks them
+    /// too.
+    const VECTORS: [(&str, &str, &str, &str, &str); 2] = [
+        (
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+            "404142434445464748494a4b4c4d4e4f5051525354555657",
+            "0190f1f2-7c1e-7a3b-9c4d-5e6f7a8b9c0d",
+            "https://usher.example/invite?token=3fA9xQ2bLmN8pR4sT6uV0wY1zA3cE5gI7kM9oQ1sU3w",
+            "404142434445464748494a4b4c4d4e4f5051525354555657bc4d7100a3da5639fa87efdbddb200eaf3d7dda876763af41c58892036704cfb73973f5d33d3bd68ae8096006794e281c95f0ebc59f0e2acc1a5398e52812f116f4cb1457ffe7ca7d432c3aaef0e0baeb45fefed9247f2577c851a2e6f3a",
+        ),
+        (
+            "//79/Pv6+fj39vX08/Lx8O/u7ezr6uno5+bl5OPi4eA=",
+            "000000000000000000000000000000000000000000000000",
+            "3b2d8f0e-4a6c-4e1b-9d7f-2c5a8e0b1d3f",
+            "https://usher.example/reset?token=Zz",
+            "000000000000000000000000000000000000000000000000cbaf396e72f5735c8342348a53abb4958054434a5ec912a9ce21972f6f81414d6268ede04c7a5f03e394316580ed6aabdf261502",
+        ),
+    ];
+
+    #[test]
+    fn the_documented_test_vectors_seal_and_open() {
+        for (key, nonce, job_id, link, sealed) in VECTORS {
+            let config = SealConfig {
+                key: Secret::new(key),
+                key_id: "vector".into(),
+                ..SealConfig::default()
+            };
+            let sealer = Sealer::from_config(&config).expect("base64 key of 32 bytes");
+            let nonce = <[u8; NONCE_BYTES]>::try_from(hex(nonce)).expect("24-byte nonce");
+            let expected = hex(sealed);
+            assert_eq!(
+                sealer.seal_with_nonce(job_id, link, nonce).expect("sealed"),
+                expected,
+                "{job_id}"
+            );
+            assert_eq!(expected.len(), NONCE_BYTES + link.len() + TAG_BYTES);
+            assert_eq!(sealer.open(job_id, &expected).expect("opens"), link);
+        }
+    }
+
     #[test]
     fn another_job_id_does_not_open() {
         let sealer = sealer();
@@ -316,6 +455,90 @@ mod tests {
         let mut extended = sealed;
         extended.push(0);
         assert_eq!(sealer.open(JOB, &extended), Err(SealError::NotAuthentic));
+    }
+
+    #[test]
+    fn during_a_rotation_the_previous_key_still_opens_its_jobs_and_never_seals() {
+        let old = SealConfig {
+            key: Secret::new(STANDARD.encode([1u8; KEY_BYTES])),
+            key_id: "2026-01".into(),
+            ..SealConfig::default()
+        };
+        let new = SealConfig {
+            key: Secret::new(STANDARD.encode([2u8; KEY_BYTES])),
+            key_id: "2026-07".into(),
+            ..SealConfig::default()
+        };
+        let rotating = SealConfig {
+            previous_key: old.key.clone(),
+            previous_key_id: old.key_id.clone(),
+            ..new.clone()
+        };
+        rotating
+            .validate_for(Environment::Production)
+            .expect("valid");
+        let opener = Sealer::from_config(&rotating).expect("sealer");
+        let sealed_old = Sealer::from_config(&old).expect("old").seal(JOB, LINK);
+        let sealed_new = Sealer::from_config(&new).expect("new").seal(JOB, LINK);
+        assert_eq!(
+            opener.open_with_key_id("2026-01", JOB, &sealed_old),
+            Ok(LINK.to_owned())
+        );
+        assert_eq!(
+            opener.open_with_key_id("2026-07", JOB, &sealed_new),
+            Ok(LINK.to_owned())
+        );
+        // The id selects the key; a wrong pairing fails the tag.
+        assert_eq!(
+            opener.open_with_key_id("2026-07", JOB, &sealed_old),
+            Err(SealError::NotAuthentic)
+        );
+        assert_eq!(
+            opener.open_with_key_id("2025-01", JOB, &sealed_old),
+            Err(SealError::UnknownKey)
+        );
+        // New seals use the current key only.
+        assert_eq!(opener.key_id(), "2026-07");
+        let resealed = opener.seal(JOB, LINK);
+        assert_eq!(
+            Sealer::from_config(&new).expect("new").open(JOB, &resealed),
+            Ok(LINK.to_owned())
+        );
+        // Without a previous key, only the current id opens.
+        let plain = Sealer::from_config(&new).expect("new");
+        assert_eq!(
+            plain.open_with_key_id("2026-01", JOB, &sealed_old),
+            Err(SealError::UnknownKey)
+        );
+
+        for (config, field) in [
+            (
+                SealConfig {
+                    previous_key_id: String::new(),
+                    ..rotating.clone()
+                },
+                "seal.previous_key_id",
+            ),
+            (
+                SealConfig {
+                    previous_key_id: "2026-07".into(),
+                    ..rotating.clone()
+                },
+                "seal.previous_key_id",
+            ),
+            (
+                SealConfig {
+                    previous_key: Secret::new("short"),
+                    ..rotating.clone()
+                },
+                "seal.previous_key",
+            ),
+        ] {
+            let err = config
+                .validate_for(Environment::Development)
+                .expect_err("invalid");
+            assert!(err.to_string().contains(field), "{err}");
+        }
     }
 
     #[test]
@@ -370,6 +593,7 @@ mod tests {
         let configured = SealConfig {
             key: Secret::new(STANDARD.encode([3u8; KEY_BYTES])),
             key_id: "2026-01".into(),
+            ..SealConfig::default()
         };
         configured
             .validate_for(Environment::Production)
@@ -435,12 +659,15 @@ mod tests {
         let config = SealConfig {
             key: Secret::new(STANDARD.encode([5u8; KEY_BYTES])),
             key_id: "k9".into(),
+            previous_key: Secret::new(STANDARD.encode([6u8; KEY_BYTES])),
+            previous_key_id: "k8".into(),
         };
         let shown = format!(
             "{config:?} {:?}",
             Sealer::from_config(&config).expect("sealer")
         );
         assert!(!shown.contains(config.key.expose()), "{shown}");
-        assert!(shown.contains("k9"));
+        assert!(!shown.contains(config.previous_key.expose()), "{shown}");
+        assert!(shown.contains("k9") && shown.contains("k8"), "{shown}");
     }
 }

@@ -228,6 +228,41 @@ pub struct DeliveryConfig {
     /// How long a job being sent is leased to its consumer before another
     /// copy of it may be sent, in seconds; above the SMTP timeout.
     pub lease_secs: u32,
+    /// Sources whose jobs an external pipeline sends: this service acks them
+    /// without sending, recording or reporting anything (docs/notification.md,
+    /// "Taking over delivery").
+    pub external_sources: Vec<ExternalSource>,
+}
+
+/// A producer whose emails an external pipeline may take over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExternalSource {
+    /// usher-identity's password emails (`EMAIL_SOURCE_IDENTITY`).
+    Identity,
+    /// usher-invitation's invitation emails (`EMAIL_SOURCE_INVITATION`).
+    Invitation,
+}
+
+impl ExternalSource {
+    /// The `EmailJob.source` value of this producer.
+    pub fn proto(self) -> usher_proto::notification::v1::EmailSource {
+        use usher_proto::notification::v1::EmailSource;
+        match self {
+            Self::Identity => EmailSource::Identity,
+            Self::Invitation => EmailSource::Invitation,
+        }
+    }
+}
+
+impl DeliveryConfig {
+    /// Whether jobs of `source` (an `EmailJob.source` value) are left to an
+    /// external pipeline.
+    pub fn hands_off(&self, source: i32) -> bool {
+        self.external_sources
+            .iter()
+            .any(|external| external.proto() as i32 == source)
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -238,6 +273,7 @@ impl Default for DeliveryConfig {
             max_attempts: 12,
             message_id_host: "usher.localhost".into(),
             lease_secs: 120,
+            external_sources: Vec::new(),
         }
     }
 }
@@ -331,5 +367,19 @@ mod tests {
             ..DeliveryConfig::default()
         };
         assert!(host.validate().is_err());
+    }
+
+    #[test]
+    fn external_sources_name_producers_and_hand_off_only_their_jobs() {
+        use usher_proto::notification::v1::EmailSource;
+        let delivery: DeliveryConfig =
+            serde_json::from_str(r#"{"external_sources": ["invitation"]}"#).expect("parsed");
+        assert!(delivery.hands_off(EmailSource::Invitation as i32));
+        assert!(!delivery.hands_off(EmailSource::Identity as i32));
+        assert!(!delivery.hands_off(EmailSource::Unspecified as i32));
+        assert!(!DeliveryConfig::default().hands_off(EmailSource::Invitation as i32));
+        let unknown = serde_json::from_str::<DeliveryConfig>(r#"{"external_sources": ["sms"]}"#)
+            .expect_err("not a producer");
+        assert!(unknown.to_string().contains("sms"), "{unknown}");
     }
 }

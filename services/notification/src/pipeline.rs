@@ -2,7 +2,8 @@
 //!
 //! Each job goes through these steps (see `docs/notification.md`):
 //!
-//! 1. Decode and check it. A job that cannot be sent as it is (undecodable,
+//! 1. Decode it; a job of a source listed in `delivery.external_sources` is
+//!    acked untouched (an external pipeline sends it). Check it. A job that cannot be sent as it is (undecodable,
 //!    unknown template, bad address, a link that does not open or points
 //!    outside the public base URL) is **parked** with its reason and recorded
 //!    FAILED when it names a job and an account; the queue keeps flowing.
@@ -48,8 +49,8 @@ use crate::{
     store::{self, Claim, NewDelivery, Outcome, Status},
     templates::{self, EmailValues, RenderedEmail, Templates},
     topology::{
-        DEAD_LETTER_EXCHANGE, PARK_REASON_HEADER, PARKED_ROUTING_KEY, RETRY_EXCHANGE, SEND_QUEUE,
-        delay_routing_key,
+        DEAD_LETTER_EXCHANGE, DEFAULT_EXCHANGE, PARK_REASON_HEADER, PARKED_ROUTING_KEY, SEND_QUEUE,
+        delay_queue,
     },
 };
 
@@ -106,6 +107,7 @@ pub(crate) fn register_metrics() {
         "usher_notification_retried_total",
         "usher_notification_parked_total",
         "usher_notification_duplicates_total",
+        "usher_notification_handed_off_total",
     ] {
         metrics::counter!(counter).increment(0);
     }
@@ -199,6 +201,12 @@ impl Pipeline {
                     .await;
             }
         };
+        if self.config.hands_off(job.source) {
+            // An external pipeline sends this source's emails and publishes
+            // their results (docs/notification.md, "Taking over delivery").
+            metrics::counter!("usher_notification_handed_off_total").increment(1);
+            return Disposition::Ack;
+        }
         let row = match checked(&job) {
             Ok(row) => row,
             Err(rejected) => return self.reject(data, rejected).await,
@@ -349,12 +357,10 @@ impl Pipeline {
         if job.sealed_link.is_empty() {
             return Err("malformed job: link missing".into());
         }
-        if job.seal_key_id != self.sealer.key_id() {
-            return Err("malformed job: unknown seal key".into());
-        }
+        // The current key, or the previous one during a rotation.
         let link = self
             .sealer
-            .open(&job.job_id, &job.sealed_link)
+            .open_with_key_id(&job.seal_key_id, &job.job_id, &job.sealed_link)
             .map_err(|error| format!("malformed job: {error}"))?;
         if !link_allowed(&link, &self.link_base) {
             return Err("malformed job: link outside the public base url".into());
@@ -419,7 +425,9 @@ impl Pipeline {
             .map_err(|error| format!("parking: {error}"))
     }
 
-    /// Puts a copy of the job in the delay queue of `delay`.
+    /// Puts a copy of the job in the delay queue of `delay`, addressed by
+    /// name on the default exchange (see [`crate::topology`]): no other
+    /// pipeline's queue gets it.
     async fn publish_delayed(
         &self,
         data: &[u8],
@@ -427,8 +435,8 @@ impl Pipeline {
         delay: Duration,
     ) -> Result<(), String> {
         let mut message = OutgoingMessage::new(
-            RETRY_EXCHANGE,
-            delay_routing_key(delay),
+            DEFAULT_EXCHANGE,
+            delay_queue(delay),
             EMAIL_JOB_TYPE,
             data.to_vec(),
         );

@@ -9,19 +9,30 @@
 //!      |
 //!      +--email.result.<source>--> the producers' own result queues
 //!
-//! usher.email.retry (direct) --delay.<ms>--> usher.email.delay.<ms>
-//!      (TTL <ms>, dead-lettered back to usher.email / email.send)
+//! "" (default exchange) --usher.email.send.delay.<ms>--> usher.email.send.delay.<ms>
+//!      (TTL <ms>, dead-lettered to "" with routing key usher.email.send:
+//!       back to the work queue alone)
 //! ```
 //!
 //! A transient failure republishes the job to the delay queue of its attempt
-//! (increasing delays), whose TTL dead-letters it back to the work queue. A
+//! (increasing delays), whose TTL dead-letters it back to the work queue. Both
+//! hops go through the default exchange, addressed by queue name, never
+//! through `usher.email`: a retry is this service's own business, and another
+//! pipeline's queue bound on `email.send` sees each job once. A
 //! permanent failure or a malformed job is published to the parking queue
 //! with its reason, then acked. The work queue also dead-letters what it
 //! rejects or what was redelivered too often (the quorum `x-delivery-limit`,
 //! for a job that crashes its consumer), so a poison message ends up parked
 //! too and never blocks the queue. Delay queues are named by their delay, so
 //! changing `delivery.retry_delays_ms` adds queues instead of redeclaring one
-//! with other arguments (which the broker refuses).
+//! with other arguments (which the broker refuses with `PRECONDITION_FAILED`).
+//!
+//! Releases before this one named the delay queues `usher.email.delay.<ms>`,
+//! fed them through the direct exchange `usher.email.retry` and dead-lettered
+//! them to `usher.email` / `email.send`, so every queue bound there got each
+//! retry. Their arguments cannot be changed in place, hence the new names;
+//! nothing is published to the old objects any more, and
+//! `docs/notification.md` ("Upgrading") says how to delete them.
 
 use std::time::Duration;
 
@@ -38,8 +49,9 @@ pub const PARKED_QUEUE: &str = "usher.email.parked";
 pub const DEAD_LETTER_EXCHANGE: &str = "usher.email.dead";
 /// Routing key of parked jobs on [`DEAD_LETTER_EXCHANGE`].
 pub const PARKED_ROUTING_KEY: &str = "parked";
-/// The exchange of the delay queues.
-pub const RETRY_EXCHANGE: &str = "usher.email.retry";
+/// The exchange retried copies are published to and delay queues
+/// dead-letter to: the default exchange, which routes by queue name.
+pub const DEFAULT_EXCHANGE: &str = "";
 /// AMQP header holding the attempts made so far on a retried job.
 pub const ATTEMPTS_HEADER: &str = "x-usher-attempts";
 /// AMQP header holding why a job was parked.
@@ -47,14 +59,10 @@ pub const PARK_REASON_HEADER: &str = "x-usher-park-reason";
 /// Redeliveries of one job (consumer crashes) before the broker parks it.
 pub const DELIVERY_LIMIT: i64 = 20;
 
-/// Name of the delay queue for `delay`.
+/// Name of the delay queue for `delay`, also its routing key on the default
+/// exchange.
 pub fn delay_queue(delay: Duration) -> String {
-    format!("usher.email.delay.{}ms", delay.as_millis())
-}
-
-/// Routing key of the delay queue for `delay` on [`RETRY_EXCHANGE`].
-pub fn delay_routing_key(delay: Duration) -> String {
-    format!("delay.{}ms", delay.as_millis())
+    format!("{SEND_QUEUE}.delay.{}ms", delay.as_millis())
 }
 
 /// Routing key of the delivery results for a producer (`invitation`, `identity`).
@@ -69,7 +77,6 @@ pub fn topology(retry_delays: &[Duration]) -> Topology {
         .topic_exchange(EVENTS_EXCHANGE)
         .topic_exchange(EMAIL_EXCHANGE)
         .exchange(DEAD_LETTER_EXCHANGE, ExchangeType::Direct)
-        .exchange(RETRY_EXCHANGE, ExchangeType::Direct)
         .queue(
             QueueSpec::durable(SEND_QUEUE)
                 .quorum()
@@ -86,14 +93,14 @@ pub fn topology(retry_delays: &[Duration]) -> Topology {
         }
         seen.push(*delay);
         let queue = delay_queue(*delay);
-        topology = topology
-            .queue(
-                QueueSpec::durable(&queue)
-                    .quorum()
-                    .with_message_ttl(*delay)
-                    .with_dead_letter(EMAIL_EXCHANGE, Some(EMAIL_SEND_ROUTING_KEY)),
-            )
-            .bind(&queue, RETRY_EXCHANGE, delay_routing_key(*delay));
+        // No binding: published to and dead-lettered through the default
+        // exchange, by queue name.
+        topology = topology.queue(
+            QueueSpec::durable(&queue)
+                .quorum()
+                .with_message_ttl(*delay)
+                .with_dead_letter(DEFAULT_EXCHANGE, Some(SEND_QUEUE)),
+        );
     }
     topology
 }
@@ -116,8 +123,8 @@ mod tests {
             [
                 SEND_QUEUE,
                 PARKED_QUEUE,
-                "usher.email.delay.1000ms",
-                "usher.email.delay.5000ms"
+                "usher.email.send.delay.1000ms",
+                "usher.email.send.delay.5000ms"
             ]
         );
         let send = &topology.queues[0];
@@ -134,9 +141,19 @@ mod tests {
             delay.arguments.get("x-message-ttl"),
             Some(&QueueArgument::Int(1_000))
         );
+        // Back to the work queue alone, never through `usher.email`, where
+        // other pipelines' queues are bound on `email.send`.
+        assert_eq!(
+            delay.arguments.get("x-dead-letter-exchange"),
+            Some(&QueueArgument::Text(String::new()))
+        );
         assert_eq!(
             delay.arguments.get("x-dead-letter-routing-key"),
-            Some(&QueueArgument::Text(EMAIL_SEND_ROUTING_KEY.into()))
+            Some(&QueueArgument::Text(SEND_QUEUE.into()))
+        );
+        assert!(
+            topology.bindings.iter().all(|b| b.queue != delay.name),
+            "a delay queue is reached by its name only"
         );
     }
 }

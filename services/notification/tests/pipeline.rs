@@ -507,8 +507,8 @@ async fn the_topology_is_declared_idempotently_with_quorum_work_and_parking_queu
     for queue in [
         SEND_QUEUE,
         PARKED_QUEUE,
-        "usher.email.delay.100ms",
-        "usher.email.delay.800ms",
+        "usher.email.send.delay.100ms",
+        "usher.email.send.delay.800ms",
     ] {
         assert_eq!(
             kinds.get(queue).map(String::as_str),
@@ -704,5 +704,59 @@ async fn a_database_outage_defers_jobs_without_parking_them() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(harness.sink.count(), 5);
     assert_eq!(harness.queue_len(PARKED_QUEUE).await, 0);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_seal_key_rotation_jobs_sealed_with_either_key_are_sent() {
+    use usher_kit::{config::Secret, seal::SealConfig};
+    let old = SealConfig {
+        key: Secret::new("AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="),
+        key_id: "2026-01".into(),
+        ..SealConfig::default()
+    };
+    let previous = old.clone();
+    let harness = Harness::start_with("rotation", move |config| {
+        config.seal = SealConfig {
+            key: Secret::new("AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI="),
+            key_id: "2026-07".into(),
+            previous_key: previous.key,
+            previous_key_id: previous.key_id,
+        };
+    })
+    .await;
+    // A job sealed by a producer still on the old key, one on the new key,
+    // and one naming a key nobody holds.
+    let old_sealer = usher_kit::seal::Sealer::from_config(&old).expect("old key");
+    let mut on_old = harness.job(EmailTemplate::Invitation, "old@example.com", "en");
+    let link = harness.link_of(&on_old);
+    on_old.sealed_link = old_sealer.seal(&on_old.job_id, &link);
+    on_old.seal_key_id = "2026-01".into();
+    let on_new = harness.job(EmailTemplate::Invitation, "new@example.com", "en");
+    let mut unknown = harness.job(EmailTemplate::Invitation, "unknown@example.com", "en");
+    unknown.seal_key_id = "2025-01".into();
+    for job in [&on_old, &on_new, &unknown] {
+        harness.publish(job).await;
+    }
+    harness
+        .wait_until(Duration::from_secs(60), "three jobs handled", || async {
+            let rows = harness.rows().await;
+            rows.len() == 3 && rows.iter().all(|r| r.status != "QUEUED")
+        })
+        .await;
+    let mut sent: Vec<_> = harness
+        .sink
+        .messages()
+        .iter()
+        .map(|m| m.to[0].clone())
+        .collect();
+    sent.sort();
+    assert_eq!(sent, ["new@example.com", "old@example.com"]);
+    let parked = harness.drain(PARKED_QUEUE).await;
+    assert_eq!(parked.len(), 1);
+    assert_eq!(
+        parked[0].1.as_deref(),
+        Some("malformed job: unknown seal key")
+    );
     harness.stop().await;
 }

@@ -109,6 +109,7 @@ impl Harness {
                 max_attempts: 6,
                 message_id_host: "mail.usher.test".into(),
                 lease_secs: 30,
+                ..DeliveryConfig::default()
             },
             ..Config::default()
         };
