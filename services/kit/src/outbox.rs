@@ -31,7 +31,9 @@
 //!   it; the batch goes on.
 //!
 //! The relay wakes on `LISTEN usher_outbox` (PostgreSQL; [`enqueue`] sends
-//! the `NOTIFY`, delivered at commit), and otherwise every `poll_interval`.
+//! the `NOTIFY`, delivered at commit) — then lets commits gather for
+//! [`DEFAULT_GATHER`], so one cycle carries many commits' messages under
+//! load — and otherwise every `poll_interval`.
 //! It exports `usher_outbox_pending` (gauge), `usher_outbox_published_total`
 //! and `usher_outbox_publish_failures_total` (counters).
 
@@ -59,6 +61,10 @@ pub const CHANNEL: &str = "usher_outbox";
 pub const DEFAULT_BATCH_SIZE: usize = 500;
 /// How often the relay looks for rows when nothing wakes it.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the relay lets commits gather after a notification before it
+/// takes a batch: under steady load, one cycle (one select, one publish
+/// batch, one delete) carries the messages of many commits instead of one.
+pub const DEFAULT_GATHER: Duration = Duration::from_millis(3);
 /// The longest pause after the broker was found unavailable.
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// The longest a message that failed on its own is set aside.
@@ -300,6 +306,7 @@ pub struct OutboxRelay {
     sink: Arc<dyn MessageSink>,
     batch_size: usize,
     poll_interval: Duration,
+    gather: Duration,
     max_backoff: Duration,
     shutdown: CancellationToken,
     wake: Arc<Notify>,
@@ -323,6 +330,7 @@ impl OutboxRelay {
             sink,
             batch_size: DEFAULT_BATCH_SIZE,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            gather: DEFAULT_GATHER,
             max_backoff: DEFAULT_MAX_BACKOFF,
             shutdown,
             wake: Arc::new(Notify::new()),
@@ -340,6 +348,14 @@ impl OutboxRelay {
     #[must_use]
     pub fn with_poll_interval(mut self, poll_interval: Duration) -> Self {
         self.poll_interval = poll_interval;
+        self
+    }
+
+    /// How long commits gather after a notification before a cycle
+    /// ([`DEFAULT_GATHER`]; zero takes a batch at once).
+    #[must_use]
+    pub fn with_gather(mut self, gather: Duration) -> Self {
+        self.gather = gather;
         self
     }
 
@@ -374,7 +390,11 @@ impl OutboxRelay {
                     }
                     tokio::select! {
                         () = self.shutdown.cancelled() => break,
-                        () = self.wake.notified() => {}
+                        () = self.wake.notified() => {
+                            if !self.gather.is_zero() {
+                                tokio::time::sleep(self.gather).await;
+                            }
+                        }
                         () = tokio::time::sleep(self.poll_interval) => {}
                     }
                     continue;
