@@ -115,6 +115,9 @@ pub async fn serve_with(
     // Served from the start (docs/operations.md lists them).
     metrics::counter!("usher_invitations_created_total").increment(0);
     metrics::counter!("usher_invitations_accepted_total").increment(0);
+    for step in app::create::STEPS {
+        let _ = metrics::histogram!(app::create::STEP_SECONDS, "step" => step);
+    }
     let clock = SystemClock::shared();
     let database = ServiceDatabase::start::<migration::Migrator>(
         &config.database,

@@ -323,6 +323,8 @@ impl<D: DirectoryPort, T: TokenPort, R: RepositoryPort> CreateSaga<'_, D, T, R> 
 /// Histogram of the time each step of CreateInvitations takes, by `step`
 /// (replay, context, quota, reserve, tokens, insert).
 pub const STEP_SECONDS: &str = "usher_invitation_create_step_seconds";
+/// The steps of [`STEP_SECONDS`].
+pub const STEPS: [&str; 6] = ["replay", "context", "quota", "reserve", "tokens", "insert"];
 
 /// Awaits `work`, recording how long it took as `step` of [`STEP_SECONDS`].
 async fn timed<F: std::future::Future>(step: &'static str, work: F) -> F::Output {
