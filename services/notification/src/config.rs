@@ -237,8 +237,10 @@ pub struct DeliveryConfig {
     pub max_attempts: u32,
     /// The host part of every `Message-ID` (`<job_id@host>`).
     pub message_id_host: String,
-    /// How long a job being sent is leased to its consumer before another
-    /// copy of it may be sent, in seconds; above the SMTP timeout.
+    /// How long a job may wait for a free SMTP connection, and then how
+    /// long its send may take, in seconds (at least 4 × `smtp.timeout_ms`):
+    /// a job being sent is leased to its consumer for twice this before
+    /// another copy of it may be sent.
     pub lease_secs: u32,
 }
 

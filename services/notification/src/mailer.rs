@@ -4,7 +4,7 @@
 //! everything else (4xx, refused or dropped connections, timeouts, a full
 //! disk) is transient and retried.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use lettre::{
     AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
@@ -85,13 +85,16 @@ impl Mailer {
         })
     }
 
-    /// Sends `message`.
-    pub async fn send(&self, message: Message) -> Result<(), SendError> {
+    /// Sends `message`, waiting at most `wait` for a free SMTP connection
+    /// (a transient failure when none came, so the job is retried later).
+    pub async fn send(&self, message: Message, wait: Duration) -> Result<(), SendError> {
         match self {
             Self::Smtp(smtp, permits) => {
-                let _permit = permits
-                    .acquire()
+                let _permit = tokio::time::timeout(wait, permits.acquire())
                     .await
+                    .map_err(|_| {
+                        SendError::Transient("smtp: no connection free within the lease".into())
+                    })?
                     .map_err(|_| SendError::Transient("smtp: transport closed".into()))?;
                 smtp.send(message).await.map(drop).map_err(|error| {
                     let text = smtp_reason(&error);

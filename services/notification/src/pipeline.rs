@@ -285,9 +285,12 @@ impl Pipeline {
             }
         }
 
-        // Claim, in one transaction.
+        // Claim, in one transaction. A job waits at most `lease_secs` for a
+        // free SMTP connection (else it is retried later), then its send has
+        // `lease_secs` (at least 4 SMTP timeouts): the lease covers both.
         let now = self.clock.now();
-        let lease = chrono::Duration::seconds(i64::from(self.config.lease_secs));
+        let wait_until = Instant::now() + Duration::from_secs(u64::from(self.config.lease_secs));
+        let lease = chrono::Duration::seconds(2 * i64::from(self.config.lease_secs));
         let rows: Vec<NewDelivery> = valid.iter().map(|(_, _, row)| row.clone()).collect();
         let mut claims = match store::claim_many(&self.db, &rows, now, lease).await {
             Ok(claims) => claims,
@@ -338,7 +341,10 @@ impl Pipeline {
                     message_id.clone(),
                     &email,
                 ) {
-                    Ok(message) => self.mailer.send(message).await,
+                    Ok(message) => {
+                        let wait = wait_until.saturating_duration_since(Instant::now());
+                        self.mailer.send(message, wait).await
+                    }
                     Err(error) => Err(error),
                 },
                 Err(reason) => Err(SendError::Permanent(reason)),

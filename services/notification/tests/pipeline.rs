@@ -835,7 +835,7 @@ async fn parked_jobs_are_listed_with_their_reason_and_replayed_once_fixed() {
             harness.queue_len(PARKED_QUEUE).await == 2
         })
         .await;
-    let now = chrono::Utc::now();
+    let now = usher_kit::clock::Clock::now(&usher_kit::clock::SystemClock);
 
     // Looking changes nothing.
     let listed = parked::walk(&harness.amqp, &harness.db, &Replay::Nothing, now)
