@@ -150,7 +150,7 @@ impl Default for SmtpConfig {
             username: String::new(),
             password: Secret::default(),
             timeout_ms: 30_000,
-            pool_max_size: 16,
+            pool_max_size: 64,
             from: "Usher <no-reply@usher.localhost>".into(),
             folder: PathBuf::from("usher-mail"),
         }
