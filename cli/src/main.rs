@@ -8,6 +8,8 @@
 //!   Results are tables, or the API's JSON with `--json`; a failed call shows
 //!   the gRPC code, the reason and the fields at fault, and exits with 1.
 //! - `usher platform-keys create` works on identity's database directly.
+//! - `usher parked list|replay` works on the notification service's
+//!   RabbitMQ and database directly.
 
 mod client;
 mod commands;
@@ -79,6 +81,50 @@ enum Command {
     /// Platform API keys (for the embedding platform's back end).
     #[command(subcommand)]
     PlatformKeys(PlatformKeys),
+    /// Look at the email jobs the notification service parked, and replay them.
+    #[command(subcommand)]
+    Parked(Parked),
+}
+
+#[derive(Debug, Subcommand)]
+enum Parked {
+    /// List the parked jobs with why each was parked (they stay parked).
+    List {
+        /// The notification service's configuration file (`USHER_*` variables apply too).
+        #[arg(long, env = "USHER_CONFIG")]
+        config: Option<std::path::PathBuf>,
+    },
+    /// Put parked jobs back to work (their delivery set back to QUEUED), once
+    /// the cause is fixed; the others stay parked.
+    Replay {
+        /// A job id to replay (repeat for several).
+        #[arg(long = "job", required_unless_present = "all", conflicts_with = "all")]
+        jobs: Vec<String>,
+        /// Replay every parked job that names a job id.
+        #[arg(long)]
+        all: bool,
+        /// The notification service's configuration file (`USHER_*` variables apply too).
+        #[arg(long, env = "USHER_CONFIG")]
+        config: Option<std::path::PathBuf>,
+    },
+}
+
+impl Parked {
+    fn into_parts(
+        self,
+    ) -> (
+        Option<std::path::PathBuf>,
+        usher_notification::parked::Replay,
+    ) {
+        use usher_notification::parked::Replay;
+        match self {
+            Self::List { config } => (config, Replay::Nothing),
+            Self::Replay {
+                all: true, config, ..
+            } => (config, Replay::All),
+            Self::Replay { jobs, config, .. } => (config, Replay::Jobs(jobs.into_iter().collect())),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -112,6 +158,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::PlatformKeys(PlatformKeys::Create { name, config }) => {
             return commands::platform_keys::create(config.as_deref(), &name).await;
         }
+        Command::Parked(parked) => {
+            let (config, replay) = parked.into_parts();
+            return commands::parked::run(config.as_deref(), replay, cli.global.json).await;
+        }
         other => other,
     };
     let mut client = Client::new(&cli.global)?;
@@ -126,7 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Teams { command } => commands::directory::teams(&mut client, command).await,
         Command::Audit(args) => commands::audit::run(&mut client, args).await,
         Command::Accounts(command) => commands::accounts::run(&mut client, command).await,
-        Command::Dev(_) | Command::PlatformKeys(_) => Ok(()),
+        Command::Dev(_) | Command::PlatformKeys(_) | Command::Parked(_) => Ok(()),
     }
 }
 
@@ -177,6 +227,33 @@ mod tests {
         assert_eq!(args.addresses.len(), 2);
         assert_eq!(args.role, "Admin");
         assert!(args.dry_run);
+    }
+
+    #[test]
+    fn parked_replay_takes_job_ids_or_all_never_both() {
+        use usher_notification::parked::Replay;
+        let cli = Cli::try_parse_from(["usher", "parked", "replay", "--job", "a", "--job", "b"])
+            .expect("parsed");
+        let Command::Parked(parked) = cli.command else {
+            panic!("not parked")
+        };
+        assert_eq!(
+            parked.into_parts().1,
+            Replay::Jobs(["a".to_owned(), "b".to_owned()].into_iter().collect())
+        );
+        let cli = Cli::try_parse_from(["usher", "parked", "replay", "--all"]).expect("parsed");
+        let Command::Parked(parked) = cli.command else {
+            panic!("not parked")
+        };
+        assert_eq!(parked.into_parts().1, Replay::All);
+        let cli = Cli::try_parse_from(["usher", "parked", "list", "--json"]).expect("parsed");
+        assert!(cli.global.json);
+        let Command::Parked(parked) = cli.command else {
+            panic!("not parked")
+        };
+        assert_eq!(parked.into_parts().1, Replay::Nothing);
+        assert!(Cli::try_parse_from(["usher", "parked", "replay"]).is_err());
+        assert!(Cli::try_parse_from(["usher", "parked", "replay", "--all", "--job", "a"]).is_err());
     }
 
     #[test]

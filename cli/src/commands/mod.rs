@@ -7,6 +7,7 @@ pub mod directory;
 pub mod invitations;
 pub mod invite;
 pub mod login;
+pub mod parked;
 pub mod platform_keys;
 pub mod resolve;
 pub mod users;

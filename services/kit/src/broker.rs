@@ -347,6 +347,43 @@ impl Received {
     }
 }
 
+/// Acknowledges every message of `batch` at once. On RabbitMQ it is one
+/// `basic.ack` with `multiple` set, on the newest delivery tag of the batch:
+/// that also acknowledges any *earlier* message of the same subscription
+/// still unacknowledged, so the caller must have settled (acked or requeued)
+/// every message its subscription delivered before the newest of `batch`,
+/// or put it in `batch`; all of `batch` must come from one subscription.
+/// The in-process broker acks each message.
+pub async fn ack_all(batch: Vec<Received>) -> Result<(), AmqpError> {
+    let mut newest: Option<Received> = None;
+    for mut received in batch {
+        match &mut received.ack {
+            Ack::Amqp(delivery) => {
+                let older = newest.as_ref().is_some_and(|n| match &n.ack {
+                    Ack::Amqp(kept) => kept.delivery_tag > delivery.delivery_tag,
+                    Ack::Memory { .. } => false,
+                });
+                if !older {
+                    // The one kept acknowledges this one too.
+                    newest = Some(received);
+                }
+            }
+            Ack::Memory { .. } => received.ack().await?,
+        }
+    }
+    let Some(newest) = newest else {
+        return Ok(());
+    };
+    match &newest.ack {
+        Ack::Amqp(delivery) => delivery
+            .ack(BasicAckOptions { multiple: true })
+            .await
+            .map(drop)
+            .map_err(|e| AmqpError::from_lapin(&e)),
+        Ack::Memory { .. } => newest.ack().await,
+    }
+}
+
 impl Drop for Ack {
     fn drop(&mut self) {
         // Neither acked nor requeued (its handler was cancelled): back to
@@ -811,6 +848,37 @@ pub(crate) mod conformance {
         let p2 = next(&mut queue).await;
         assert_eq!(p2.data, b"p2");
         p2.ack().await.expect("ack p2");
+
+        // A batch acked at once (one multiple-ack on RabbitMQ): none comes
+        // back to the next subscription; the one requeued before it does.
+        for body in ["b1", "b2", "b3"] {
+            broker
+                .publish(&message(&names.exchange, "job.b", body))
+                .await
+                .expect("publish");
+        }
+        let mut queue = {
+            queue.close().await;
+            broker
+                .subscribe(&names.queue, "conformance", 3)
+                .await
+                .expect("subscribe for a batch")
+        };
+        let b1 = next(&mut queue).await;
+        let b2 = next(&mut queue).await;
+        let b3 = next(&mut queue).await;
+        b2.requeue().await.expect("requeue b2");
+        super::ack_all(vec![b3, b1]).await.expect("ack the batch");
+        let b2 = next(&mut queue).await;
+        assert_eq!(b2.data, b"b2");
+        b2.ack().await.expect("ack b2");
+        nothing(&mut queue, Duration::from_millis(300)).await;
+        queue.close().await;
+        let mut queue = broker
+            .subscribe(&names.queue, "conformance", 2)
+            .await
+            .expect("subscribe after the batch");
+        nothing(&mut queue, Duration::from_millis(300)).await;
 
         // A delay queue forwards after its TTL, with its dead-letter key.
         let sent = std::time::Instant::now();

@@ -131,7 +131,8 @@ pub struct SmtpConfig {
     /// consumer timeout (30 minutes by default), so an unacked job never
     /// outlives its delivery.
     pub timeout_ms: u64,
-    /// Most pooled SMTP connections.
+    /// Most SMTP connections, kept open and reused: also how many emails
+    /// are handed over at once (sends beyond it wait for a connection).
     pub pool_max_size: u32,
     /// The `From` mailbox, e.g. `Usher <no-reply@usher.example>`.
     pub from: String,
@@ -149,7 +150,7 @@ impl Default for SmtpConfig {
             username: String::new(),
             password: Secret::default(),
             timeout_ms: 30_000,
-            pool_max_size: 8,
+            pool_max_size: 64,
             from: "Usher <no-reply@usher.localhost>".into(),
             folder: PathBuf::from("usher-mail"),
         }
@@ -214,9 +215,20 @@ impl SmtpConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeliveryConfig {
-    /// Unacknowledged jobs in flight (the prefetch), also how many are sent
-    /// at once.
+    /// Unacknowledged jobs per consumer channel (the prefetch): a batch
+    /// being sent plus the next one waiting. At least `batch_size`.
     pub prefetch: u16,
+    /// Consumer channels on the work queue, each sending one batch at a
+    /// time: batches of different channels overlap (one is sent while
+    /// another is recorded).
+    pub consumers: u16,
+    /// Most jobs handled together: claimed in one transaction, sent at once
+    /// (up to `smtp.pool_max_size` in flight), recorded with their results
+    /// in one transaction, then acknowledged with one multiple-ack.
+    pub batch_size: u16,
+    /// How long a batch waits for more jobs after its first, in
+    /// milliseconds, before it is handled as it is.
+    pub batch_wait_ms: u64,
     /// Waits before each retry after a transient failure, in milliseconds,
     /// increasing; the last one repeats. One delay queue per value.
     pub retry_delays_ms: Vec<u64>,
@@ -225,8 +237,10 @@ pub struct DeliveryConfig {
     pub max_attempts: u32,
     /// The host part of every `Message-ID` (`<job_id@host>`).
     pub message_id_host: String,
-    /// How long a job being sent is leased to its consumer before another
-    /// copy of it may be sent, in seconds; above the SMTP timeout.
+    /// How long a job may wait for a free SMTP connection, and then how
+    /// long its send may take, in seconds (at least 4 × `smtp.timeout_ms`):
+    /// a job being sent is leased to its consumer for twice this before
+    /// another copy of it may be sent.
     pub lease_secs: u32,
     /// Sources whose jobs an external pipeline sends: this service acks them
     /// without sending, recording or reporting anything (docs/notification.md,
@@ -268,7 +282,10 @@ impl DeliveryConfig {
 impl Default for DeliveryConfig {
     fn default() -> Self {
         Self {
-            prefetch: 16,
+            prefetch: 256,
+            consumers: 2,
+            batch_size: 128,
+            batch_wait_ms: 5,
             retry_delays_ms: vec![5_000, 30_000, 120_000, 600_000, 1_800_000],
             max_attempts: 12,
             message_id_host: "usher.localhost".into(),
@@ -284,6 +301,24 @@ impl Validate for DeliveryConfig {
             return Err(ConfigError::invalid(
                 "delivery.prefetch",
                 "must be between 1 and 1000",
+            ));
+        }
+        if !(1..=self.prefetch).contains(&self.batch_size) {
+            return Err(ConfigError::invalid(
+                "delivery.batch_size",
+                "must be between 1 and delivery.prefetch",
+            ));
+        }
+        if !(1..=16).contains(&self.consumers) {
+            return Err(ConfigError::invalid(
+                "delivery.consumers",
+                "must be between 1 and 16",
+            ));
+        }
+        if self.batch_wait_ms > 1_000 {
+            return Err(ConfigError::invalid(
+                "delivery.batch_wait_ms",
+                "must be at most 1000",
             ));
         }
         if self.retry_delays_ms.is_empty()
@@ -367,6 +402,17 @@ mod tests {
             ..DeliveryConfig::default()
         };
         assert!(host.validate().is_err());
+        let batch = DeliveryConfig {
+            batch_size: 300,
+            prefetch: 256,
+            ..DeliveryConfig::default()
+        };
+        assert!(batch.validate().is_err());
+        let consumers = DeliveryConfig {
+            consumers: 0,
+            ..DeliveryConfig::default()
+        };
+        assert!(consumers.validate().is_err());
     }
 
     #[test]

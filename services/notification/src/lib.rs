@@ -12,6 +12,7 @@ pub mod api;
 pub mod config;
 pub mod mailer;
 pub mod migration;
+pub mod parked;
 pub mod pipeline;
 pub mod store;
 pub mod templates;
@@ -59,7 +60,18 @@ pub fn broker_topology(config: &Config) -> usher_kit::amqp::Topology {
         .iter()
         .map(|ms| Duration::from_millis(*ms))
         .collect();
-    topology::topology(&delays)
+    // The producers' result queues (see `store::RESULT_QUEUES`).
+    store::RESULT_QUEUES
+        .iter()
+        .fold(topology::topology(&delays), |topology, (source, queue)| {
+            topology
+                .queue(usher_kit::amqp::QueueSpec::durable(*queue).quorum())
+                .bind(
+                    *queue,
+                    usher_kit::amqp::EMAIL_EXCHANGE,
+                    topology::result_routing_key(source),
+                )
+        })
 }
 
 /// The email pipeline of `config` on `db` and `broker`.

@@ -4,11 +4,15 @@
 //! everything else (4xx, refused or dropped connections, timeouts, a full
 //! disk) is transient and retried.
 
+use std::{sync::Arc, time::Duration};
+
 use lettre::{
     AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
     message::{Mailbox, MultiPart},
     transport::smtp::{PoolConfig, authentication::Credentials},
 };
+
+use tokio::sync::Semaphore;
 
 use crate::{
     config::{SmtpConfig, TlsMode, TransportKind},
@@ -29,8 +33,11 @@ pub enum SendError {
 /// Where emails go.
 #[derive(Clone)]
 pub enum Mailer {
-    /// An SMTP server.
-    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    /// An SMTP server: pooled connections, and a permit per send so that no
+    /// more are in flight than the pool holds (lettre opens an extra,
+    /// unpooled connection when the pool is empty, then closes it: a
+    /// connection per email under load).
+    Smtp(AsyncSmtpTransport<Tokio1Executor>, Arc<Semaphore>),
     /// A folder of `.eml` files.
     File(AsyncFileTransport<Tokio1Executor>),
 }
@@ -38,7 +45,7 @@ pub enum Mailer {
 impl std::fmt::Debug for Mailer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Self::Smtp(_) => "Mailer::Smtp",
+            Self::Smtp(..) => "Mailer::Smtp",
             Self::File(_) => "Mailer::File",
         })
     }
@@ -61,32 +68,43 @@ impl Mailer {
                     }
                     TlsMode::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(host)?,
                 };
+                let pool = config.pool_max_size.max(1);
                 let mut builder = builder
                     .port(config.port)
                     .timeout(Some(config.timeout()))
-                    .pool_config(PoolConfig::new().max_size(config.pool_max_size));
+                    .pool_config(PoolConfig::new().max_size(pool));
                 if !config.username.is_empty() {
                     builder = builder.credentials(Credentials::new(
                         config.username.clone(),
                         config.password.expose().to_owned(),
                     ));
                 }
-                Self::Smtp(builder.build())
+                let permits = usize::try_from(pool).unwrap_or(usize::MAX);
+                Self::Smtp(builder.build(), Arc::new(Semaphore::new(permits)))
             }
         })
     }
 
-    /// Sends `message`.
-    pub async fn send(&self, message: Message) -> Result<(), SendError> {
+    /// Sends `message`, waiting at most `wait` for a free SMTP connection
+    /// (a transient failure when none came, so the job is retried later).
+    pub async fn send(&self, message: Message, wait: Duration) -> Result<(), SendError> {
         match self {
-            Self::Smtp(smtp) => smtp.send(message).await.map(drop).map_err(|error| {
-                let text = smtp_reason(&error);
-                if error.is_permanent() {
-                    SendError::Permanent(text)
-                } else {
-                    SendError::Transient(text)
-                }
-            }),
+            Self::Smtp(smtp, permits) => {
+                let _permit = tokio::time::timeout(wait, permits.acquire())
+                    .await
+                    .map_err(|_| {
+                        SendError::Transient("smtp: no connection free within the lease".into())
+                    })?
+                    .map_err(|_| SendError::Transient("smtp: transport closed".into()))?;
+                smtp.send(message).await.map(drop).map_err(|error| {
+                    let text = smtp_reason(&error);
+                    if error.is_permanent() {
+                        SendError::Permanent(text)
+                    } else {
+                        SendError::Transient(text)
+                    }
+                })
+            }
             Self::File(file) => file
                 .send(message)
                 .await

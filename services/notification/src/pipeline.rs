@@ -1,6 +1,12 @@
 //! The consumer of `usher.email.send`: decode, dedupe, render, send, record.
 //!
-//! Each job goes through these steps (see `docs/notification.md`):
+//! Jobs are handled in batches (`delivery.batch_size` jobs, or what arrived
+//! within `delivery.batch_wait_ms` of the first), on `delivery.consumers`
+//! channels that each handle one batch at a time. A batch is claimed in one
+//! transaction, sent at once (up to `smtp.pool_max_size` in flight, over
+//! pooled connections), recorded with its results in one transaction, and
+//! acknowledged with one multiple-ack once that committed. Each job goes
+//! through these steps (see `docs/notification.md`):
 //!
 //! 1. Decode it; a job of a source listed in `delivery.external_sources` is
 //!    acked untouched (an external pipeline sends it). Check it. A job that cannot be sent as it is (undecodable,
@@ -23,7 +29,8 @@
 //!
 //! The one window left is a crash after the SMTP server accepted the email
 //! and before step 4 committed: the job is then sent again once its lease
-//! expires, with the same `Message-ID`.
+//! expires, with the same `Message-ID` — at most the batches being sent,
+//! `delivery.consumers × delivery.batch_size` jobs.
 
 use std::{sync::Arc, time::Duration};
 
@@ -32,10 +39,11 @@ use lettre::message::Mailbox;
 use prost::Message as _;
 use sea_orm::DatabaseConnection;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use usher_kit::{
     amqp::{EMAIL_JOB_TYPE, OutgoingMessage, PROTOBUF_CONTENT_TYPE},
-    broker::{Broker, Received},
+    broker::{self, Broker, Received},
     clock::SharedClock,
     email::EmailAddress,
     seal::Sealer,
@@ -60,7 +68,7 @@ const REQUEUE_PAUSE: Duration = Duration::from_millis(500);
 const MAX_RECIPIENT_NAME_CHARS: usize = 200;
 
 /// What to do with a delivery once handled.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Disposition {
     /// Done with it (sent, parked, retried through a delay queue, duplicate).
     Ack,
@@ -131,175 +139,321 @@ impl Pipeline {
     }
 
     async fn consume_once(self: &Arc<Self>, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let mut subscription = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            subscribed = self.broker.subscribe(SEND_QUEUE, crate::SERVICE, self.config.prefetch) => subscribed?,
-        };
-        tracing::info!(queue = SEND_QUEUE, "consuming email jobs");
-        // The prefetch bounds the jobs in flight, so the task set too.
-        let mut in_flight = JoinSet::new();
+        // One channel per consumer, each handling one batch at a time, so a
+        // batch's multiple-ack covers exactly that batch.
+        // One consumer ending (its channel closed) stops the others after
+        // their batch: the caller subscribes again.
+        let stop = shutdown.child_token();
+        let mut consumers = JoinSet::new();
+        let mut ended = Ok(());
+        for _ in 0..self.config.consumers.max(1) {
+            let subscription = tokio::select! {
+                () = stop.cancelled() => break,
+                subscribed = self.broker.subscribe(SEND_QUEUE, crate::SERVICE, self.config.prefetch) => subscribed,
+            };
+            match subscription {
+                Ok(subscription) => {
+                    let this = self.clone();
+                    let stop = stop.clone();
+                    consumers.spawn(async move { this.consume_batches(subscription, &stop).await });
+                }
+                Err(error) => {
+                    ended = Err(error.into());
+                    break;
+                }
+            }
+        }
+        tracing::info!(
+            queue = SEND_QUEUE,
+            consumers = consumers.len(),
+            "consuming email jobs"
+        );
+        while let Some(joined) = consumers.join_next().await {
+            stop.cancel();
+            if let Ok(Err(error)) = joined
+                && ended.is_ok()
+            {
+                ended = Err(error);
+            }
+        }
+        ended
+    }
+
+    /// Takes batches from `subscription` and handles each in turn, until
+    /// `shutdown` or the subscription ends.
+    async fn consume_batches(
+        self: Arc<Self>,
+        mut subscription: broker::Subscription,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let size = usize::from(self.config.batch_size.max(1));
+        let wait = Duration::from_millis(self.config.batch_wait_ms);
         let ended = loop {
-            tokio::select! {
+            let first = tokio::select! {
                 () = shutdown.cancelled() => break Ok(()),
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-                next = subscription.next() => match next {
-                    Some(Ok(delivery)) => {
-                        let this = self.clone();
-                        in_flight.spawn(async move { this.handle_delivery(delivery).await });
-                    }
-                    Some(Err(error)) => break Err(error.into()),
-                    None => break Ok(()),
-                },
+                next = subscription.next() => next,
+            };
+            let mut batch = match first {
+                Some(Ok(delivery)) => vec![delivery],
+                Some(Err(error)) => break Err(error.into()),
+                None => break Ok(()),
+            };
+            let deadline = Instant::now() + wait;
+            let mut stop = None;
+            while batch.len() < size {
+                tokio::select! {
+                    biased;
+                    next = subscription.next() => match next {
+                        Some(Ok(delivery)) => batch.push(delivery),
+                        Some(Err(error)) => { stop = Some(Err(error.into())); break; }
+                        None => { stop = Some(Ok(())); break; }
+                    },
+                    () = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            // Finished (acked or deferred) before the next batch is taken,
+            // also on shutdown.
+            self.handle_batch(batch).await;
+            if let Some(stop) = stop {
+                break stop;
             }
         };
-        // In-flight jobs finish (and ack or requeue) before we let go.
-        while in_flight.join_next().await.is_some() {}
         subscription.close().await;
         ended
     }
 
-    async fn handle_delivery(&self, delivery: Received) {
-        let outcome = match self.handle(&delivery.data).await {
-            Disposition::Ack => delivery.ack().await,
-            Disposition::Requeue(why) => {
-                tracing::warn!(reason = %why, "email job deferred");
-                // Through a delay queue rather than a nack: a quorum queue
-                // counts every return toward its delivery limit, and an
-                // outage on our side must not park good jobs.
-                let message_id = delivery.message_id.clone().unwrap_or_default();
-                match self
-                    .publish_delayed(&delivery.data, &message_id, self.delays()[0])
-                    .await
-                {
-                    Ok(()) => delivery.ack().await,
-                    Err(_) => {
-                        tokio::time::sleep(REQUEUE_PAUSE).await;
-                        delivery.requeue().await
+    /// Handles a batch of deliveries, then acknowledges them: the deferred
+    /// ones one by one first, then the rest with one multiple-ack.
+    async fn handle_batch(&self, batch: Vec<Received>) {
+        let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
+        let dispositions = self.handle_many(&bodies).await;
+        let mut done = Vec::with_capacity(batch.len());
+        for (delivery, disposition) in batch.into_iter().zip(dispositions) {
+            match disposition {
+                Disposition::Ack => done.push(delivery),
+                Disposition::Requeue(why) => {
+                    tracing::warn!(reason = %why, "email job deferred");
+                    // Through a delay queue rather than a nack: a quorum queue
+                    // counts every return toward its delivery limit, and an
+                    // outage on our side must not park good jobs.
+                    let message_id = delivery.message_id.clone().unwrap_or_default();
+                    match self
+                        .publish_delayed(&delivery.data, &message_id, self.delays()[0])
+                        .await
+                    {
+                        Ok(()) => done.push(delivery),
+                        Err(_) => {
+                            tokio::time::sleep(REQUEUE_PAUSE).await;
+                            if let Err(error) = delivery.requeue().await {
+                                tracing::warn!(%error, "email job not requeued");
+                            }
+                        }
                     }
                 }
             }
-        };
-        if let Err(error) = outcome {
-            // The channel is gone: the broker redelivers the job.
-            tracing::warn!(%error, "email job not acknowledged");
+        }
+        if let Err(error) = broker::ack_all(done).await {
+            // The channel is gone: the broker redelivers the jobs, and
+            // their rows make the redelivered copies duplicates.
+            tracing::warn!(%error, "email jobs not acknowledged");
         }
     }
 
     /// Handles one job body; see the module documentation.
     pub async fn handle(&self, data: &[u8]) -> Disposition {
-        let job = match pb::EmailJob::decode(data) {
-            Ok(job) => job,
-            Err(_) => {
-                return self
-                    .reject(
-                        data,
-                        Rejected {
-                            row: None,
-                            reason: "malformed job: not an EmailJob".into(),
-                        },
-                    )
-                    .await;
-            }
-        };
-        if self.config.hands_off(job.source) {
-            // An external pipeline sends this source's emails and publishes
-            // their results (docs/notification.md, "Taking over delivery").
-            metrics::counter!("usher_notification_handed_off_total").increment(1);
-            return Disposition::Ack;
-        }
-        let row = match checked(&job) {
-            Ok(row) => row,
-            Err(rejected) => return self.reject(data, rejected).await,
-        };
-        let now = self.clock.now();
-        let lease = chrono::Duration::seconds(i64::from(self.config.lease_secs));
-        let claimed = match store::claim(&self.db, &row, now, lease).await {
-            Ok(Claim::Send(claimed)) => claimed,
-            Ok(Claim::Done(done)) => {
-                metrics::counter!("usher_notification_duplicates_total").increment(1);
-                tracing::info!(job_id = %done.id, status = %done.status, "duplicate email job acked");
-                return Disposition::Ack;
-            }
-            Ok(Claim::Busy) => {
-                let delay = self.delays()[0];
-                return match self.publish_delayed(data, &row.id.to_string(), delay).await {
-                    Ok(()) => Disposition::Ack,
-                    Err(why) => Disposition::Requeue(why),
-                };
-            }
-            Err(error) => return Disposition::Requeue(format!("database: {error}")),
-        };
+        self.handle_many(&[data])
+            .await
+            .pop()
+            .unwrap_or(Disposition::Requeue("not handled".into()))
+    }
 
-        let locale = templates::resolve_locale(&job.locale, &job.account_default_locale);
-        let email = match self.render(&job, locale) {
-            Ok(email) => email,
-            Err(reason) => return self.fail(data, &row, reason, locale).await,
-        };
-        let message_id = mailer::message_id(&job.job_id, &self.config.message_id_host);
-        let sent = match mailer::build(
-            &self.from,
-            &row.recipient_email,
-            &job.recipient_name,
-            message_id.clone(),
-            &email,
-        ) {
-            Ok(message) => self.mailer.send(message).await,
-            Err(error) => Err(error),
-        };
-        let now = self.clock.now();
-        match sent {
-            Ok(()) => {
-                metrics::counter!("usher_notification_sent_total").increment(1);
-                if let Some(created) = job
-                    .create_time
-                    .as_ref()
-                    .and_then(|t| chrono::DateTime::<Utc>::from_timestamp(t.seconds, 0))
-                {
-                    let lag = (now - created).num_milliseconds().max(0) as f64 / 1000.0;
-                    metrics::histogram!("usher_notification_queue_lag_seconds").record(lag);
+    /// Handles a batch of job bodies, one [`Disposition`] per body in order:
+    /// one transaction claims them, they are sent at once, one transaction
+    /// records their outcomes and results.
+    pub async fn handle_many(&self, bodies: &[&[u8]]) -> Vec<Disposition> {
+        let mut dispositions: Vec<Option<Disposition>> = vec![None; bodies.len()];
+        // Decode and check; a job that cannot be sent as it is is parked.
+        let mut valid = Vec::with_capacity(bodies.len());
+        for (index, data) in bodies.iter().enumerate() {
+            let checked = match pb::EmailJob::decode(*data) {
+                Ok(job) if self.config.hands_off(job.source) => {
+                    // An external pipeline sends this source's emails and
+                    // publishes their results (docs/notification.md,
+                    // "Taking over delivery").
+                    metrics::counter!("usher_notification_handed_off_total").increment(1);
+                    dispositions[index] = Some(Disposition::Ack);
+                    continue;
                 }
-                let outcome = Outcome {
-                    status: Status::Sent,
-                    reason: String::new(),
-                    locale: locale.to_owned(),
-                    message_id,
-                };
-                match store::record(&self.db, row.id, &outcome, now).await {
-                    Ok(_) => Disposition::Ack,
-                    Err(error) => Disposition::Requeue(format!("database: {error}")),
-                }
+                Ok(job) => checked(&job).map(|row| (job, row)),
+                Err(_) => Err(Rejected {
+                    row: None,
+                    reason: "malformed job: not an EmailJob".into(),
+                }),
+            };
+            match checked {
+                Ok((job, row)) => valid.push((index, job, row)),
+                Err(rejected) => dispositions[index] = Some(self.reject(data, rejected).await),
             }
-            Err(SendError::Permanent(reason)) => self.fail(data, &row, reason, locale).await,
-            Err(SendError::Transient(reason)) => {
-                let attempts = u32::try_from(claimed.attempts).unwrap_or(u32::MAX);
-                if attempts >= self.config.max_attempts {
-                    let reason = format!("gave up after {attempts} attempts: {reason}");
-                    return self.fail(data, &row, reason, locale).await;
+        }
+
+        // Claim, in one transaction. A job waits at most `lease_secs` for a
+        // free SMTP connection (else it is retried later), then its send has
+        // `lease_secs` (at least 4 SMTP timeouts): the lease covers both.
+        let now = self.clock.now();
+        let wait_until = Instant::now() + Duration::from_secs(u64::from(self.config.lease_secs));
+        let lease = chrono::Duration::seconds(2 * i64::from(self.config.lease_secs));
+        let rows: Vec<NewDelivery> = valid.iter().map(|(_, _, row)| row.clone()).collect();
+        let mut claims = match store::claim_many(&self.db, &rows, now, lease).await {
+            Ok(claims) => claims,
+            Err(error) => {
+                let why = format!("database: {error}");
+                for (index, _, _) in &valid {
+                    dispositions[*index] = Some(Disposition::Requeue(why.clone()));
                 }
-                metrics::counter!("usher_notification_retried_total").increment(1);
-                tracing::info!(job_id = %row.id, attempts, %reason, "email send failed; retrying");
-                let outcome = Outcome {
-                    status: Status::Queued,
-                    reason,
-                    locale: locale.to_owned(),
-                    message_id: String::new(),
-                };
-                if let Err(error) = store::record(&self.db, row.id, &outcome, now).await {
-                    return Disposition::Requeue(format!("database: {error}"));
+                return finish(dispositions);
+            }
+        };
+        let mut to_send = Vec::with_capacity(valid.len());
+        for (index, job, row) in valid {
+            // A job id twice in one batch: the first copy is sent, the other
+            // waits like a copy in flight elsewhere.
+            match claims.remove(&row.id) {
+                Some(Claim::Send(claimed)) => to_send.push((index, job, row, claimed.attempts)),
+                Some(Claim::Done(done)) => {
+                    metrics::counter!("usher_notification_duplicates_total").increment(1);
+                    tracing::info!(job_id = %done.id, status = %done.status, "duplicate email job acked");
+                    dispositions[index] = Some(Disposition::Ack);
                 }
-                let delays = self.delays();
-                let index = usize::try_from(attempts.saturating_sub(1))
-                    .unwrap_or(usize::MAX)
-                    .min(delays.len() - 1);
-                match self
-                    .publish_delayed(data, &row.id.to_string(), delays[index])
-                    .await
-                {
-                    Ok(()) => Disposition::Ack,
-                    Err(why) => Disposition::Requeue(why),
+                Some(Claim::Busy) | None => {
+                    let delay = self.delays()[0];
+                    dispositions[index] = Some(
+                        match self
+                            .publish_delayed(bodies[index], &row.id.to_string(), delay)
+                            .await
+                        {
+                            Ok(()) => Disposition::Ack,
+                            Err(why) => Disposition::Requeue(why),
+                        },
+                    );
                 }
             }
         }
+
+        // Render and send them all at once (the mailer bounds how many are
+        // in flight).
+        let sent = futures::future::join_all(to_send.iter().map(|(_, job, row, _)| async move {
+            let locale = templates::resolve_locale(&job.locale, &job.account_default_locale);
+            let message_id = mailer::message_id(&job.job_id, &self.config.message_id_host);
+            let sent = match self.render(job, locale) {
+                Ok(email) => match mailer::build(
+                    &self.from,
+                    &row.recipient_email,
+                    &job.recipient_name,
+                    message_id.clone(),
+                    &email,
+                ) {
+                    Ok(message) => {
+                        let wait = wait_until.saturating_duration_since(Instant::now());
+                        self.mailer.send(message, wait).await
+                    }
+                    Err(error) => Err(error),
+                },
+                Err(reason) => Err(SendError::Permanent(reason)),
+            };
+            (locale, message_id, sent)
+        }))
+        .await;
+
+        // Outcomes: parked ones are parked first, retried ones copied to
+        // their delay queue after the record committed.
+        let now = self.clock.now();
+        let mut outcomes = Vec::with_capacity(sent.len());
+        let mut retries = Vec::new();
+        for ((index, job, row, attempts), (locale, message_id, sent)) in to_send.iter().zip(sent) {
+            let outcome = match sent {
+                Ok(()) => {
+                    metrics::counter!("usher_notification_sent_total").increment(1);
+                    if let Some(created) = job
+                        .create_time
+                        .as_ref()
+                        .and_then(|t| chrono::DateTime::<Utc>::from_timestamp(t.seconds, 0))
+                    {
+                        let lag = (now - created).num_milliseconds().max(0) as f64 / 1000.0;
+                        metrics::histogram!("usher_notification_queue_lag_seconds").record(lag);
+                    }
+                    Outcome {
+                        status: Status::Sent,
+                        reason: String::new(),
+                        locale: locale.to_owned(),
+                        message_id,
+                    }
+                }
+                Err(SendError::Transient(reason))
+                    if u32::try_from(*attempts).unwrap_or(u32::MAX) < self.config.max_attempts =>
+                {
+                    metrics::counter!("usher_notification_retried_total").increment(1);
+                    tracing::info!(job_id = %row.id, attempts, %reason, "email send failed; retrying");
+                    retries.push((*index, row.id, *attempts));
+                    Outcome {
+                        status: Status::Queued,
+                        reason,
+                        locale: locale.to_owned(),
+                        message_id: String::new(),
+                    }
+                }
+                Err(error) => {
+                    let reason = match error {
+                        SendError::Transient(reason) => {
+                            format!("gave up after {attempts} attempts: {reason}")
+                        }
+                        SendError::Permanent(reason) => reason,
+                    };
+                    metrics::counter!("usher_notification_failed_total").increment(1);
+                    tracing::warn!(job_id = %row.id, %reason, "email job failed permanently; parked");
+                    if let Err(why) = self.park(bodies[*index], &reason).await {
+                        dispositions[*index] = Some(Disposition::Requeue(why));
+                        continue;
+                    }
+                    Outcome {
+                        status: Status::Failed,
+                        reason,
+                        locale: locale.to_owned(),
+                        message_id: String::new(),
+                    }
+                }
+            };
+            outcomes.push((*index, row.id, outcome));
+        }
+
+        // Record, in one transaction.
+        let records: Vec<_> = outcomes
+            .iter()
+            .map(|(_, id, outcome)| (*id, outcome.clone()))
+            .collect();
+        if let Err(error) = store::record_many(&self.db, &records, now).await {
+            let why = format!("database: {error}");
+            for (index, _, _) in &outcomes {
+                dispositions[*index] = Some(Disposition::Requeue(why.clone()));
+            }
+            return finish(dispositions);
+        }
+        for (index, _, _) in &outcomes {
+            dispositions[*index] = Some(Disposition::Ack);
+        }
+        let delays = self.delays();
+        for (index, id, attempts) in retries {
+            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+            let delay = delays[usize::try_from(attempts.saturating_sub(1))
+                .unwrap_or(usize::MAX)
+                .min(delays.len() - 1)];
+            if let Err(why) = self
+                .publish_delayed(bodies[index], &id.to_string(), delay)
+                .await
+            {
+                dispositions[index] = Some(Disposition::Requeue(why));
+            }
+        }
+        finish(dispositions)
     }
 
     fn delays(&self) -> Vec<Duration> {
@@ -368,31 +522,6 @@ impl Pipeline {
         Ok(link)
     }
 
-    /// Parks a permanently failed job and records it FAILED.
-    async fn fail(
-        &self,
-        data: &[u8],
-        row: &NewDelivery,
-        reason: String,
-        locale: &'static str,
-    ) -> Disposition {
-        metrics::counter!("usher_notification_failed_total").increment(1);
-        tracing::warn!(job_id = %row.id, %reason, "email job failed permanently; parked");
-        if let Err(why) = self.park(data, &reason).await {
-            return Disposition::Requeue(why);
-        }
-        let outcome = Outcome {
-            status: Status::Failed,
-            reason,
-            locale: locale.to_owned(),
-            message_id: String::new(),
-        };
-        match store::record(&self.db, row.id, &outcome, self.clock.now()).await {
-            Ok(_) => Disposition::Ack,
-            Err(error) => Disposition::Requeue(format!("database: {error}")),
-        }
-    }
-
     /// Parks a job that cannot be sent as it is, recording it when it can.
     async fn reject(&self, data: &[u8], rejected: Rejected) -> Disposition {
         metrics::counter!("usher_notification_failed_total").increment(1);
@@ -449,6 +578,14 @@ impl Pipeline {
             .await
             .map_err(|error| format!("retry: {error}"))
     }
+}
+
+/// Every disposition, a missing one (a bug) deferring its job.
+fn finish(dispositions: Vec<Option<Disposition>>) -> Vec<Disposition> {
+    dispositions
+        .into_iter()
+        .map(|d| d.unwrap_or_else(|| Disposition::Requeue("not handled".into())))
+        .collect()
 }
 
 /// Whether `link` is an absolute URL under `base` (`base` itself or a path

@@ -3,6 +3,8 @@
 //! Every status change that the producer must learn of is written together
 //! with its `DeliveryResult` in the outbox, in one transaction.
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::{DateTime, Utc};
 use prost::Message as _;
 use sea_orm::{
@@ -279,30 +281,66 @@ pub async fn claim(
     now: DateTime<Utc>,
     lease: chrono::Duration,
 ) -> Result<Claim, DbErr> {
-    Entity::insert(job.active(now, Status::Queued, ""))
+    let mut claims = claim_many(db, std::slice::from_ref(job), now, lease).await?;
+    claims
+        .remove(&job.id)
+        .ok_or_else(|| DbErr::RecordNotFound("delivery".into()))
+}
+
+/// [`claim`] for a batch of jobs, in one transaction: records the ones seen
+/// for the first time (one `INSERT`), leases every one that may be sent (one
+/// `UPDATE … RETURNING`), and reads the others. A job id given twice is
+/// claimed once.
+pub async fn claim_many(
+    db: &DatabaseConnection,
+    jobs: &[NewDelivery],
+    now: DateTime<Utc>,
+    lease: chrono::Duration,
+) -> Result<HashMap<Uuid, Claim>, DbErr> {
+    let mut seen = HashSet::new();
+    let jobs: Vec<&NewDelivery> = jobs.iter().filter(|job| seen.insert(job.id)).collect();
+    if jobs.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ids: Vec<Uuid> = jobs.iter().map(|job| job.id).collect();
+    let txn = db.begin().await?;
+    Entity::insert_many(jobs.iter().map(|job| job.active(now, Status::Queued, "")))
         .on_conflict_do_nothing_on([Column::Id])
-        .exec(db)
+        .exec_without_returning(&txn)
         .await?;
     let claimed = Entity::update_many()
         .col_expr(Column::Attempts, Expr::col(Column::Attempts).add(1))
         .col_expr(Column::LeaseUntil, Expr::value(Some(now + lease)))
         .col_expr(Column::UpdateTime, Expr::value(now))
-        .filter(Column::Id.eq(job.id))
+        .filter(Column::Id.is_in(ids.iter().copied()))
         .filter(Column::Status.eq(Status::Queued.as_str()))
         .filter(Column::LeaseUntil.is_null().or(Column::LeaseUntil.lt(now)))
-        .exec(db)
+        .exec_with_returning(&txn)
         .await?;
-    let row = Entity::find_by_id(job.id)
-        .one(db)
-        .await?
-        .ok_or_else(|| DbErr::RecordNotFound("delivery".into()))?;
-    Ok(if claimed.rows_affected == 1 {
-        Claim::Send(row)
-    } else if row.status == Status::Queued.as_str() {
-        Claim::Busy
-    } else {
-        Claim::Done(row)
-    })
+    let mut claims: HashMap<Uuid, Claim> = claimed
+        .into_iter()
+        .map(|row| (row.id, Claim::Send(row)))
+        .collect();
+    let rest: Vec<Uuid> = ids
+        .into_iter()
+        .filter(|id| !claims.contains_key(id))
+        .collect();
+    if !rest.is_empty() {
+        for row in Entity::find()
+            .filter(Column::Id.is_in(rest))
+            .all(&txn)
+            .await?
+        {
+            let claim = if row.status == Status::Queued.as_str() {
+                Claim::Busy
+            } else {
+                Claim::Done(row.clone())
+            };
+            claims.insert(row.id, claim);
+        }
+    }
+    txn.commit().await?;
+    Ok(claims)
 }
 
 /// A status change to record.
@@ -327,42 +365,120 @@ pub async fn record(
     outcome: &Outcome,
     now: DateTime<Utc>,
 ) -> Result<bool, DbErr> {
+    let recorded = record_many(db, &[(id, outcome.clone())], now).await?;
+    Ok(recorded.contains(&id))
+}
+
+/// [`record`] for a batch, in one transaction: one `UPDATE` for every SENT
+/// row, one per other outcome (rare), and one outbox `INSERT` for all the
+/// results. Returns the ids recorded (rows already SENT or FAILED are left
+/// alone).
+pub async fn record_many(
+    db: &DatabaseConnection,
+    outcomes: &[(Uuid, Outcome)],
+    now: DateTime<Utc>,
+) -> Result<HashSet<Uuid>, DbErr> {
+    if outcomes.is_empty() {
+        return Ok(HashSet::new());
+    }
     let txn = db.begin().await?;
-    let mut update = Entity::update_many()
-        .col_expr(Column::Status, Expr::value(outcome.status.as_str()))
+    let mut rows = Vec::with_capacity(outcomes.len());
+    let (sent, others): (Vec<_>, Vec<_>) = outcomes
+        .iter()
+        .partition(|(_, outcome)| outcome.status == Status::Sent);
+    if let Some(((first_id, first), rest)) = sent.split_first() {
+        // Per-row values through `CASE id WHEN … THEN …`: one statement.
+        let case = |value: fn(&Outcome) -> String| {
+            rest.iter().fold(
+                Expr::case(Column::Id.eq(*first_id), value(first)),
+                |case, (id, outcome)| case.case(Column::Id.eq(*id), value(outcome)),
+            )
+        };
+        let locale = case(|o| o.locale.clone()).finally(Expr::col(Column::Locale));
+        let message_id = case(|o| o.message_id.clone()).finally(Expr::col(Column::MessageId));
+        rows.extend(
+            queued_rows(sent.iter().map(|(id, _)| *id))
+                .col_expr(Column::Status, Expr::value(Status::Sent.as_str()))
+                .col_expr(Column::Reason, Expr::value(String::new()))
+                .col_expr(Column::UpdateTime, Expr::value(now))
+                .col_expr(
+                    Column::LeaseUntil,
+                    Expr::value(Option::<DateTime<Utc>>::None),
+                )
+                .col_expr(Column::SendTime, Expr::value(Some(now)))
+                .col_expr(Column::Locale, locale.into())
+                .col_expr(Column::MessageId, message_id.into())
+                .exec_with_returning(&txn)
+                .await?,
+        );
+    }
+    for (id, outcome) in others {
+        let mut update = queued_rows([*id])
+            .col_expr(Column::Status, Expr::value(outcome.status.as_str()))
+            .col_expr(
+                Column::Reason,
+                Expr::value(sanitize_reason(&outcome.reason)),
+            )
+            .col_expr(Column::UpdateTime, Expr::value(now))
+            .col_expr(
+                Column::LeaseUntil,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            );
+        if !outcome.locale.is_empty() {
+            update = update.col_expr(Column::Locale, Expr::value(outcome.locale.clone()));
+        }
+        rows.extend(update.exec_with_returning(&txn).await?);
+    }
+    if rows.is_empty() {
+        txn.rollback().await?;
+        return Ok(HashSet::new());
+    }
+    let results: Vec<_> = rows.iter().map(result_message).collect();
+    outbox::enqueue(&txn, &results).await?;
+    txn.commit().await?;
+    Ok(rows.into_iter().map(|row| row.id).collect())
+}
+
+/// An `UPDATE` of the rows `ids` still QUEUED (a row SENT or FAILED never
+/// changes again).
+fn queued_rows(ids: impl IntoIterator<Item = Uuid>) -> sea_orm::UpdateMany<Entity> {
+    Entity::update_many()
+        .filter(Column::Id.is_in(ids))
+        .filter(Column::Status.eq(Status::Queued.as_str()))
+}
+
+/// Puts a FAILED job back to QUEUED (an operator replays it from the
+/// parking queue), with fresh attempts and its QUEUED result, in one
+/// transaction. Returns whether a FAILED row was reset (a SENT row is left
+/// alone: the replayed copy is then acked as a duplicate).
+pub async fn requeue_failed(
+    db: &DatabaseConnection,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<bool, DbErr> {
+    let txn = db.begin().await?;
+    let rows = Entity::update_many()
+        .col_expr(Column::Status, Expr::value(Status::Queued.as_str()))
         .col_expr(
             Column::Reason,
-            Expr::value(sanitize_reason(&outcome.reason)),
+            Expr::value("replayed from the parking queue".to_owned()),
         )
-        .col_expr(Column::UpdateTime, Expr::value(now))
+        .col_expr(Column::Attempts, Expr::value(0))
         .col_expr(
             Column::LeaseUntil,
             Expr::value(Option::<DateTime<Utc>>::None),
-        );
-    if !outcome.locale.is_empty() {
-        update = update.col_expr(Column::Locale, Expr::value(outcome.locale.clone()));
-    }
-    if outcome.status == Status::Sent {
-        update = update
-            .col_expr(Column::SendTime, Expr::value(Some(now)))
-            .col_expr(Column::MessageId, Expr::value(outcome.message_id.clone()));
-    }
-    let updated = update
+        )
+        .col_expr(Column::UpdateTime, Expr::value(now))
         .filter(Column::Id.eq(id))
-        .filter(Column::Status.eq(Status::Queued.as_str()))
-        .exec(&txn)
+        .filter(Column::Status.eq(Status::Failed.as_str()))
+        .exec_with_returning(&txn)
         .await?;
-    if updated.rows_affected == 0 {
-        txn.rollback().await?;
-        return Ok(false);
+    let results: Vec<_> = rows.iter().map(result_message).collect();
+    if !results.is_empty() {
+        outbox::enqueue(&txn, &results).await?;
     }
-    let row = Entity::find_by_id(id)
-        .one(&txn)
-        .await?
-        .ok_or_else(|| DbErr::RecordNotFound("delivery".into()))?;
-    outbox::enqueue(&txn, &[result_message(&row)]).await?;
     txn.commit().await?;
-    Ok(true)
+    Ok(!rows.is_empty())
 }
 
 /// Records a job that is FAILED from the start (malformed, refused before any
@@ -429,16 +545,37 @@ pub fn result_message(row: &delivery::Model) -> OutgoingMessage {
     };
     // A fresh message id per status change: consumers dedupe on it, and a
     // job has several results (QUEUED, then SENT).
-    // Broadcast: a producer that binds no result queue (yet) must not keep
-    // this service's outbox from draining.
-    OutgoingMessage::new(
+    let message = OutgoingMessage::new(
         EMAIL_EXCHANGE,
         result_routing_key(source),
         DELIVERY_RESULT_TYPE,
         result.encode_to_vec(),
     )
-    .with_content_type(PROTOBUF_CONTENT_TYPE)
-    .broadcast()
+    .with_content_type(PROTOBUF_CONTENT_TYPE);
+    if result_queue(source).is_some() {
+        // Mandatory: its queue is declared by this service too, and should
+        // it be missing, the result stays in the outbox (retried) instead of
+        // being dropped by the broker.
+        message
+    } else {
+        // Broadcast: a producer with no declared result queue (identity
+        // consumes none) must not keep this service's outbox from draining.
+        message.broadcast()
+    }
+}
+
+/// The producers whose result queue this service declares itself (durable,
+/// quorum, bound to `email.result.<source>`), with the same arguments as
+/// the producer does: results published before the producer ever started
+/// wait there instead of being lost.
+pub const RESULT_QUEUES: [(&str, &str); 1] = [("invitation", "usher.invitation.delivery-results")];
+
+/// The declared result queue of `source`, if any.
+pub fn result_queue(source: &str) -> Option<&'static str> {
+    RESULT_QUEUES
+        .iter()
+        .find(|(name, _)| *name == source)
+        .map(|(_, queue)| *queue)
 }
 
 /// The account's default locale from its newest delivery that gave one.

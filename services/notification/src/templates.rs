@@ -12,6 +12,11 @@
 //! The only link is the one opened from the job's sealed link, checked
 //! against the public base URL by the caller.
 
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use minijinja::{AutoEscape, Environment, UndefinedBehavior, context};
 use usher_proto::notification::v1::EmailTemplate;
@@ -124,10 +129,98 @@ pub struct RenderedEmail {
     pub locale: &'static str,
 }
 
-/// The compiled templates.
+/// The compiled templates, and each one rendered once per locale and
+/// per set of present values, with a marker in place of every value
+/// ([`Skeleton`]): an email is then filled in, not rendered.
 #[derive(Debug)]
 pub struct Templates {
     env: Environment<'static>,
+    skeletons: RwLock<HashMap<SkeletonKey, Arc<Skeleton>>>,
+}
+
+/// The values of a template, by slot: [`SLOT_NAMES`] order.
+const SLOT_NAMES: [&str; 9] = [
+    "recipient_name",
+    "account_name",
+    "inviter_name",
+    "role_name",
+    "invitee_name",
+    "invitee_email",
+    "expire_time",
+    "event_time",
+    "link",
+];
+/// The slot of the rendered subject (used by the HTML `<title>`).
+const SUBJECT_SLOT: usize = SLOT_NAMES.len();
+/// Marks a slot in a rendered skeleton: private-use characters, which no
+/// template holds and HTML escaping leaves alone.
+const MARK_OPEN: char = '\u{E000}';
+const MARK_CLOSE: char = '\u{E001}';
+
+/// Template, locale, and which values are non-empty (the templates branch
+/// on `{% if value %}` only).
+type SkeletonKey = (EmailTemplate, &'static str, u16);
+
+/// A template rendered with markers: literal text and slots, per block.
+#[derive(Debug)]
+struct Skeleton {
+    subject: Vec<Piece>,
+    text: Vec<Piece>,
+    html: Vec<Piece>,
+}
+
+#[derive(Debug)]
+enum Piece {
+    Literal(String),
+    Slot(usize),
+}
+
+fn marker(slot: usize) -> String {
+    format!("{MARK_OPEN}{slot}{MARK_CLOSE}")
+}
+
+/// Splits a rendering with markers into literals and slots.
+fn pieces(rendered: &str) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut rest = rendered;
+    while let Some(start) = rest.find(MARK_OPEN) {
+        let after = &rest[start + MARK_OPEN.len_utf8()..];
+        let Some(end) = after.find(MARK_CLOSE) else {
+            break;
+        };
+        let Ok(slot) = after[..end].parse::<usize>() else {
+            break;
+        };
+        if start > 0 {
+            out.push(Piece::Literal(rest[..start].to_owned()));
+        }
+        out.push(Piece::Slot(slot));
+        rest = &after[end + MARK_CLOSE.len_utf8()..];
+    }
+    if !rest.is_empty() {
+        out.push(Piece::Literal(rest.to_owned()));
+    }
+    out
+}
+
+/// Fills `pieces` with `values`, HTML-escaped when `html`.
+fn fill(pieces: &[Piece], values: &[String], html: bool) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(pieces.len() * 48);
+    for piece in pieces {
+        match piece {
+            Piece::Literal(text) => out.push_str(text),
+            Piece::Slot(slot) => {
+                let value = values.get(*slot).map_or("", String::as_str);
+                if html {
+                    let _ = write!(out, "{}", minijinja::HtmlEscape(value));
+                } else {
+                    out.push_str(value);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The file stem of `template`, or `None` for UNSPECIFIED.
@@ -301,48 +394,149 @@ impl Templates {
         for (name, source) in SOURCES {
             env.add_template(name, source)?;
         }
-        Ok(Self { env })
+        Ok(Self {
+            env,
+            skeletons: RwLock::new(HashMap::new()),
+        })
     }
 
-    /// Renders `template` in `locale` (already resolved) with `values`.
+    /// Renders `template` in `locale` (already resolved) with `values`: the
+    /// template is rendered once per locale and set of present values, then
+    /// filled in for each email (the same text as a full rendering).
     pub fn render(
         &self,
         template: EmailTemplate,
         locale: &'static str,
         values: &EmailValues,
     ) -> Result<RenderedEmail, RenderError> {
-        let stem = stem(template).ok_or(RenderError::UnknownTemplate)?;
-        if needs_link(template) != values.link.is_some() {
-            return Err(RenderError::MissingLink);
-        }
-        let when =
-            |time: Option<DateTime<Utc>>| time.map(|t| format_time(t, locale)).unwrap_or_default();
-        let tmpl = self.env.get_template(&format!("{stem}.{locale}"))?;
-        let base = context! {
-            recipient_name => name(&values.recipient_name),
-            account_name => name(&values.account_name),
-            inviter_name => name(&values.inviter_name),
-            role_name => name(&values.role_name),
-            invitee_name => name(&values.invitee_name),
-            invitee_email => clean(&values.invitee_email),
-            expire_time => when(values.expire_time),
-            event_time => when(values.event_time),
-            link => values.link.clone().unwrap_or_default(),
+        let mut slots = slot_values(template, locale, values)?;
+        let present = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, value)| !value.is_empty())
+            .fold(0u16, |mask, (slot, _)| mask | (1 << slot));
+        let key = (template, locale, present);
+        let cached = self
+            .skeletons
+            .read()
+            .ok()
+            .and_then(|skeletons| skeletons.get(&key).cloned());
+        let skeleton = match cached {
+            Some(skeleton) => skeleton,
+            None => {
+                let skeleton = Arc::new(self.skeleton(template, locale, present)?);
+                if let Ok(mut skeletons) = self.skeletons.write() {
+                    skeletons.insert(key, skeleton.clone());
+                }
+                skeleton
+            }
         };
-        let subject = {
+        let subject = fill(&skeleton.subject, &slots, false);
+        slots.push(subject.clone());
+        Ok(RenderedEmail {
+            subject,
+            text: fill(&skeleton.text, &slots, false),
+            html: fill(&skeleton.html, &slots, true),
+            locale,
+        })
+    }
+
+    /// Renders `template` with a marker for each present value.
+    fn skeleton(
+        &self,
+        template: EmailTemplate,
+        locale: &'static str,
+        present: u16,
+    ) -> Result<Skeleton, RenderError> {
+        let markers: Vec<String> = (0..SLOT_NAMES.len())
+            .map(|slot| {
+                if present & (1 << slot) == 0 {
+                    String::new()
+                } else {
+                    marker(slot)
+                }
+            })
+            .collect();
+        let rendered =
+            self.render_blocks(template, locale, &markers, Some(marker(SUBJECT_SLOT)))?;
+        Ok(Skeleton {
+            subject: pieces(&rendered.subject),
+            text: pieces(&rendered.text),
+            html: pieces(&rendered.html),
+        })
+    }
+
+    /// Renders the three blocks with `slots` (values by [`SLOT_NAMES`]),
+    /// the `subject` variable being `subject` when given, else the rendered
+    /// subject.
+    fn render_blocks(
+        &self,
+        template: EmailTemplate,
+        locale: &'static str,
+        slots: &[String],
+        subject: Option<String>,
+    ) -> Result<RenderedEmail, RenderError> {
+        let stem = stem(template).ok_or(RenderError::UnknownTemplate)?;
+        let tmpl = self.env.get_template(&format!("{stem}.{locale}"))?;
+        let base: minijinja::Value = SLOT_NAMES
+            .iter()
+            .zip(slots)
+            .map(|(name, value)| (*name, value.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into();
+        let rendered_subject = {
             let mut state = tmpl.render_captured(context! { subject => "", ..base.clone() })?;
             one_line(&state.with_state_mut(|s| s.render_block("subject"))?)
         };
-        let mut captured = tmpl.render_captured(context! { subject => subject.clone(), ..base })?;
+        let subject_value = subject.unwrap_or_else(|| rendered_subject.clone());
+        let mut captured = tmpl.render_captured(context! { subject => subject_value, ..base })?;
         let text = captured.with_state_mut(|s| s.render_block("text"))?;
         let html = captured.with_state_mut(|s| s.render_block("html"))?;
         Ok(RenderedEmail {
-            subject,
+            subject: rendered_subject,
             text: text.trim().to_owned() + "\n",
             html: html.trim().to_owned() + "\n",
             locale,
         })
     }
+
+    /// A full rendering, without the skeletons: the reference the filled
+    /// emails are checked against.
+    #[cfg(test)]
+    fn render_direct(
+        &self,
+        template: EmailTemplate,
+        locale: &'static str,
+        values: &EmailValues,
+    ) -> Result<RenderedEmail, RenderError> {
+        let slots = slot_values(template, locale, values)?;
+        self.render_blocks(template, locale, &slots, None)
+    }
+}
+
+/// The values of an email by slot ([`SLOT_NAMES`]), cleaned and formatted.
+fn slot_values(
+    template: EmailTemplate,
+    locale: &'static str,
+    values: &EmailValues,
+) -> Result<Vec<String>, RenderError> {
+    stem(template).ok_or(RenderError::UnknownTemplate)?;
+    if needs_link(template) != values.link.is_some() {
+        return Err(RenderError::MissingLink);
+    }
+    let when =
+        |time: Option<DateTime<Utc>>| time.map(|t| format_time(t, locale)).unwrap_or_default();
+    Ok(vec![
+        name(&values.recipient_name),
+        name(&values.account_name),
+        name(&values.inviter_name),
+        name(&values.role_name),
+        name(&values.invitee_name),
+        clean(&values.invitee_email),
+        when(values.expire_time),
+        when(values.event_time),
+        values.link.clone().unwrap_or_default(),
+    ])
 }
 
 #[cfg(test)]
@@ -532,6 +726,41 @@ mod tests {
             proptest::prop_assert_eq!(email.html.matches("<a ").count(), 1);
             proptest::prop_assert_eq!(email.text.matches("://").count(), 1);
             proptest::prop_assert!(!email.html.contains("<script"));
+        }
+    }
+
+    proptest::proptest! {
+        /// Filling a skeleton gives exactly the full rendering, for every
+        /// template and locale, with values present or not, hostile or not.
+        #[test]
+        fn a_filled_skeleton_is_the_full_rendering(
+            names in proptest::collection::vec("(\\PC{0,30}[<>\"'&{}%#.:/@ \u{E000}\u{E001}]{0,6}){0,2}", 6),
+            with_times in proptest::bool::ANY,
+        ) {
+            let templates = templates();
+            for template in all() {
+                for locale in LOCALES {
+                    let mut values = values(template);
+                    values.recipient_name = names[0].clone();
+                    values.account_name = names[1].clone();
+                    values.inviter_name = names[2].clone();
+                    values.role_name = names[3].clone();
+                    values.invitee_name = names[4].clone();
+                    values.invitee_email = names[5].clone();
+                    if !with_times {
+                        values.expire_time = None;
+                        values.event_time = None;
+                    }
+                    // Twice: the second is filled from the cached skeleton.
+                    for _ in 0..2 {
+                        let filled = templates.render(template, locale, &values).expect("renders");
+                        let direct = templates
+                            .render_direct(template, locale, &values)
+                            .expect("renders");
+                        proptest::prop_assert_eq!(&filled, &direct);
+                    }
+                }
+            }
         }
     }
 

@@ -708,6 +708,211 @@ async fn a_database_outage_defers_jobs_without_parking_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_one_refusal_sends_the_others_and_fails_that_one_each_once() {
+    let harness = Harness::start("batch").await;
+    harness.sink.reject_recipient("bounce@example.com");
+    let mut jobs: Vec<_> = (0..7)
+        .map(|i| {
+            harness.job(
+                EmailTemplate::Invitation,
+                &format!("b{i}@example.com"),
+                "en",
+            )
+        })
+        .collect();
+    let bounce = harness.job(EmailTemplate::Invitation, "bounce@example.com", "fr");
+    jobs.insert(3, bounce.clone());
+    let mut bodies: Vec<Vec<u8>> = jobs.iter().map(prost::Message::encode_to_vec).collect();
+    // The same job twice in one batch (an outbox that published it twice):
+    // one email.
+    bodies.push(jobs[0].encode_to_vec());
+    let batch: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+
+    // One batch: every job gets one disposition, all of them acks.
+    let dispositions = harness.pipeline.handle_many(&batch).await;
+    assert_eq!(dispositions, vec![Disposition::Ack; 9]);
+    let rows = harness.rows().await;
+    assert_eq!(rows.len(), 8);
+    for row in &rows {
+        assert_eq!(row.attempts, 1, "claimed once: {}", row.recipient_email);
+        if row.recipient_email == "bounce@example.com" {
+            assert_eq!(row.status, "FAILED");
+            assert!(row.reason.contains("550"), "{}", row.reason);
+            assert_eq!(row.locale, "fr");
+        } else {
+            assert_eq!(row.status, "SENT");
+            assert_eq!(row.message_id, format!("<{}@mail.usher.test>", row.id));
+            assert_eq!(row.locale, "en");
+            assert!(row.send_time.is_some());
+        }
+    }
+    harness
+        .wait_until(
+            Duration::from_secs(10),
+            "the copy back from the delay queue",
+            || async { harness.queue_len(SEND_QUEUE).await == 0 },
+        )
+        .await;
+
+    // The whole batch again, as after an acknowledgement lost with its
+    // channel: every job acked, nothing sent, nothing parked twice.
+    let again = harness.pipeline.handle_many(&batch).await;
+    assert_eq!(again, vec![Disposition::Ack; 9]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(harness.sink.count(), 7, "each good job sent once");
+    assert!(harness.rows().await.iter().all(|r| r.attempts == 1));
+    harness
+        .wait_until(Duration::from_secs(10), "the parked job", || async {
+            harness.queue_len(PARKED_QUEUE).await == 1
+        })
+        .await;
+    let parked = harness.drain(PARKED_QUEUE).await;
+    assert_eq!(parked.len(), 1);
+    let job = pb::EmailJob::decode(parked[0].0.as_slice()).expect("the job");
+    assert_eq!(job.job_id, bounce.job_id);
+
+    // One result per job, published from one outbox transaction.
+    harness
+        .wait_until(Duration::from_secs(10), "every result", || async {
+            harness.queue_len(common::RESULTS_QUEUE).await >= 8
+        })
+        .await;
+    let results = harness.results().await;
+    assert_eq!(results.len(), 8);
+    assert_eq!(
+        results
+            .iter()
+            .filter(|r| r.status == pb::DeliveryStatus::Sent as i32)
+            .count(),
+        7
+    );
+    let failed = results
+        .iter()
+        .find(|r| r.job_id == bounce.job_id)
+        .expect("the refused job's result");
+    assert_eq!(failed.status, pb::DeliveryStatus::Failed as i32);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_wait_in_the_invitation_queue_before_it_is_consumed() {
+    let harness = Harness::start("results-durable").await;
+    // usher-invitation never started in this vhost: its result queue exists
+    // all the same (declared by this service), so the result waits there.
+    let job = harness.job(EmailTemplate::Invitation, "early@example.com", "en");
+    harness.publish(&job).await;
+    harness
+        .wait_until(
+            Duration::from_secs(20),
+            "the result in the invitation's queue",
+            || async {
+                harness
+                    .queue_len(usher_notification::store::RESULT_QUEUES[0].1)
+                    .await
+                    == 1
+            },
+        )
+        .await;
+    let kept = harness
+        .drain(usher_notification::store::RESULT_QUEUES[0].1)
+        .await;
+    let result = pb::DeliveryResult::decode(kept[0].0.as_slice()).expect("a result");
+    assert_eq!(result.job_id, job.job_id);
+    assert_eq!(result.status, pb::DeliveryStatus::Sent as i32);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_jobs_are_listed_with_their_reason_and_replayed_once_fixed() {
+    use usher_notification::parked::{self, Replay};
+    let harness = Harness::start("parked").await;
+    harness.sink.reject_recipient("fixme@example.com");
+    let bounce = harness.job(EmailTemplate::Invitation, "fixme@example.com", "en");
+    harness.publish(&bounce).await;
+    harness.publish_raw(b"not a job".to_vec()).await;
+    harness
+        .wait_until(Duration::from_secs(20), "two parked jobs", || async {
+            harness.queue_len(PARKED_QUEUE).await == 2
+        })
+        .await;
+    let now = usher_kit::clock::Clock::now(&usher_kit::clock::SystemClock);
+
+    // Looking changes nothing.
+    let listed = parked::walk(&harness.amqp, &harness.db, &Replay::Nothing, now)
+        .await
+        .expect("listed");
+    assert_eq!(listed.len(), 2);
+    let job = listed
+        .iter()
+        .find(|p| p.job_id == bounce.job_id)
+        .expect("the refused job is listed");
+    assert!(job.reason.contains("550"), "{}", job.reason);
+    assert_eq!(job.recipient, "fixme@example.com");
+    assert_eq!(job.template, "EMAIL_TEMPLATE_INVITATION");
+    assert!(!job.replayed);
+    let malformed = listed
+        .iter()
+        .find(|p| p.job_id.is_empty())
+        .expect("the malformed message is listed");
+    assert!(
+        malformed.reason.contains("malformed"),
+        "{}",
+        malformed.reason
+    );
+    assert_eq!(
+        harness.queue_len(PARKED_QUEUE).await,
+        2,
+        "both still parked"
+    );
+    let again = parked::walk(&harness.amqp, &harness.db, &Replay::Nothing, now)
+        .await
+        .expect("listed again");
+    assert_eq!(again, listed, "same jobs, same order");
+
+    // The mailbox is fixed: replay that job only.
+    harness.sink.accept_recipient("fixme@example.com");
+    let replay = Replay::Jobs([bounce.job_id.clone()].into_iter().collect());
+    let walked = parked::walk(&harness.amqp, &harness.db, &replay, now)
+        .await
+        .expect("replayed");
+    assert_eq!(walked.iter().filter(|p| p.replayed).count(), 1);
+    harness
+        .wait_until(Duration::from_secs(20), "the replayed job sent", || async {
+            harness
+                .rows()
+                .await
+                .iter()
+                .any(|r| r.id.to_string() == bounce.job_id && r.status == "SENT")
+        })
+        .await;
+    assert_eq!(harness.sink.count(), 1);
+    assert_eq!(harness.sink.messages()[0].to[0], "fixme@example.com");
+    assert_eq!(harness.queue_len(PARKED_QUEUE).await, 1, "the other stays");
+    // Its results: FAILED, then QUEUED (replayed), then SENT.
+    harness
+        .wait_until(Duration::from_secs(10), "three results", || async {
+            harness.queue_len(common::RESULTS_QUEUE).await >= 3
+        })
+        .await;
+    let statuses: Vec<_> = harness
+        .results()
+        .await
+        .iter()
+        .filter(|r| r.job_id == bounce.job_id)
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            pb::DeliveryStatus::Failed as i32,
+            pb::DeliveryStatus::Queued as i32,
+            pb::DeliveryStatus::Sent as i32
+        ]
+    );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_a_seal_key_rotation_jobs_sealed_with_either_key_are_sent() {
     use usher_kit::{config::Secret, seal::SealConfig};
     let old = SealConfig {

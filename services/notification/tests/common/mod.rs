@@ -105,6 +105,9 @@ impl Harness {
             },
             delivery: DeliveryConfig {
                 prefetch: 16,
+                batch_size: 8,
+                consumers: 2,
+                batch_wait_ms: 5,
                 retry_delays_ms: vec![100, 200, 400, 800],
                 max_attempts: 6,
                 message_id_host: "mail.usher.test".into(),

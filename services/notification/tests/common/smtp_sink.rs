@@ -78,6 +78,15 @@ impl SmtpSink {
             .insert(address.to_ascii_lowercase());
     }
 
+    /// Accepts `address` again (the mailbox was fixed).
+    pub fn accept_recipient(&self, address: &str) {
+        self.state
+            .rejected
+            .lock()
+            .expect("lock")
+            .remove(&address.to_ascii_lowercase());
+    }
+
     /// Refuses (drops) every connection and every command while `refusing`.
     pub fn set_refusing(&self, refusing: bool) {
         self.state.refusing.store(refusing, Ordering::SeqCst);
