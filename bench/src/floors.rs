@@ -40,6 +40,18 @@ pub async fn argon2(warmup: Duration, measure: Duration) -> Summary {
     .await
 }
 
+/// Creates the run's database `name` (removed with the run); returns its
+/// full name.
+async fn fresh_database(iso: &mut Isolation, name: &str) -> anyhow::Result<String> {
+    let db_name = iso.database(name);
+    let admin = Database::connect(Isolation::database_url("postgres")).await?;
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE \"{db_name}\""))
+        .await?;
+    admin.close().await?;
+    Ok(db_name)
+}
+
 /// The raw floor of creating `n` invitations: each part timed alone.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RawFloor {
@@ -74,12 +86,7 @@ impl RawFloor {
 /// Measures [`RawFloor`] for `n` invitations against the run's own database,
 /// Redis prefix and vhost.
 pub async fn raw(iso: &mut Isolation, n: u64) -> anyhow::Result<RawFloor> {
-    let db_name = iso.database("raw");
-    let admin = Database::connect(Isolation::database_url("postgres")).await?;
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE \"{db_name}\""))
-        .await?;
-    admin.close().await?;
+    let db_name = fresh_database(iso, "raw").await?;
     let db = Database::connect(Isolation::database_url(&db_name)).await?;
     // About what one invitation row holds, with its unique token hash and
     // the account/email index.
@@ -205,12 +212,7 @@ pub async fn per_call(
     measure: Duration,
     pool: u32,
 ) -> anyhow::Result<Summary> {
-    let db_name = iso.database("percall");
-    let admin = Database::connect(Isolation::database_url("postgres")).await?;
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE \"{db_name}\""))
-        .await?;
-    admin.close().await?;
+    let db_name = fresh_database(iso, "percall").await?;
     let mut options = sea_orm::ConnectOptions::new(Isolation::database_url(&db_name));
     options.max_connections(pool).sqlx_logging(false);
     let db = Database::connect(options).await?;

@@ -73,7 +73,7 @@ async fn may_grant<C: sea_orm::ConnectionTrait>(
     holder: Option<Holder>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> ApiResult<()> {
-    let granted = accounts::effective_permissions(db, role).await?;
+    let granted = accounts::effective_permissions_in(db, role, account).await?;
     let held = match holder {
         Some(holder) => accounts::held_permissions(db, account, holder, now).await?,
         None => Vec::new(),
@@ -100,7 +100,8 @@ pub async fn invitation_context(
     let db = &state.db;
     let account_id = query.account_id;
     let account = accounts::find(db, account_id).await?;
-    let mut response = describe(state, &account, query.inviter).await?;
+    let seats_used = accounts::seats_used(db, account_id).await?;
+    let mut response = describe(state, &account, query.inviter, seats_used).await?;
     if let Some(role_id) = query.role_id {
         let role = scoped::role(db, account_id, role_id).await?;
         // The rule of ReserveInvitees (P26), for callers that hand the role
@@ -118,12 +119,13 @@ pub async fn invitation_context(
 }
 
 /// The part of an invitation's context that needs no role or team: the
-/// account with its seats used and effective invitation lifetime, the
+/// account with `seats_used` and its effective invitation lifetime, the
 /// password rules, and the inviter, if any.
 async fn describe(
     state: &Identity,
     account: &crate::store::entities::account::Model,
     inviter: Option<Inviter>,
+    seats_used: u64,
 ) -> ApiResult<internal::GetInvitationContextResponse> {
     let db = &state.db;
     let account_id = account.id;
@@ -159,10 +161,22 @@ async fn describe(
     // With the effective lifetime: the account's, or the deployment default.
     response.account = Some(convert::account(
         account,
-        accounts::seats_used(db, account_id).await?,
+        seats_used,
         state.settings.default_invitation_lifetime,
     ));
     Ok(response)
+}
+
+/// `context` with the seats used the reservation found.
+fn with_seats(
+    context: &internal::GetInvitationContextResponse,
+    seats_used: u64,
+) -> internal::GetInvitationContextResponse {
+    let mut context = context.clone();
+    if let Some(account) = context.account.as_mut() {
+        account.seats_used = i32::try_from(seats_used).unwrap_or(i32::MAX);
+    }
+    context
 }
 
 /// Adds the role to a context.
@@ -272,7 +286,8 @@ pub async fn reserve_invitees(
         Holder::User(id) => Inviter::User(id),
         Holder::ApiKey(id) => Inviter::ApiKey(id),
     });
-    let mut context = describe(state, &account, inviter).await?;
+    // Its seats used are those its batch finds before it.
+    let mut context = describe(state, &account, inviter, 0).await?;
     describe_role(&mut context, &role, inviter.is_some());
     if let Some(team) = &team {
         context.team_name = team.name.clone();
@@ -386,6 +401,7 @@ async fn reserve_together(
             products: &command.products,
             dry_run: command.dry_run,
         };
+        let seats_before = seats_used;
         let mut reserved = reservations::reserve(
             &reservation,
             &command.invitees,
@@ -441,7 +457,7 @@ async fn reserve_together(
                 .as_ref()
                 .map(|t| t.name.clone())
                 .unwrap_or_default(),
-            context: prepared.context.clone(),
+            context: with_seats(&prepared.context, seats_before),
         }));
     }
     if wrote {

@@ -146,11 +146,23 @@ pub async fn effective_permissions<C: ConnectionTrait>(
     db: &C,
     role: &role::Model,
 ) -> ApiResult<Vec<String>> {
+    if !(role.built_in && role.name == ADMIN_ROLE) {
+        return Ok(usher_kit::convert::strings(&role.permissions));
+    }
+    let account = find(db, role.account_id).await?;
+    effective_permissions_in(db, role, &account).await
+}
+
+/// [`effective_permissions`] of a role of `account`, already loaded.
+pub async fn effective_permissions_in<C: ConnectionTrait>(
+    db: &C,
+    role: &role::Model,
+    account: &account::Model,
+) -> ApiResult<Vec<String>> {
     let listed = usher_kit::convert::strings(&role.permissions);
     if !(role.built_in && role.name == ADMIN_ROLE) {
         return Ok(listed);
     }
-    let account = find(db, role.account_id).await?;
     let codes = usher_kit::convert::strings(&account.products);
     let products = product::Entity::find()
         .filter(product::Column::Code.is_in(codes))
@@ -194,6 +206,9 @@ pub async fn held_permissions<C: ConnectionTrait>(
                 return Ok(Vec::new());
             };
             match role::Entity::find_by_id(found.role_id).one(db).await? {
+                Some(role) if role.account_id == account.id => {
+                    effective_permissions_in(db, &role, account).await
+                }
                 Some(role) => effective_permissions(db, &role).await,
                 None => Ok(Vec::new()),
             }

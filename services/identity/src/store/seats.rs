@@ -100,26 +100,24 @@ fn upsert(account: &str, delta: &str) -> String {
     )
 }
 
+/// A PostgreSQL trigger function adding `delta` (an aggregate over the
+/// transition table `rows`) to the counter of each account in `rows`.
+fn per_statement(name: &str, rows: &str, delta: &str) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO account_seats (account_id, used)
+             SELECT account_id, {delta} FROM {rows} WHERE status IN {COUNTED} GROUP BY account_id
+           ON CONFLICT (account_id) DO UPDATE SET used = account_seats.used + excluded.used;
+           RETURN NULL;
+         END $$"
+    )
+}
+
 fn postgres_triggers() -> Vec<String> {
     vec![
-        format!(
-            "CREATE OR REPLACE FUNCTION usher_seats_insert() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               INSERT INTO account_seats (account_id, used)
-                 SELECT account_id, count(*) FROM added WHERE status IN {COUNTED} GROUP BY account_id
-               ON CONFLICT (account_id) DO UPDATE SET used = account_seats.used + excluded.used;
-               RETURN NULL;
-             END $$"
-        ),
-        format!(
-            "CREATE OR REPLACE FUNCTION usher_seats_delete() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               INSERT INTO account_seats (account_id, used)
-                 SELECT account_id, -count(*) FROM removed WHERE status IN {COUNTED} GROUP BY account_id
-               ON CONFLICT (account_id) DO UPDATE SET used = account_seats.used + excluded.used;
-               RETURN NULL;
-             END $$"
-        ),
+        per_statement("usher_seats_insert", "added", "count(*)"),
+        per_statement("usher_seats_delete", "removed", "-count(*)"),
         format!(
             "CREATE OR REPLACE FUNCTION usher_seats_status() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN

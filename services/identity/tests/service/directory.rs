@@ -881,6 +881,39 @@ async fn concurrent_reservations_never_exceed_the_seat_limit() {
     test.stop().await;
 }
 
+/// A reservation answers the context GetInvitationContext would: the
+/// account with the seats used before the call, the inviter (named from its
+/// record when the caller gives no name), the role and the team.
+#[tokio::test]
+async fn a_reservation_answers_the_invitation_context() {
+    let test = start().await;
+    let acct = account(&test, 10).await;
+    let mut message = reservation(&acct, vec![invitee("ctx1@acme.example")]);
+    if let Some(inviter) = message.inviter.as_mut() {
+        inviter.display_name = String::new();
+    }
+    let first = reserve(&test, message).await.expect("first");
+    let context = first.context.expect("context");
+    let account = context.account.expect("account");
+    assert_eq!(account.id, acct.id.to_string());
+    assert_eq!(account.seats_used, 1, "the owner, before this call");
+    assert_eq!(account.subscription.expect("plan").seat_limit, 10);
+    assert_eq!(context.inviter_display_name, "Olive Owner");
+    assert!(context.inviter_active);
+    assert!(context.inviter_may_grant_role);
+    assert_eq!(context.role_name, "User");
+    assert_eq!(first.seats_used, 2);
+    let second = reserve(
+        &test,
+        reservation(&acct, vec![invitee("ctx2@acme.example")]),
+    )
+    .await
+    .expect("second");
+    let seats = second.context.and_then(|c| c.account).map(|a| a.seats_used);
+    assert_eq!(seats, Some(2), "seats before the second call");
+    test.stop().await;
+}
+
 /// Concurrent reservations of one account are written in batches: each
 /// call is still decided as if alone, in some order — one address asked for
 /// by every call gets one seat, the others learn it is invited; a call
