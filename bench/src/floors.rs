@@ -40,6 +40,15 @@ pub async fn argon2(warmup: Duration, measure: Duration) -> Summary {
     .await
 }
 
+/// About what one invitation row holds, with its unique token hash and the
+/// account/email index (both floors write it).
+const INVITATIONS_TABLE: &str = "CREATE TABLE invitations (
+    id uuid PRIMARY KEY, account_id uuid NOT NULL, email text NOT NULL,
+    display_name text NOT NULL, token_hash text NOT NULL UNIQUE, state text NOT NULL,
+    role_id uuid NOT NULL, metadata jsonb, create_time timestamptz NOT NULL DEFAULT now(),
+    expire_time timestamptz NOT NULL);
+  CREATE INDEX invitations_account_email ON invitations (account_id, email);";
+
 /// Creates the run's database `name` (removed with the run); returns its
 /// full name.
 async fn fresh_database(iso: &mut Isolation, name: &str) -> anyhow::Result<String> {
@@ -88,17 +97,7 @@ impl RawFloor {
 pub async fn raw(iso: &mut Isolation, n: u64) -> anyhow::Result<RawFloor> {
     let db_name = fresh_database(iso, "raw").await?;
     let db = Database::connect(Isolation::database_url(&db_name)).await?;
-    // About what one invitation row holds, with its unique token hash and
-    // the account/email index.
-    db.execute_unprepared(
-        "CREATE TABLE invitations (
-            id uuid PRIMARY KEY, account_id uuid NOT NULL, email text NOT NULL,
-            display_name text NOT NULL, token_hash text NOT NULL UNIQUE, state text NOT NULL,
-            role_id uuid NOT NULL, metadata jsonb, create_time timestamptz NOT NULL DEFAULT now(),
-            expire_time timestamptz NOT NULL);
-         CREATE INDEX invitations_account_email ON invitations (account_id, email);",
-    )
-    .await?;
+    db.execute_unprepared(INVITATIONS_TABLE).await?;
     let account = uuid::Uuid::new_v4();
     let role = uuid::Uuid::new_v4();
     let started = Instant::now();
@@ -216,16 +215,11 @@ pub async fn per_call(
     let mut options = sea_orm::ConnectOptions::new(Isolation::database_url(&db_name));
     options.max_connections(pool).sqlx_logging(false);
     let db = Database::connect(options).await?;
-    db.execute_unprepared(
-        "CREATE TABLE invitations (
-            id uuid PRIMARY KEY, account_id uuid NOT NULL, email text NOT NULL,
-            display_name text NOT NULL, token_hash text NOT NULL UNIQUE, state text NOT NULL,
-            role_id uuid NOT NULL, metadata jsonb, create_time timestamptz NOT NULL DEFAULT now(),
-            expire_time timestamptz NOT NULL);
-         CREATE INDEX invitations_account_email ON invitations (account_id, email);
+    db.execute_unprepared(&format!(
+        "{INVITATIONS_TABLE}
          CREATE TABLE outbox (id bigserial PRIMARY KEY, payload bytea NOT NULL,
-            created_at timestamptz NOT NULL DEFAULT now());",
-    )
+            created_at timestamptz NOT NULL DEFAULT now());"
+    ))
     .await?;
     let client = redis::Client::open(REDIS)?;
     let redis = client.get_multiplexed_async_connection().await?;
