@@ -13,6 +13,7 @@ impl MigratorTrait for Migrator {
             usher_kit::outbox::migration(),
             Box::new(crate::store::schema::CreateIdentitySchema),
             Box::new(crate::store::seats::CreateSeatCounter),
+            Box::new(crate::store::schema::ShortSearchPendingList),
         ]
     }
 }
