@@ -104,6 +104,7 @@ mod tests {
             }],
             next_page_token: String::new(),
             total_size: 1,
+            total_size_capped: false,
         };
         let value =
             to_json("usher.identity.v1.ListUsersResponse", &response).expect("encodes as JSON");

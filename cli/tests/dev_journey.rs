@@ -490,6 +490,7 @@ async fn journey(iso: &Isolation, dir: &Path, database_url: &str, real: bool) {
         .expect("bob in the JSON");
     assert_eq!(bob["status"], "USER_STATUS_INVITED");
     assert_eq!(listed["total_size"], 3);
+    assert_eq!(listed["total_size_capped"], false, "3 is the exact count");
 
     // A refused call shows the reason and fails.
     let refused = usher(dir, &["users", "deactivate", &email], "").await;

@@ -250,6 +250,7 @@ async fn list(client: &mut Client, args: ListArgs, query: String) -> anyhow::Res
         )?;
         shown.users.extend(page.users);
         shown.total_size = page.total_size;
+        shown.total_size_capped = page.total_size_capped;
         shown.next_page_token = page.next_page_token;
         if shown.next_page_token.is_empty() || shown.users.len() >= limit {
             break;
@@ -264,13 +265,21 @@ async fn list(client: &mut Client, args: ListArgs, query: String) -> anyhow::Res
         &["ID", "EMAIL / USERNAME", "NAME", "STATUS", "ROLE", "TEAM"],
         shown.users.iter().map(row),
     ));
-    line(format!(
-        "{} of {} user{}",
+    line(count_line(
         shown.users.len(),
         shown.total_size,
-        if shown.total_size == 1 { "" } else { "s" }
+        shown.total_size_capped,
     ));
     Ok(())
+}
+
+/// The line under a listing: how many users are shown of how many match,
+/// e.g. `50 of 120 users`, or `50 of 1000+ users` when more matched than
+/// the service counts.
+fn count_line(shown: usize, total: i32, capped: bool) -> String {
+    let plus = if capped { "+" } else { "" };
+    let plural = if total == 1 && !capped { "" } else { "s" };
+    format!("{shown} of {total}{plus} user{plural}")
 }
 
 /// The short status name, e.g. `ACTIVE`.
@@ -442,6 +451,13 @@ mod tests {
             UserOrderBy::from(OrderArg::Created),
             UserOrderBy::CreateTimeDesc
         );
+    }
+
+    #[test]
+    fn the_count_line_says_when_more_matched_than_were_counted() {
+        assert_eq!(count_line(1, 1, false), "1 of 1 user");
+        assert_eq!(count_line(50, 120, false), "50 of 120 users");
+        assert_eq!(count_line(50, 1000, true), "50 of 1000+ users");
     }
 
     #[test]

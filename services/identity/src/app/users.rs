@@ -139,7 +139,9 @@ fn grantor(principal: &Principal) -> Grantor<'_> {
 
 impl IdentityApi {
     /// ListUsers: the owner first (on the first page, when it matches), then
-    /// the others in keyset order.
+    /// the others in keyset order. The first page counts the matches up to
+    /// [`rules::COUNT_CAP`] in the same keyset query as its rows; later
+    /// pages repeat that count from the token.
     pub(crate) async fn list_user_page(
         &self,
         query: ListUsers,
@@ -155,10 +157,6 @@ impl IdentityApi {
         ));
         let cursor: Option<Cursor> = pagination::decode_token(&fingerprint, &query.page_token)?;
         let db = &self.state.db;
-        let total = match cursor.as_ref().and_then(|c| c.total) {
-            Some(total) => total,
-            None => users::count(db, filter).await?,
-        };
         // The owner heads the first page when it matches the filters; the
         // keyset then walks the other users.
         let mut page: Vec<pb::User> = Vec::new();
@@ -168,31 +166,56 @@ impl IdentityApi {
             page.push(view(&owner));
         }
         let wanted = query.page_size.saturating_sub(page.len() as u64);
-        let after = cursor.and_then(|c| c.after);
-        let rows = users::page(db, filter, query.order, after.as_ref(), wanted + 1)
+        // The first page reads the keys of up to COUNT_CAP + 1 others: its
+        // rows and, with the owner, the capped count.
+        let read = if cursor.is_none() {
+            (wanted + 1).max(rules::COUNT_CAP + 1)
+        } else {
+            wanted + 1
+        };
+        let after = cursor.as_ref().and_then(|c| c.after.clone());
+        let keys = users::page_keys(db, filter, query.order, after.as_ref(), read)
             .await?
             .ok_or_else(rules::invalid_token)?;
-        let more = rows.len() as u64 > wanted;
-        let rows: Vec<UserRow> = rows
-            .into_iter()
-            .take(usize::try_from(wanted).unwrap_or(usize::MAX))
-            .collect();
+        let (total, capped) = match &cursor {
+            None => rules::capped_count(keys.len() as u64 + page.len() as u64),
+            Some(Cursor {
+                total: Some(total),
+                capped,
+                ..
+            }) => (*total, *capped),
+            Some(_) => rules::capped_count(users::count_up_to(db, filter, rules::COUNT_CAP).await?),
+        };
+        let more = keys.len() as u64 > wanted;
+        let shown = keys
+            .get(..usize::try_from(wanted).unwrap_or(usize::MAX))
+            .unwrap_or(&keys);
+        let ids: Vec<Uuid> = shown.iter().map(|key| key.id).collect();
+        let mut rows = users::rows(db, filter.account_id, &ids).await?;
+        // A user deleted between the two reads is left out of the page.
+        page.extend(
+            shown
+                .iter()
+                .filter_map(|key| rows.remove(&key.id))
+                .map(|row| view(&row)),
+        );
         let next_page_token = if more {
             pagination::encode_token(
                 &fingerprint,
                 &Cursor {
-                    after: rows.last().map(|row| row.key(query.order)),
+                    after: shown.last().map(|last| last.key(query.order)),
                     total: Some(total),
+                    capped,
                 },
             )
         } else {
             String::new()
         };
-        page.extend(rows.iter().map(view));
         Ok(pb::ListUsersResponse {
             users: page,
             next_page_token,
             total_size: i32::try_from(total).unwrap_or(i32::MAX),
+            total_size_capped: capped,
         })
     }
 

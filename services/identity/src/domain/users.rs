@@ -90,6 +90,23 @@ pub enum SortKey {
     Time(DateTime<Utc>),
 }
 
+/// The most matching users a listing counts: beyond it, `total_size` says
+/// [`COUNT_CAP`] and `total_size_capped` that more match. Counting every
+/// match of a large account on its first page (a scan of all its users)
+/// is what made that page slow; counting up to the cap reads at most
+/// `COUNT_CAP + 1` matches, in the same keyset query as the page.
+pub const COUNT_CAP: u64 = 1_000;
+
+/// The count a listing shows, `(total_size, total_size_capped)`, for
+/// `matched` users counted up to `COUNT_CAP + 1`.
+pub fn capped_count(matched: u64) -> (u64, bool) {
+    if matched > COUNT_CAP {
+        (COUNT_CAP, true)
+    } else {
+        (matched, false)
+    }
+}
+
 /// The page token: `after` is the last non-owner user of the previous page
 /// (`None`: from the first non-owner user). Any token means the owner was
 /// already shown.
@@ -97,11 +114,16 @@ pub enum SortKey {
 pub struct Cursor {
     /// The sort key and id of the last user shown.
     pub after: Option<(SortKey, Uuid)>,
-    /// The matching users counted for the first page, carried so later
-    /// pages do not count them again (a full count at every page is what
-    /// makes deep pages of a large account slow). Absent in older tokens.
+    /// The matching users counted for the first page (up to
+    /// [`COUNT_CAP`]), carried so later pages do not count them again.
+    /// Absent in the oldest tokens; tokens made before the cap carry the
+    /// exact count, shown as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total: Option<u64>,
+    /// Whether more users matched than `total` (counting stopped at
+    /// [`COUNT_CAP`]). Absent (false) in tokens made before the cap.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub capped: bool,
 }
 
 /// The answer to a page token that does not belong to the query.

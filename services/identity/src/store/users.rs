@@ -8,8 +8,8 @@ use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait,
     FromQueryResult, JoinType, Order, PaginatorTrait, QueryFilter, QueryOrder, QueryResult,
-    QuerySelect, RelationDef, Select,
-    sea_query::{Expr, ExprTrait, Func, LikeExpr, extension::postgres::PgExpr},
+    QuerySelect, QueryTrait, RelationDef, Select,
+    sea_query::{Expr, ExprTrait, Func, LikeExpr},
 };
 use serde_json::Value as Json;
 use usher_kit::{
@@ -361,7 +361,7 @@ pub async fn count_active_in_roles<C: ConnectionTrait>(
 // ---------------------------------------------------------------------------
 // Listing
 
-/// A user row with the names of its role and team, and its sort key.
+/// A user row with the names of its role and team.
 #[derive(Clone, Debug)]
 pub struct UserRow {
     /// The user.
@@ -370,8 +370,6 @@ pub struct UserRow {
     pub role_name: String,
     /// The name of its team, if any.
     pub team_name: Option<String>,
-    /// The text it sorts by in a listing by name or email.
-    pub sort_key: Option<String>,
 }
 
 impl FromQueryResult for UserRow {
@@ -380,24 +378,7 @@ impl FromQueryResult for UserRow {
             user: user::Model::from_query_result(res, pre)?,
             role_name: res.try_get(pre, "role_name")?,
             team_name: res.try_get(pre, "team_name")?,
-            sort_key: res
-                .try_get::<Option<String>>(pre, "sort_key")
-                .ok()
-                .flatten(),
         })
-    }
-}
-
-impl UserRow {
-    /// The cursor after this row in `order`.
-    pub fn key(&self, order: UserOrder) -> (SortKey, Uuid) {
-        let key = match order {
-            UserOrder::Newest => SortKey::Time(self.user.create_time),
-            UserOrder::DisplayName | UserOrder::Email => {
-                SortKey::Text(self.sort_key.clone().unwrap_or_default())
-            }
-        };
-        (key, self.user.id)
     }
 }
 
@@ -451,7 +432,7 @@ pub async fn row<C: ConnectionTrait>(
 }
 
 /// The condition of `filter`.
-fn condition(db: DbBackend, filter: &ListFilter) -> Condition {
+fn condition(filter: &ListFilter) -> Condition {
     let mut condition = Condition::all().add(user::Column::AccountId.eq(filter.account_id));
     if let Some(status) = filter.status {
         condition = condition.add(user::Column::Status.eq(status.as_str()));
@@ -463,27 +444,43 @@ fn condition(db: DbBackend, filter: &ListFilter) -> Condition {
         condition = condition.add(user::Column::TeamId.eq(team_id));
     }
     if !filter.term.is_empty() {
-        // `search_text` is stored lower-cased. PostgreSQL: ILIKE, served
-        // by the trigram index, with `\` as its default escape (sea-query
-        // cannot render ILIKE … ESCAPE). SQLite: LIKE (case-insensitive
-        // for ASCII), whose escape must be named.
+        // `search_text` and the term are both lower-cased by
+        // [`search_text`] and the decoder, so a case-sensitive LIKE finds
+        // what ILIKE would: served by the trigram index the same way, and
+        // about three times cheaper on each row a walk of the order's index
+        // checks (ILIKE lower-cases every row it reads). `\` escapes `%`,
+        // `_` and itself in the pattern. SQLite's LIKE ignores ASCII case.
         let column = Expr::col((user::Entity, user::Column::SearchText));
         let pattern = contains_pattern(&filter.term);
-        condition = condition.add(if db == DbBackend::Postgres {
-            column.ilike(LikeExpr::new(pattern))
-        } else {
-            column.like(LikeExpr::new(pattern).escape('\\'))
-        });
+        condition = condition.add(column.like(LikeExpr::new(pattern).escape('\\')));
     }
     condition
 }
 
-/// How many users match `filter`.
-pub async fn count<C: ConnectionTrait>(db: &C, filter: &ListFilter) -> StoreResult<u64> {
-    Ok(user::Entity::find()
-        .filter(condition(db.get_database_backend(), filter))
-        .count(db)
-        .await?)
+/// How many users match `filter`, counted up to `cap + 1` (a larger
+/// answer than `cap` means "more than `cap`"): the count of listings
+/// whose page token predates the count in the token.
+pub async fn count_up_to<C: ConnectionTrait>(
+    db: &C,
+    filter: &ListFilter,
+    cap: u64,
+) -> StoreResult<u64> {
+    let matches = user::Entity::find()
+        .select_only()
+        .expr(Expr::val(1))
+        .filter(condition(filter))
+        .limit(cap.saturating_add(1))
+        .into_query();
+    let count = sea_orm::sea_query::Query::select()
+        .expr_as(Expr::cust("COUNT(*)"), "n")
+        .from_subquery(matches, "matches")
+        .to_owned();
+    let row = db
+        .query_one(&count)
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("count".into()))?;
+    let n: i64 = row.try_get("", "n")?;
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 /// The owner, when it matches `filter`.
@@ -492,7 +489,7 @@ pub async fn matching_owner<C: ConnectionTrait>(
     filter: &ListFilter,
 ) -> StoreResult<Option<UserRow>> {
     Ok(joined()
-        .filter(condition(db.get_database_backend(), filter))
+        .filter(condition(filter))
         .filter(user::Column::Owner.eq(true))
         .into_model::<UserRow>()
         .one(db)
@@ -518,18 +515,63 @@ fn text_expr(order: UserOrder) -> Option<Expr> {
     }
 }
 
-/// Up to `limit` non-owner users matching `filter` in `order`, after the
-/// cursor `after`; a cursor of the other kind of order is
-/// [`StoreError::NotFound`] of `page_token`.
-pub async fn page<C: ConnectionTrait>(
+/// Where a listed user sits in its order: its id and sort key.
+#[derive(Clone, Debug)]
+pub struct PageKey {
+    /// The user.
+    pub id: Uuid,
+    /// Its creation time (the key of the newest-first order).
+    pub create_time: DateTime<Utc>,
+    /// The text it sorts by in a listing by name or email.
+    pub sort_key: Option<String>,
+}
+
+impl FromQueryResult for PageKey {
+    fn from_query_result(res: &QueryResult, pre: &str) -> Result<Self, DbErr> {
+        Ok(Self {
+            id: res.try_get(pre, "id")?,
+            create_time: res.try_get(pre, "create_time")?,
+            sort_key: res
+                .try_get::<Option<String>>(pre, "sort_key")
+                .ok()
+                .flatten(),
+        })
+    }
+}
+
+impl PageKey {
+    /// The cursor after this user in `order`.
+    pub fn key(&self, order: UserOrder) -> (SortKey, Uuid) {
+        let key = match order {
+            UserOrder::Newest => SortKey::Time(self.create_time),
+            UserOrder::DisplayName | UserOrder::Email => {
+                SortKey::Text(self.sort_key.clone().unwrap_or_default())
+            }
+        };
+        (key, self.id)
+    }
+}
+
+/// The keys of up to `limit` non-owner users matching `filter` in `order`,
+/// after the cursor `after`; a cursor of the other kind of order is `None`.
+///
+/// Only ids and sort keys are read, so a first page can read past its own
+/// rows to count the matches up to the cap in the same walk of the order's
+/// index (the rows shown are then read by id, [`rows`]). One query decides
+/// the plan: the order's index walked with the filters (the search term
+/// checked on each row), or the trigram index's matches sorted.
+pub async fn page_keys<C: ConnectionTrait>(
     db: &C,
     filter: &ListFilter,
     order: UserOrder,
     after: Option<&(SortKey, Uuid)>,
     limit: u64,
-) -> StoreResult<Option<Vec<UserRow>>> {
-    let mut select = joined()
-        .filter(condition(db.get_database_backend(), filter))
+) -> StoreResult<Option<Vec<PageKey>>> {
+    let mut select = user::Entity::find()
+        .select_only()
+        .column(user::Column::Id)
+        .column(user::Column::CreateTime)
+        .filter(condition(filter))
         .filter(user::Column::Owner.eq(false));
     let id = Expr::col((user::Entity, user::Column::Id));
     select = match text_expr(order) {
@@ -563,6 +605,6 @@ pub async fn page<C: ConnectionTrait>(
         }
     };
     Ok(Some(
-        select.limit(limit).into_model::<UserRow>().all(db).await?,
+        select.limit(limit).into_model::<PageKey>().all(db).await?,
     ))
 }

@@ -1001,6 +1001,7 @@ async fn later_pages_carry_the_first_pages_count_instead_of_counting_again() {
     };
     let first = list(&test, &owner, message.clone()).await.expect("page");
     assert_eq!(first.total_size, 11, "ten members and the owner");
+    assert!(!first.total_size_capped, "11 is the exact count");
     // Two more arrive while the caller pages.
     insert(10, 12).await.expect("more");
     let second = list(
@@ -1016,6 +1017,237 @@ async fn later_pages_carry_the_first_pages_count_instead_of_counting_again() {
     assert_eq!(second.total_size, 11, "the listing's count, not a recount");
     let fresh = list(&test, &owner, message).await.expect("page 1 again");
     assert_eq!(fresh.total_size, 13, "a new listing counts again");
+    test.stop().await;
+}
+
+/// Inserts `n` users "Person 0000001"… with emails p1@bench.example…, the
+/// shape of the benchmark's big account.
+async fn bench_like_users(test: &TestIdentity, acct: &Acct, n: usize) {
+    let now = test.state.clock.now();
+    let rows: Vec<user::ActiveModel> = (1..=n)
+        .map(|g| {
+            row(
+                acct,
+                Uuid::new_v4(),
+                &format!("Person {g:07}"),
+                Some(&format!("p{g}@bench.example")),
+                None,
+                acct.user_role,
+                None,
+                now,
+            )
+            .into_active_model()
+        })
+        .collect();
+    for chunk in rows.chunks(500) {
+        user::Entity::insert_many(chunk.to_vec())
+            .exec(&test.state.db)
+            .await
+            .expect("users");
+    }
+}
+
+#[tokio::test]
+async fn a_listing_counts_up_to_a_thousand_and_says_when_more_match() {
+    let test = start().await;
+    let acct = account(&test, 5_000).await;
+    let owner = acct.owner();
+    bench_like_users(&test, &acct, 1_000).await;
+    let message = pb::ListUsersRequest {
+        page_size: 50,
+        ..Default::default()
+    };
+    // 1,001 match (the owner and 1,000 others): more than are counted.
+    let first = list(&test, &owner, message.clone()).await.expect("page 1");
+    assert_eq!(first.users.len(), 50);
+    assert_eq!(
+        (first.total_size, first.total_size_capped),
+        (1_000, true),
+        "1,000 and more"
+    );
+    let second = list(
+        &test,
+        &owner,
+        pb::ListUsersRequest {
+            page_token: first.next_page_token.clone(),
+            ..message.clone()
+        },
+    )
+    .await
+    .expect("page 2");
+    assert_eq!((second.total_size, second.total_size_capped), (1_000, true));
+    assert_eq!(second.users[0].display_name, "Person 0000050");
+    // The cap changes the count only: every user is still listed once.
+    let (everyone, _) = all_pages(
+        &test,
+        &owner,
+        pb::ListUsersRequest {
+            page_size: 500,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(everyone.len(), 1_001);
+    // Exactly 1,000 matches is the exact count, not "more".
+    let search = |query: &str| pb::ListUsersRequest {
+        query: query.into(),
+        ..message.clone()
+    };
+    let exact = list(&test, &owner, search("person")).await.expect("search");
+    assert_eq!((exact.total_size, exact.total_size_capped), (1_000, false));
+    // Fewer: the exact count.
+    let few = list(&test, &owner, search("son 000005"))
+        .await
+        .expect("search");
+    assert_eq!((few.total_size, few.total_size_capped), (10, false));
+    assert_eq!(few.users.len(), 10);
+    // A page of one: the owner alone, then the others from the first.
+    let one = list(
+        &test,
+        &owner,
+        pb::ListUsersRequest {
+            page_size: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("page of one");
+    assert!(one.users[0].owner);
+    let next = list(
+        &test,
+        &owner,
+        pb::ListUsersRequest {
+            page_size: 1,
+            page_token: one.next_page_token,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("second page of one");
+    assert_eq!(next.users[0].display_name, "Person 0000001");
+    assert_eq!((next.total_size, next.total_size_capped), (1_000, true));
+    test.stop().await;
+}
+
+#[tokio::test]
+async fn page_tokens_made_before_the_cap_keep_working() {
+    let test = start().await;
+    let acct = account(&test, 5_000).await;
+    let owner = acct.owner();
+    bench_like_users(&test, &acct, 1_000).await;
+    let message = pb::ListUsersRequest {
+        page_size: 50,
+        ..Default::default()
+    };
+    let first = list(&test, &owner, message.clone()).await.expect("page 1");
+    // The same cursor as tokens were written before the cap: with the
+    // exact count and no `capped`, or (older still) with no count at all.
+    let fingerprint = usher_kit::pagination::fingerprint(&(
+        acct.id,
+        None::<&str>,
+        None::<Uuid>,
+        None::<Uuid>,
+        "",
+        0i32,
+    ));
+    let cursor: serde_json::Value =
+        usher_kit::pagination::decode_token(&fingerprint, &first.next_page_token)
+            .expect("decodes")
+            .expect("a cursor");
+    assert_eq!(
+        cursor["capped"], true,
+        "the test builds the right fingerprint"
+    );
+    let mut exact = cursor.clone();
+    exact["total"] = json!(1_001);
+    exact.as_object_mut().expect("object").remove("capped");
+    let mut uncounted = exact.clone();
+    uncounted.as_object_mut().expect("object").remove("total");
+    for (old, expected) in [(exact, (1_001, false)), (uncounted, (1_000, true))] {
+        let page = list(
+            &test,
+            &owner,
+            pb::ListUsersRequest {
+                page_token: usher_kit::pagination::encode_token(&fingerprint, &old),
+                ..message.clone()
+            },
+        )
+        .await
+        .expect("an older token");
+        assert_eq!(page.users[0].display_name, "Person 0000050");
+        assert_eq!((page.total_size, page.total_size_capped), expected);
+    }
+    test.stop().await;
+}
+
+#[tokio::test]
+async fn search_finds_terms_with_at_signs_digits_and_spaces() {
+    let test = start().await;
+    let acct = account(&test, 5_000).await;
+    let owner = acct.owner();
+    bench_like_users(&test, &acct, 300).await;
+    let names = |page: &pb::ListUsersResponse| -> Vec<String> {
+        page.users.iter().map(|u| u.display_name.clone()).collect()
+    };
+    let search = |query: &str| pb::ListUsersRequest {
+        query: query.into(),
+        page_size: 500,
+        ..Default::default()
+    };
+    for (query, expected) in [
+        // An email's local part and `@`: p12@, not p120@ or p212@.
+        ("P12@", vec!["Person 0000012".to_owned()]),
+        ("p300@bench", vec!["Person 0000300".to_owned()]),
+        // Digits only.
+        ("0000123", vec!["Person 0000123".to_owned()]),
+        // Across a space, as in the benchmark's "son 001".
+        (
+            "son 000001",
+            (10..=19).map(|g| format!("Person {g:07}")).collect(),
+        ),
+        ("person 0000299 p299@", vec!["Person 0000299".to_owned()]),
+    ] {
+        let page = list(&test, &owner, search(query)).await.expect("search");
+        assert_eq!(names(&page), expected, "query {query}");
+        assert_eq!(
+            (page.total_size, page.total_size_capped),
+            (i32::try_from(expected.len()).expect("small"), false),
+            "query {query}"
+        );
+    }
+    // A term all 300 hold (the owner does not), in pages: all, in order.
+    let message = pb::ListUsersRequest {
+        query: "@bench.example".into(),
+        page_size: 7,
+        ..Default::default()
+    };
+    let (found, _) = all_pages(&test, &owner, message).await;
+    let want: Vec<String> = (1..=300).map(|g| format!("Person {g:07}")).collect();
+    assert_eq!(
+        found
+            .iter()
+            .map(|u| u.display_name.clone())
+            .collect::<Vec<_>>(),
+        want
+    );
+    test.stop().await;
+}
+
+#[tokio::test]
+async fn the_search_index_keeps_a_short_pending_list() {
+    let test = start().await;
+    let found = test
+        .state
+        .db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT array_to_string(reloptions, ',') AS options FROM pg_class WHERE relname = 'users_search_trgm'",
+        ))
+        .await
+        .expect("query")
+        .expect("the index");
+    let options: Option<String> = found.try_get("", "options").expect("options");
+    assert_eq!(options.as_deref(), Some("gin_pending_list_limit=64"));
     test.stop().await;
 }
 
