@@ -359,13 +359,29 @@ async fn sigterm_on_the_identity_service_under_load_loses_nothing() {
     nothing_lost(&stack, &admin, &told).await;
     // And no invitee was reserved without an invitation: the account
     // holds the owner and exactly the invited users.
-    let users = UserServiceClient::new(stack.gateway.channel())
-        .list_users(bearer(&admin, ListUsersRequest::default()))
-        .await
-        .expect("users")
-        .into_inner()
-        .total_size;
-    assert_eq!(users as usize, told.len() + 1, "no orphaned invitees");
+    // Counted page by page: the listing's own count stops at 1,000.
+    let mut users = 0;
+    let mut page_token = String::new();
+    loop {
+        let page = UserServiceClient::new(stack.gateway.channel())
+            .list_users(bearer(
+                &admin,
+                ListUsersRequest {
+                    page_size: 500,
+                    page_token,
+                    ..ListUsersRequest::default()
+                },
+            ))
+            .await
+            .expect("users")
+            .into_inner();
+        users += page.users.len();
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(users, told.len() + 1, "no orphaned invitees");
 }
 
 #[tokio::test]
