@@ -10,6 +10,10 @@
 //!   memory, so the pool bounds memory under any load. (On tokio's shared
 //!   blocking threads, each new thread that hashed kept its 19 MiB in its own
 //!   allocator arena: resident memory grew with the threads, not the pool.)
+//!   The threads run at a lower scheduling priority (`thread_nice`), so a
+//!   saturated pool leaves the CPU to the other calls first; at most `queue_size` hashes wait for a thread, and more are
+//!   refused at once with UNAVAILABLE and a `RetryInfo` delay, so a flood of
+//!   sign-ins costs neither memory nor the latency of everything else.
 //!
 //! Passwords and hashes never reach a log, an error message or `Debug` (P20).
 
@@ -17,9 +21,9 @@ use std::{
     fmt,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::anyhow;
@@ -31,7 +35,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use unicode_normalization::UnicodeNormalization;
 use usher_kit::{
     config::{ConfigError, Validate},
-    error::ApiError,
+    error::{ApiError, Reason},
     tokens::Token,
 };
 
@@ -45,6 +49,15 @@ pub const MIN_PARALLELISM: u32 = 1;
 pub const MIN_PASSWORD_CHARS: usize = 8;
 /// The longest password accepted (P10); longer ones are rejected, not truncated.
 pub const MAX_PASSWORD_CHARS: usize = 128;
+/// The default number of hashes that may wait for a hashing thread.
+pub const DEFAULT_QUEUE_SIZE: usize = 128;
+/// The default niceness of the hashing threads (0 = as every other thread,
+/// 19 = the lowest priority).
+pub const DEFAULT_THREAD_NICE: i32 = 10;
+/// The highest niceness Linux knows.
+const MAX_NICE: i32 = 19;
+/// The shortest retry delay a refusal suggests.
+const MIN_RETRY_DELAY: Duration = Duration::from_millis(50);
 
 /// Upper bound of the UTF-8 bytes behind one character after NFC: composition
 /// joins at most 4 code points (e.g. U+1F82) of at most 4 bytes each. Input
@@ -56,6 +69,10 @@ const MAX_BYTES_PER_NFC_CHAR: usize = 16;
 const HASH_SECONDS: &str = "usher_password_hash_seconds";
 /// Metric: argon2id runs in progress.
 const POOL_IN_USE: &str = "usher_password_pool_in_use";
+/// Metric: argon2id runs waiting for a hashing thread.
+const POOL_WAITING: &str = "usher_password_pool_waiting";
+/// Metric: argon2id runs refused because the queue was full.
+const POOL_REFUSED: &str = "usher_password_pool_refused_total";
 
 /// Password rules and argon2id cost (section `passwords`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -70,6 +87,12 @@ pub struct PasswordConfig {
     /// Hashes computed at once; memory peaks at about `pool_size × memory_kib`.
     /// Defaults to the number of CPUs.
     pub pool_size: usize,
+    /// Hashes that may wait for a free hashing thread; more are refused with
+    /// UNAVAILABLE and a retry delay. At least 1.
+    pub queue_size: usize,
+    /// Niceness of the hashing threads, 0..=19 (Linux; ignored elsewhere):
+    /// the higher, the more every other thread of the machine goes first.
+    pub thread_nice: i32,
     /// Shortest accepted password, in characters; at least 8.
     pub min_length: usize,
     /// Longest accepted password, in characters; at most 128.
@@ -83,6 +106,8 @@ impl Default for PasswordConfig {
             iterations: MIN_ITERATIONS,
             parallelism: MIN_PARALLELISM,
             pool_size: std::thread::available_parallelism().map_or(1, usize::from),
+            queue_size: DEFAULT_QUEUE_SIZE,
+            thread_nice: DEFAULT_THREAD_NICE,
             min_length: MIN_PASSWORD_CHARS,
             max_length: MAX_PASSWORD_CHARS,
         }
@@ -122,6 +147,18 @@ impl Validate for PasswordConfig {
             return Err(ConfigError::invalid(
                 "passwords.pool_size",
                 "must be at least 1",
+            ));
+        }
+        if self.queue_size == 0 {
+            return Err(ConfigError::invalid(
+                "passwords.queue_size",
+                "must be at least 1",
+            ));
+        }
+        if !(0..=MAX_NICE).contains(&self.thread_nice) {
+            return Err(ConfigError::invalid(
+                "passwords.thread_nice",
+                format!("must be between 0 and {MAX_NICE}"),
             ));
         }
         if self.min_length < MIN_PASSWORD_CHARS {
@@ -251,6 +288,13 @@ struct Inner {
     /// The hashing threads' queue (they end when it is dropped).
     jobs: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
     pool_size: usize,
+    /// Most runs waiting for a permit.
+    queue_size: usize,
+    /// Runs waiting for a permit now.
+    waiting: AtomicUsize,
+    /// A moving average of one run's duration, in microseconds (for the
+    /// retry delay of a refusal).
+    mean_micros: AtomicU64,
     /// PHC string of an unknowable password, for [`PasswordHasher::verify_dummy`].
     /// Empty only if hashing failed at construction.
     dummy: String,
@@ -307,6 +351,8 @@ impl PasswordHasher {
         let pool_size = config.pool_size.max(1);
         // Served from the start (docs/operations.md lists them).
         metrics::gauge!(POOL_IN_USE).increment(0.0);
+        metrics::gauge!(POOL_WAITING).increment(0.0);
+        metrics::counter!(POOL_REFUSED).increment(0);
         for op in ["hash", "verify"] {
             let _ = metrics::histogram!(HASH_SECONDS, "op" => op);
         }
@@ -314,8 +360,11 @@ impl PasswordHasher {
             inner: Arc::new(Inner {
                 argon2,
                 permits: Arc::new(Semaphore::new(pool_size)),
-                jobs: std::sync::Mutex::new(hashing_threads(pool_size)),
+                jobs: std::sync::Mutex::new(hashing_threads(pool_size, config.thread_nice)),
                 pool_size,
+                queue_size: config.queue_size.max(1),
+                waiting: AtomicUsize::new(0),
+                mean_micros: AtomicU64::new(0),
                 dummy,
                 running: AtomicUsize::new(0),
                 peak: AtomicUsize::new(0),
@@ -349,17 +398,16 @@ impl PasswordHasher {
         op: &'static str,
         work: impl FnOnce(&Argon2<'static>) -> T + Send + 'static,
     ) -> Result<T, ApiError> {
-        let permit = Arc::clone(&self.inner.permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::Internal(anyhow!("password hashing pool closed")))?;
+        let permit = self.permit().await?;
         let inner = Arc::clone(&self.inner);
         let (done, answer) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
             let slot = Slot::enter(inner, permit);
             let started = Instant::now();
             let out = work(&slot.inner.argon2);
-            metrics::histogram!(HASH_SECONDS, "op" => op).record(started.elapsed().as_secs_f64());
+            let took = started.elapsed();
+            metrics::histogram!(HASH_SECONDS, "op" => op).record(took.as_secs_f64());
+            slot.inner.observe(took);
             slot.inner.finished.fetch_add(1, Ordering::SeqCst);
             drop(slot);
             let _ = done.send(out);
@@ -373,6 +421,41 @@ impl PasswordHasher {
         answer
             .await
             .map_err(|_| ApiError::Internal(anyhow!("password hashing task failed")))
+    }
+
+    /// A pool permit: at once when a thread is free, after waiting in the
+    /// queue when it has room, else UNAVAILABLE with the time the queue
+    /// needs to drain as the retry delay. A caller that gives up while
+    /// waiting leaves the queue.
+    async fn permit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        let closed = |_| ApiError::Internal(anyhow!("password hashing pool closed"));
+        let permits = &self.inner.permits;
+        match Arc::clone(permits).try_acquire_owned() {
+            Ok(permit) => return Ok(permit),
+            Err(tokio::sync::TryAcquireError::Closed) => {
+                return Err(ApiError::Internal(anyhow!("password hashing pool closed")));
+            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => {}
+        }
+        let queue = &self.inner.waiting;
+        let entered = queue.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |waiting| {
+            (waiting < self.inner.queue_size).then_some(waiting + 1)
+        });
+        if entered.is_err() {
+            metrics::counter!(POOL_REFUSED).increment(1);
+            return Err(ApiError::retry_later(
+                Reason::Unavailable,
+                "password hashing is at capacity, retry after the delay given",
+                self.inner.drain_time(),
+            ));
+        }
+        let _waiting = Waiting::enter(Arc::clone(&self.inner));
+        Arc::clone(permits).acquire_owned().await.map_err(closed)
+    }
+
+    /// Runs waiting for a hashing thread now.
+    pub fn waiting(&self) -> usize {
+        self.inner.waiting.load(Ordering::SeqCst)
     }
 
     /// The PHC string of `password` (NFC-normalised) with a fresh 16-byte salt
@@ -413,15 +496,22 @@ impl PasswordHasher {
     /// Spends what [`PasswordHasher::verify`] spends, on a hash of an unknowable
     /// password with the configured parameters: for sign-in with an unknown
     /// email, so it costs the same time as a known one (P7). The outcome is
-    /// always "no match", so there is nothing to return.
-    pub async fn verify_dummy(&self, password: String) {
+    /// always "no match", so there is nothing to return but a refusal of a
+    /// full queue, answered exactly as for a known user (so a full queue
+    /// tells nobody which users exist).
+    pub async fn verify_dummy(&self, password: String) -> Result<(), ApiError> {
         let outcome = if self.inner.dummy.is_empty() {
             self.hash(password).await.map(|_| false)
         } else {
             self.verify(password, &self.inner.dummy).await
         };
-        if let Err(error) = outcome {
-            tracing::warn!(%error, "dummy password verification failed");
+        match outcome {
+            Ok(_) => Ok(()),
+            Err(refused @ ApiError::Rejected { .. }) => Err(refused),
+            Err(error) => {
+                tracing::warn!(%error, "dummy password verification failed");
+                Ok(())
+            }
         }
     }
 
@@ -448,10 +538,76 @@ impl PasswordHasher {
     }
 }
 
-/// Starts `count` threads running the jobs sent on the returned queue,
-/// until it is dropped. A job that panics ends only itself (its caller sees
-/// an internal error).
-fn hashing_threads(count: usize) -> std::sync::mpsc::Sender<Job> {
+impl Inner {
+    /// Folds one run's duration into the moving average (weight 1/8).
+    fn observe(&self, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let _ = self
+            .mean_micros
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |mean| {
+                Some(if mean == 0 {
+                    micros
+                } else {
+                    mean - mean / 8 + micros / 8
+                })
+            });
+    }
+
+    /// How long the queue and the runs in progress take to drain on the
+    /// pool's threads, at the mean duration of a run; at least 50 ms.
+    fn drain_time(&self) -> Duration {
+        let ahead = self.waiting.load(Ordering::SeqCst) + self.running.load(Ordering::SeqCst);
+        let mean = self.mean_micros.load(Ordering::Relaxed);
+        let rounds = u64::try_from(ahead.div_ceil(self.pool_size)).unwrap_or(u64::MAX);
+        Duration::from_micros(mean.saturating_mul(rounds)).max(MIN_RETRY_DELAY)
+    }
+}
+
+/// A run waiting for a permit: counted in the queue until dropped (given a
+/// permit, or its caller gone).
+struct Waiting {
+    inner: Arc<Inner>,
+}
+
+impl Waiting {
+    /// Counts a run that already took its place in `inner.waiting`.
+    fn enter(inner: Arc<Inner>) -> Self {
+        metrics::gauge!(POOL_WAITING).increment(1.0);
+        Self { inner }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
+        metrics::gauge!(POOL_WAITING).decrement(1.0);
+    }
+}
+
+/// Lowers the calling thread's scheduling priority to `nice` (Linux:
+/// niceness applies per thread), never raising it; a failure is logged,
+/// never fatal.
+fn lower_priority(nice: i32) {
+    if nice <= 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        let thread = rustix::thread::gettid();
+        let current = rustix::process::getpriority_process(Some(thread)).unwrap_or(0);
+        if nice <= current {
+            return;
+        }
+        if let Err(error) = rustix::process::setpriority_process(Some(thread), nice) {
+            tracing::warn!(%error, nice, "cannot lower the priority of a password hashing thread");
+        }
+    }
+}
+
+/// Starts `count` threads at niceness `nice` running the jobs sent on the
+/// returned queue, until it is dropped. A job that panics ends only itself
+/// (its caller sees an internal error).
+fn hashing_threads(count: usize, nice: i32) -> std::sync::mpsc::Sender<Job> {
     let (sender, receiver) = std::sync::mpsc::channel::<Job>();
     let receiver = Arc::new(std::sync::Mutex::new(receiver));
     for n in 0..count {
@@ -459,6 +615,7 @@ fn hashing_threads(count: usize) -> std::sync::mpsc::Sender<Job> {
         let spawned = std::thread::Builder::new()
             .name(format!("argon2-{n}"))
             .spawn(move || {
+                lower_priority(nice);
                 loop {
                     let next = match receiver.lock() {
                         Ok(queue) => queue.recv(),
@@ -578,6 +735,27 @@ mod tests {
             ),
             (
                 PasswordConfig {
+                    queue_size: 0,
+                    ..base.clone()
+                },
+                "passwords.queue_size",
+            ),
+            (
+                PasswordConfig {
+                    thread_nice: 20,
+                    ..base.clone()
+                },
+                "passwords.thread_nice",
+            ),
+            (
+                PasswordConfig {
+                    thread_nice: -1,
+                    ..base.clone()
+                },
+                "passwords.thread_nice",
+            ),
+            (
+                PasswordConfig {
                     min_length: 7,
                     ..base.clone()
                 },
@@ -608,6 +786,8 @@ mod tests {
             iterations: 3,
             parallelism: 4,
             pool_size: 1,
+            queue_size: 1,
+            thread_nice: 0,
             min_length: 12,
             max_length: 64,
         }
@@ -874,11 +1054,17 @@ mod tests {
             .await
             .expect("hash");
         // Warm the blocking thread and the allocator, then compare medians.
-        hasher.verify_dummy("whatever-was-typed".into()).await;
+        hasher
+            .verify_dummy("whatever-was-typed".into())
+            .await
+            .expect("dummy");
         let (mut dummy, mut real) = (Vec::new(), Vec::new());
         for _ in 0..5 {
             let started = Instant::now();
-            hasher.verify_dummy("whatever-was-typed".into()).await;
+            hasher
+                .verify_dummy("whatever-was-typed".into())
+                .await
+                .expect("dummy");
             dummy.push(started.elapsed());
             let started = Instant::now();
             let matched = hasher
@@ -1040,6 +1226,113 @@ mod tests {
         hasher.hash("next in line".into()).await.expect("hash");
         assert_eq!(hasher.inner.peak.load(Ordering::SeqCst), 1);
         assert_eq!(hasher.inner.permits.available_permits(), 1);
+    }
+
+    /// A hasher with one thread and room for `queue` waiting runs, and a
+    /// run that holds its thread until the returned sender is dropped.
+    async fn busy_hasher(queue: usize) -> (PasswordHasher, std::sync::mpsc::Sender<()>) {
+        let hasher = PasswordHasher::new(&PasswordConfig {
+            pool_size: 1,
+            queue_size: queue,
+            ..PasswordConfig::default()
+        });
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let holder = hasher.clone();
+        tokio::spawn(async move { holder.run("test", move |_| held.recv()).await });
+        while hasher.in_use() == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        (hasher, release)
+    }
+
+    /// Waits until `count` runs wait for the thread.
+    async fn until_waiting(hasher: &PasswordHasher, count: usize) {
+        while hasher.waiting() != count {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_refuses_at_once_with_unavailable_and_a_retry_delay() {
+        let (hasher, release) = busy_hasher(2).await;
+        let queued: Vec<_> = (0..2)
+            .map(|i| {
+                let hasher = hasher.clone();
+                tokio::spawn(async move { hasher.hash(format!("queued password {i}")).await })
+            })
+            .collect();
+        until_waiting(&hasher, 2).await;
+
+        // Both ways in are refused alike, the dummy of unknown users too.
+        let refused = hasher.hash("one too many".into()).await.expect_err("full");
+        let dummy = hasher
+            .verify_dummy("one too many".into())
+            .await
+            .expect_err("full");
+        for error in [refused, dummy] {
+            match error {
+                ApiError::Rejected {
+                    reason: Reason::Unavailable,
+                    retry_after: Some(after),
+                    ..
+                } => assert!(after >= MIN_RETRY_DELAY, "{after:?}"),
+                other => panic!("expected UNAVAILABLE with a retry delay, got {other:?}"),
+            }
+        }
+        assert_eq!(hasher.waiting(), 2, "a refused run never waits");
+
+        drop(release);
+        for task in queued {
+            let phc = task.await.expect("task").expect("queued runs are served");
+            assert!(phc.starts_with(OWASP_PREFIX));
+        }
+        assert_eq!(hasher.waiting(), 0);
+        hasher.hash("room again".into()).await.expect("served");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_that_gives_up_waiting_leaves_the_queue() {
+        let (hasher, release) = busy_hasher(1).await;
+        let waiter = {
+            let hasher = hasher.clone();
+            tokio::spawn(async move { hasher.hash("given up on".into()).await })
+        };
+        until_waiting(&hasher, 1).await;
+        waiter.abort();
+        until_waiting(&hasher, 0).await;
+        // Its place is free again.
+        let next = {
+            let hasher = hasher.clone();
+            tokio::spawn(async move { hasher.hash("next in line".into()).await })
+        };
+        until_waiting(&hasher, 1).await;
+        drop(release);
+        next.await.expect("task").expect("served");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn hashing_threads_run_at_the_configured_niceness() {
+        let own = || rustix::process::getpriority_process(Some(rustix::thread::gettid()));
+        // The tests may themselves run under `nice`: never raised above it.
+        let base = own().expect("own priority");
+        for nice in [0, 7, DEFAULT_THREAD_NICE] {
+            let hasher = PasswordHasher::new(&PasswordConfig {
+                pool_size: 1,
+                thread_nice: nice,
+                ..PasswordConfig::default()
+            });
+            let seen = hasher
+                .run("test", |_| {
+                    rustix::process::getpriority_process(Some(rustix::thread::gettid()))
+                })
+                .await
+                .expect("ran")
+                .expect("priority");
+            assert_eq!(seen, nice.max(base), "configured {nice}");
+        }
+        // The calling threads keep theirs.
+        assert_eq!(own().expect("own priority"), base);
     }
 
     // ---- properties ----

@@ -420,6 +420,14 @@ impl From<Status> for ApiError {
                     Reason::parse(&info.reason).is_none_or(|r| r == Reason::Unavailable)
                 }) =>
             {
+                // A delay the upstream asked for (a full hashing queue says
+                // how long it needs) is passed on as it is.
+                if let Some(after) = status
+                    .get_details_retry_info()
+                    .and_then(|info| info.retry_delay)
+                {
+                    return Self::retry_later(Reason::Unavailable, status.message(), after);
+                }
                 return Self::Unavailable(format!("upstream: {}", status.message()));
             }
             _ => {}
@@ -509,6 +517,21 @@ mod tests {
         assert_eq!(ApiError::from(down).reason(), Reason::Unavailable);
         let odd = Status::unknown("??");
         assert_eq!(ApiError::from(odd).reason(), Reason::Internal);
+    }
+
+    #[test]
+    fn an_upstream_retry_delay_is_passed_on() {
+        let asked = Duration::from_millis(240);
+        let busy: Status = ApiError::retry_later(Reason::Unavailable, "at capacity", asked).into();
+        let passed: Status = ApiError::from(busy).into();
+        assert_eq!(passed.code(), Code::Unavailable);
+        assert_eq!(
+            passed
+                .get_error_details()
+                .retry_info()
+                .map(|i| i.retry_delay),
+            Some(Some(asked))
+        );
     }
 
     #[test]

@@ -149,7 +149,7 @@ pub async fn sign_in(
     let verified = match found.as_ref().and_then(|u| u.password_hash.clone()) {
         Some(hash) => state.passwords.verify(password.clone(), &hash).await?,
         None => {
-            state.passwords.verify_dummy(password.clone()).await;
+            state.passwords.verify_dummy(password.clone()).await?;
             false
         }
     };
@@ -204,12 +204,14 @@ pub async fn sign_in(
         }
     }
     principals::refresh_user(state, found.id).await?;
-    let current = store::find_user(&state.db, found.id)
-        .await?
-        .unwrap_or(found);
+    // The user as now stored, with their role's and team's names (one query).
+    let user = match store::named_by_id(&state.db, found.account_id, found.id).await? {
+        Some(current) => current,
+        None => store::named(&state.db, found).await?,
+    };
     Ok(SignedIn {
         session: issued,
-        user: store::named(&state.db, current).await?,
+        user,
     })
 }
 
@@ -430,7 +432,10 @@ pub async fn change_password(
                 .await?
         }
         None => {
-            state.passwords.verify_dummy(command.current_password).await;
+            state
+                .passwords
+                .verify_dummy(command.current_password)
+                .await?;
             false
         }
     };

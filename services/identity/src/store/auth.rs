@@ -5,8 +5,8 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter,
-    QuerySelect, Set, sea_query::Expr,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, JoinType,
+    QueryFilter, QuerySelect, RelationDef, Set, sea_query::Expr,
 };
 use usher_kit::db::StoreResult;
 use uuid::Uuid;
@@ -44,6 +44,23 @@ pub async fn named<C: ConnectionTrait>(db: &C, model: user::Model) -> StoreResul
         role_name,
         team_name,
     })
+}
+
+/// The user `user_id` of `account_id` with the names of their role and team,
+/// in one query; `None` when the user (or their role) is gone.
+pub async fn named_by_id<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    user_id: Uuid,
+) -> StoreResult<Option<NamedUser>> {
+    Ok(super::users::rows(db, account_id, &[user_id])
+        .await?
+        .remove(&user_id)
+        .map(|row| NamedUser {
+            user: row.user,
+            role_name: row.role_name,
+            team_name: row.team_name,
+        }))
 }
 
 /// The permissions of role `role_id`, empty when it is gone.
@@ -112,17 +129,14 @@ pub async fn sign_in_user<C: ConnectionTrait>(
     slug: &str,
     login: &Login,
 ) -> StoreResult<Option<user::Model>> {
-    let Some(account_id) = account::Entity::find()
-        .select_only()
-        .column(account::Column::Id)
-        .filter(account::Column::Slug.eq(slug))
-        .into_tuple::<Uuid>()
-        .one(db)
-        .await?
-    else {
-        return Ok(None);
-    };
-    let select = user::Entity::find().filter(user::Column::AccountId.eq(account_id));
+    // One query: the account by its slug, joined.
+    let account_join: RelationDef = user::Entity::belongs_to(account::Entity)
+        .from(user::Column::AccountId)
+        .to(account::Column::Id)
+        .into();
+    let select = user::Entity::find()
+        .join(JoinType::InnerJoin, account_join)
+        .filter(account::Column::Slug.eq(slug));
     let select = match login {
         Login::Email(Some(canonical)) => {
             select.filter(user::Column::EmailCanonical.eq(canonical.as_str()))
