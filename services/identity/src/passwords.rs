@@ -278,6 +278,30 @@ pub struct PasswordHasher {
     inner: Arc<Inner>,
 }
 
+/// The PHC string of an argon2id hash with `argon2`'s parameters whose salt
+/// and output are random bytes: no password is known to give it (not even a
+/// discarded one), and verifying any password against it costs one argon2id
+/// run with those parameters, like a real hash — without spending one (tens
+/// of milliseconds of a core) to make it when the service starts.
+fn unknowable_hash(argon2: &Argon2<'_>) -> Result<String, argon2::password_hash::Error> {
+    use argon2::password_hash::phc::{Output, ParamsString, Salt};
+    use sha2::Digest as _;
+    let params = argon2.params();
+    let output_len = params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN);
+    // 64 bytes nobody knows: a digest of a fresh 256-bit random token.
+    let random = sha2::Sha512::digest(Token::generate().as_str().as_bytes());
+    let (salt, rest) = random.split_at(16);
+    let output: Vec<u8> = rest.iter().cycle().take(output_len).copied().collect();
+    Ok(PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(u32::from(Version::V0x13)),
+        params: ParamsString::try_from(params)?,
+        salt: Some(Salt::new(salt)?),
+        hash: Some(Output::new(&output)?),
+    }
+    .to_string())
+}
+
 /// Work for the hashing threads.
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -296,7 +320,7 @@ struct Inner {
     /// retry delay of a refusal).
     mean_micros: AtomicU64,
     /// PHC string of an unknowable password, for [`PasswordHasher::verify_dummy`].
-    /// Empty only if hashing failed at construction.
+    /// Empty only if it could not be made at construction.
     dummy: String,
     /// argon2id runs in progress.
     running: AtomicUsize,
@@ -336,15 +360,14 @@ impl Drop for Slot {
 
 impl PasswordHasher {
     /// A hasher with the configured parameters (never below OWASP's floor) and
-    /// a pool of `pool_size` (at least 1). Computes the dummy hash once, which
-    /// takes one argon2id run: call it at start-up.
+    /// a pool of `pool_size` (at least 1). Runs no argon2id: the dummy hash
+    /// is made of random bytes (see [`unknowable_hash`]).
     pub fn new(config: &PasswordConfig) -> Self {
         let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, config.params());
-        // The dummy's password is 256 random bits nobody ever sees.
-        let dummy = match argon2.hash_password(Token::generate().as_str().as_bytes()) {
-            Ok(hash) => hash.to_string(),
+        let dummy = match unknowable_hash(&argon2) {
+            Ok(hash) => hash,
             Err(error) => {
-                tracing::error!(%error, "cannot compute the dummy password hash");
+                tracing::error!(%error, "cannot make the dummy password hash");
                 String::new()
             }
         };
@@ -1082,6 +1105,38 @@ mod tests {
         // skipped argon2), not on scheduling noise.
         assert!(dummy * 3 > real, "dummy {dummy:?} vs verify {real:?}");
         assert_eq!(hasher.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn making_a_hasher_runs_no_argon2_and_its_dummy_matches_nothing() {
+        // 200 iterations: one argon2id run would take well over a second.
+        let config = PasswordConfig {
+            iterations: 200,
+            pool_size: 1,
+            ..PasswordConfig::default()
+        };
+        let started = Instant::now();
+        let slow = PasswordHasher::new(&config);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(300),
+            "start-up spends no argon2id run: {took:?}"
+        );
+        assert!(
+            slow.inner
+                .dummy
+                .starts_with("$argon2id$v=19$m=19456,t=200,p=1$"),
+            "{}",
+            slow.inner.dummy
+        );
+        assert_ne!(slow.inner.dummy, PasswordHasher::new(&config).inner.dummy);
+        let fast = hasher(1);
+        assert!(
+            !fast
+                .verify("correct horse battery staple".into(), &fast.inner.dummy)
+                .await
+                .expect("a well-formed hash that matches nothing")
+        );
     }
 
     #[tokio::test]

@@ -535,12 +535,24 @@ impl Topology {
         self
     }
 
-    /// Declares everything on `channel`.
+    /// Declares everything on `channel` in one round trip: every
+    /// declaration but the last is sent without waiting for its answer
+    /// (`nowait`), the last one waits. The broker handles a channel's
+    /// methods in order, so exchanges exist before the bindings that use
+    /// them, and a refused declaration closes the channel: the last one
+    /// then fails with the broker's reason, whichever was refused.
     async fn declare_on(&self, channel: &Channel) -> Result<(), AmqpError> {
         let lapin_err = |e: lapin::Error| AmqpError::from_lapin(&e);
+        let total = self.exchanges.len() + self.queues.len() + self.bindings.len();
+        let mut sent = 0;
+        let mut nowait = || {
+            sent += 1;
+            sent < total
+        };
         for exchange in &self.exchanges {
             let options = ExchangeDeclareOptions {
                 durable: true,
+                nowait: nowait(),
                 ..Default::default()
             };
             channel
@@ -557,6 +569,7 @@ impl Topology {
             let options = QueueDeclareOptions {
                 durable: queue.durable,
                 exclusive: queue.exclusive,
+                nowait: nowait(),
                 ..Default::default()
             };
             channel
@@ -565,12 +578,13 @@ impl Topology {
                 .map_err(lapin_err)?;
         }
         for binding in &self.bindings {
+            let options = QueueBindOptions { nowait: nowait() };
             channel
                 .queue_bind(
                     short(&binding.queue)?,
                     short(&binding.exchange)?,
                     short(&binding.routing_key)?,
-                    QueueBindOptions::default(),
+                    options,
                     FieldTable::default(),
                 )
                 .await
@@ -867,6 +881,12 @@ async fn connect(shared: &Shared) -> Result<Connection, String> {
         .parse()
         .map_err(|_| "invalid amqp url".to_owned())?;
     uri.query.heartbeat = Some(shared.config.heartbeat_secs);
+    // lapin keeps 32 frames of send and of receive buffer: at RabbitMQ's
+    // default of 128 KiB that is 8 MiB per connection, most of a service's
+    // idle memory, for messages of a few KiB.
+    if uri.query.frame_max.is_none() {
+        uri.query.frame_max = Some(shared.config.frame_max_bytes);
+    }
     if uri.query.connection_timeout.is_none() {
         uri.query.connection_timeout = u64::try_from(CONNECT_TIMEOUT.as_millis()).ok();
     }
@@ -1369,6 +1389,97 @@ pub(crate) mod tests {
             .await
             .expect("still declares");
         cleanup(&amqp, &exchange, &queue).await;
+    }
+
+    #[tokio::test]
+    async fn amqp_a_topology_is_declared_in_one_go_and_a_refusal_anywhere_in_it_is_reported() {
+        let (amqp, exchange, queue) = connected_with_queue("one-go").await;
+        // The refused queue first, then what would be fine: the refusal
+        // still comes back, with the broker's reason.
+        let other = unique("one-go-ex");
+        let clash = Topology::new()
+            .topic_exchange(&other)
+            .queue(QueueSpec::durable(&queue).with_message_ttl(Duration::from_secs(1)))
+            .bind(&queue, &other, "#");
+        for _ in 0..20 {
+            let refused = amqp.declare(clash.clone()).await;
+            assert!(
+                matches!(&refused, Err(AmqpError::Protocol(text)) if text.contains("406")),
+                "{refused:?}"
+            );
+        }
+        assert!(amqp.is_connected());
+        assert!(!amqp.inner.shared.topology.lock().await.contains(&clash));
+        // A good topology of several parts exists once `declare` returns.
+        let fresh = unique("one-go-q");
+        amqp.declare(
+            Topology::new()
+                .topic_exchange(&other)
+                .queue(QueueSpec::durable(&fresh))
+                .bind(&fresh, &other, "a.#"),
+        )
+        .await
+        .expect("declared");
+        let channel = amqp.channel().await.expect("channel");
+        channel
+            .queue_declare(
+                fresh.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("the queue exists");
+        channel
+            .queue_delete(fresh.as_str().into(), Default::default())
+            .await
+            .expect("delete");
+        channel
+            .exchange_delete(other.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .expect("delete");
+        cleanup(&amqp, &exchange, &queue).await;
+    }
+
+    #[tokio::test]
+    async fn amqp_frames_are_the_configured_size_not_the_brokers_128_kib() {
+        let amqp = Amqp::start(test_config(), &unique("frames"));
+        amqp.wait_connected(Duration::from_secs(10))
+            .await
+            .expect("broker reachable");
+        let live = amqp.current().expect("connected");
+        assert_eq!(
+            live.connection.configuration().frame_max(),
+            AmqpConfig::default().frame_max_bytes
+        );
+        // A message over several frames still arrives whole.
+        let (channel, queue) = (amqp.channel().await.expect("channel"), unique("frames-q"));
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue");
+        let big = vec![7u8; 100_000];
+        ConfirmedPublisher::new(amqp.clone())
+            .publish(&OutgoingMessage::new("", &queue, "test.Big", big.clone()))
+            .await
+            .expect("confirmed");
+        let got = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .expect("get")
+            .expect("a message");
+        assert_eq!(got.delivery.data, big);
+        channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete");
+        amqp.close().await;
     }
 
     /// The broker-side id of the connection named `name`, via `rabbitmqctl`.

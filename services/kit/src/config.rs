@@ -371,7 +371,16 @@ pub struct AmqpConfig {
     pub reconnect_max_ms: u64,
     /// Deadline for a publisher confirm, in milliseconds.
     pub confirm_timeout_ms: u64,
+    /// Largest AMQP frame asked of the broker, in bytes (it may choose a
+    /// smaller one; RabbitMQ offers 131072). The client keeps a send and a
+    /// receive buffer of 32 frames each, so this sizes 64 × its value of
+    /// memory; a message body larger than a frame is sent in several. A
+    /// `frame_max` in the URL's query wins over it.
+    pub frame_max_bytes: u32,
 }
+
+/// The AMQP floor of `frame_max` (AMQP 0-9-1 §4.2.1).
+pub const AMQP_FRAME_MIN_BYTES: u32 = 4_096;
 
 impl Default for AmqpConfig {
     fn default() -> Self {
@@ -381,6 +390,7 @@ impl Default for AmqpConfig {
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
             confirm_timeout_ms: 5_000,
+            frame_max_bytes: 16_384,
         }
     }
 }
@@ -398,6 +408,12 @@ impl Validate for AmqpConfig {
             return Err(ConfigError::invalid(
                 "amqp.reconnect_min_ms",
                 "must be positive and at most amqp.reconnect_max_ms",
+            ));
+        }
+        if !(AMQP_FRAME_MIN_BYTES..=1_048_576).contains(&self.frame_max_bytes) {
+            return Err(ConfigError::invalid(
+                "amqp.frame_max_bytes",
+                "must be between 4096 and 1048576",
             ));
         }
         Ok(())
@@ -513,6 +529,21 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn amqp_frame_max_defaults_to_16_kib_and_is_bounded_naming_the_key() {
+        assert_eq!(AmqpConfig::default().frame_max_bytes, 16_384);
+        assert!(AmqpConfig::default().validate().is_ok());
+        for bad in [0, 4_095, 1_048_577] {
+            let err = AmqpConfig {
+                frame_max_bytes: bad,
+                ..AmqpConfig::default()
+            }
+            .validate()
+            .expect_err("out of bounds");
+            assert!(err.to_string().contains("amqp.frame_max_bytes"), "{err}");
+        }
     }
 
     #[test]

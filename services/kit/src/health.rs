@@ -66,7 +66,18 @@ impl Probe {
     }
 }
 
-/// How often dependencies are probed until the service is first ready.
+/// How often dependencies are probed until the service is first ready,
+/// during the first [`EAGER_STARTUP`] of a start: a start is `SERVING` at
+/// most this long after its dependencies are. The probes are cheap while a
+/// dependency is not up yet (the database probe asks nothing before the
+/// schema check succeeded, the broker probe reads a flag).
+const EAGER_PROBE_INTERVAL: Duration = Duration::from_millis(5);
+
+/// How long a start probes every [`EAGER_PROBE_INTERVAL`].
+const EAGER_STARTUP: Duration = Duration::from_secs(1);
+
+/// How often dependencies are probed until the service is first ready,
+/// after [`EAGER_STARTUP`].
 const STARTUP_PROBE_INTERVAL: Duration = Duration::from_millis(25);
 
 /// How long dependencies may take to come up at start before it is logged
@@ -110,16 +121,20 @@ fn watch_with_patience(
         let mut slow_start_reported = false;
         let mut ever_healthy = false;
         loop {
-            let mut failing = Vec::new();
-            for probe in probes.iter() {
+            // All at once: a round takes as long as the slowest probe, so a
+            // dependency that is slow to answer delays no other.
+            let checks = probes.iter().map(|probe| async move {
                 let ok =
                     tokio::time::timeout(interval.max(Duration::from_millis(500)), (probe.check)())
                         .await
                         .unwrap_or(false);
-                if !ok {
-                    failing.push(probe.name);
-                }
-            }
+                (probe.name, ok)
+            });
+            let failing: Vec<&'static str> = futures::future::join_all(checks)
+                .await
+                .into_iter()
+                .filter_map(|(name, ok)| (!ok).then_some(name))
+                .collect();
             let healthy = failing.is_empty();
             if shutdown.is_cancelled() {
                 return;
@@ -158,6 +173,8 @@ fn watch_with_patience(
                 // as its dependencies are, not up to an interval later.
                 () = tokio::time::sleep(if ever_healthy {
                     interval
+                } else if started.elapsed() < EAGER_STARTUP {
+                    interval.min(EAGER_PROBE_INTERVAL)
                 } else {
                     interval.min(STARTUP_PROBE_INTERVAL)
                 }) => {}
@@ -437,6 +454,47 @@ mod watch_tests {
             "an outage after serving warns at once"
         );
         assert_eq!(recorder.warnings().len(), 2);
+        shutdown.cancel();
+        task.await.expect("watch ends");
+    }
+
+    #[tokio::test]
+    async fn probes_run_at_once_so_a_slow_dependency_delays_no_other() {
+        let recorder = Recorder::default();
+        let _guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(recorder.clone()));
+        // Three dependencies that each take 400 ms to answer: one after the
+        // other, a round would take 1.2 s.
+        let slow = |name| {
+            Probe::new(name, || async {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                true
+            })
+        };
+        let (reporter, _) = tonic_health::server::health_reporter();
+        let shutdown = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        let task = watch(
+            reporter,
+            vec!["svc".into()],
+            vec![slow("database"), slow("redis"), slow("amqp")],
+            Duration::from_secs(10),
+            shutdown.clone(),
+        );
+        let serving = |r: &Recorder| {
+            r.0.lock()
+                .expect("lock")
+                .iter()
+                .any(|(_, m)| m == "dependencies reachable, serving")
+        };
+        while !serving(&recorder) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(1_000),
+            "one round of concurrent probes, not the sum: {took:?}"
+        );
         shutdown.cancel();
         task.await.expect("watch ends");
     }

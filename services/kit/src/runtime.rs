@@ -2,7 +2,15 @@
 //! migrations (retried in the background so a service starts while PostgreSQL
 //! is down), and the readiness probe that goes with it.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use sea_orm::DatabaseConnection;
 use sea_orm_migration::MigratorTrait;
@@ -24,12 +32,17 @@ pub struct ServiceDatabase {
     /// The pool.
     pub connection: DatabaseConnection,
     schema_ready: watch::Receiver<bool>,
+    /// Set when the schema check has just succeeded: that answer from the
+    /// database is the readiness probe's first one (so the probe does not
+    /// need a connection of its own while background work takes the one the
+    /// check opened).
+    answered: Arc<AtomicBool>,
 }
 
 impl ServiceDatabase {
-    /// Opens the pool (lazily) and, in the background, creates the database
-    /// and applies migrations when `migrate_on_start` is set, or waits until
-    /// no migration is pending, retrying every `retry` until `shutdown`.
+    /// Opens the pool (lazily) and, in the background, checks the schema
+    /// on it, retrying every `retry` until `shutdown`: see
+    /// [`bring_up_to_date`] for what one check does.
     pub async fn start<M: MigratorTrait>(
         config: &DatabaseConfig,
         retry: Duration,
@@ -37,26 +50,20 @@ impl ServiceDatabase {
     ) -> anyhow::Result<Self> {
         let connection = db::connect(config).await?;
         let (ready, schema_ready) = watch::channel(false);
+        let answered = Arc::new(AtomicBool::new(false));
         let config = config.clone();
         let pool = connection.clone();
+        let just_answered = answered.clone();
         tokio::spawn(async move {
             loop {
-                let attempt = async {
-                    if config.migrate_on_start {
-                        db::migrate::<M>(&config).await.map(|()| true)
-                    } else {
-                        M::get_pending_migrations(&pool)
-                            .await
-                            .map(|pending| pending.is_empty())
-                    }
-                };
                 // A stop does not wait for an attempt on an unreachable server.
                 let outcome = tokio::select! {
                     () = shutdown.cancelled() => return,
-                    outcome = attempt => outcome,
+                    outcome = bring_up_to_date::<M>(&pool, &config) => outcome,
                 };
                 match outcome {
                     Ok(true) => {
+                        just_answered.store(true, Ordering::SeqCst);
                         ready.send_replace(true);
                         tracing::info!("database schema up to date");
                         return;
@@ -73,6 +80,7 @@ impl ServiceDatabase {
         Ok(Self {
             connection,
             schema_ready,
+            answered,
         })
     }
 
@@ -97,23 +105,49 @@ impl ServiceDatabase {
         })
     }
 
-    /// Readiness: schema applied and the database answering.
+    /// Readiness: schema applied and the database answering (the schema
+    /// check that found it applied is the first answer; a ping each time
+    /// after it).
     pub fn probe(&self) -> Probe {
         let this = self.clone();
         Probe::new("database", move || {
             let this = this.clone();
-            async move { this.schema_ready() && db::ping(&this.connection).await }
+            async move {
+                this.schema_ready()
+                    && (this.answered.swap(false, Ordering::SeqCst)
+                        || db::ping(&this.connection).await)
+            }
         })
+    }
+}
+
+/// One schema check on the service's own `pool`: whether no migration is
+/// pending afterwards.
+///
+/// A restart, the usual case, costs one query on one connection, which then
+/// stays in the pool for the service: the list of applied migrations is
+/// read, nothing is created. Only when a migration is pending (or the
+/// database cannot be read, e.g. it does not exist yet) and
+/// `migrate_on_start` is set does it create the database when missing
+/// (through the server's `postgres` database) and apply the migrations.
+pub async fn bring_up_to_date<M: MigratorTrait>(
+    pool: &DatabaseConnection,
+    config: &DatabaseConfig,
+) -> Result<bool, sea_orm::DbErr> {
+    match M::get_pending_migrations_read_only(pool).await {
+        Ok(pending) if pending.is_empty() => Ok(true),
+        Ok(_) | Err(_) if config.migrate_on_start => {
+            db::ensure_database(config.url.expose()).await?;
+            M::up(pool, None).await?;
+            Ok(true)
+        }
+        Ok(_) => Ok(false),
+        Err(err) => Err(err),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    };
-
     use sea_orm::ConnectionTrait;
     use sea_orm_migration::MigrationTrait;
 
@@ -185,5 +219,130 @@ mod tests {
             .expect("ends with the service")
             .expect("task");
         assert!(!ran.load(Ordering::SeqCst));
+    }
+
+    /// One migration creating one table, as a service's migrator does.
+    struct OneTable;
+
+    struct CreateThing;
+
+    impl sea_orm_migration::MigrationName for CreateThing {
+        fn name(&self) -> &str {
+            "m20261206_000001_create_thing"
+        }
+    }
+
+    #[sea_orm_migration::async_trait::async_trait]
+    impl MigrationTrait for CreateThing {
+        async fn up(
+            &self,
+            manager: &sea_orm_migration::SchemaManager,
+        ) -> Result<(), sea_orm::DbErr> {
+            manager
+                .get_connection()
+                .execute_unprepared("CREATE TABLE thing (id BIGINT PRIMARY KEY)")
+                .await
+                .map(|_| ())
+        }
+    }
+
+    impl MigratorTrait for OneTable {
+        fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+            vec![Box::new(CreateThing)]
+        }
+    }
+
+    async fn drop_database(name: &str) {
+        let admin = crate::db::connect(&DatabaseConfig::local("postgres"))
+            .await
+            .expect("admin");
+        admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .await
+            .expect("dropped");
+    }
+
+    #[tokio::test]
+    async fn a_restart_finds_the_schema_applied_and_the_first_probe_needs_no_new_connection() {
+        let name = format!("usher_kit_rt_{}", uuid::Uuid::new_v4().simple());
+        // First start: the database is created and migrated.
+        let first = DatabaseConfig::local(&name);
+        let pool = crate::db::connect(&first).await.expect("pool");
+        assert!(
+            bring_up_to_date::<OneTable>(&pool, &first)
+                .await
+                .expect("migrated")
+        );
+        pool.close().await.expect("close");
+
+        // A restart with a pool of one connection: the schema check's
+        // connection stays in it, and while the service's work holds it the
+        // first probe still answers — from the check itself.
+        let restart = DatabaseConfig {
+            max_connections: 1,
+            min_connections: 0,
+            connect_timeout_ms: 300,
+            ..DatabaseConfig::local(&name)
+        };
+        let shutdown = CancellationToken::new();
+        let database = ServiceDatabase::start::<OneTable>(
+            &restart,
+            Duration::from_millis(50),
+            shutdown.clone(),
+        )
+        .await
+        .expect("pool");
+        let mut ready = database.schema_ready.clone();
+        tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|ready| *ready))
+            .await
+            .expect("schema found applied")
+            .expect("watch");
+        let probe = database.probe();
+        let busy = sea_orm::TransactionTrait::begin(&database.connection)
+            .await
+            .expect("the pool's one connection");
+        assert!(probe.check().await, "the schema check was the first answer");
+        assert!(
+            !probe.check().await,
+            "later probes ask the database (whose one connection is busy)"
+        );
+        busy.rollback().await.expect("rollback");
+        assert!(probe.check().await, "and it answers again");
+        shutdown.cancel();
+        database.connection.close().await.expect("close");
+        drop_database(&name).await;
+    }
+
+    #[tokio::test]
+    async fn pending_migrations_wait_for_migrate_when_not_applied_at_start() {
+        let name = format!("usher_kit_rt_{}", uuid::Uuid::new_v4().simple());
+        let config = DatabaseConfig::local(&name);
+        let pool = crate::db::connect(&config).await.expect("pool");
+        crate::db::ensure_database(config.url.expose())
+            .await
+            .expect("created");
+        let manual = DatabaseConfig {
+            migrate_on_start: false,
+            ..DatabaseConfig::local(&name)
+        };
+        assert!(
+            !bring_up_to_date::<OneTable>(&pool, &manual)
+                .await
+                .expect("readable"),
+            "pending, and left so"
+        );
+        assert!(
+            bring_up_to_date::<OneTable>(&pool, &config)
+                .await
+                .expect("migrated")
+        );
+        assert!(
+            bring_up_to_date::<OneTable>(&pool, &manual)
+                .await
+                .expect("readable"),
+            "applied now"
+        );
+        pool.close().await.expect("close");
+        drop_database(&name).await;
     }
 }
