@@ -14,6 +14,9 @@ cargo build --release --locked \
 cargo build --release --locked -p usher
 cargo build --release --locked -p usher-bench
 readme=(--readme bench/README.md)
-# A quick run writes its results but leaves the README's full-run table alone.
-for arg in "$@"; do [ "$arg" = "--quick" ] && readme=(); done
+# A quick or partial run writes its results but leaves the README's full-run
+# table alone.
+for arg in "$@"; do
+  case "$arg" in --quick | --invitations-only) readme=() ;; esac
+done
 exec "$target/release/usher-bench" --out bench/results "${readme[@]}" "$@"

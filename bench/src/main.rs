@@ -37,6 +37,11 @@ struct Args {
     /// `results:end` comments) is replaced with the new table.
     #[arg(long)]
     readme: Option<PathBuf>,
+    /// Only the invitation-creation scenarios (floors, steady, sequential,
+    /// 32 accounts, bulks, email drain), for profiling the write path; its
+    /// results never replace the README's table.
+    #[arg(long, conflicts_with = "readme")]
+    invitations_only: bool,
 }
 
 /// Replaces the text between the results markers of `readme` with `table`;
@@ -59,11 +64,12 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bin_dir = args.bin_dir.unwrap_or_else(launcher::default_bin_dir);
     let log_dir = args.log_dir.unwrap_or_else(|| args.out.join("logs"));
-    let settings = if args.quick {
+    let mut settings = if args.quick {
         run::Settings::quick(bin_dir, log_dir)
     } else {
         run::Settings::full(bin_dir, log_dir)
     };
+    settings.invitations_only = args.invitations_only;
     let report = run::run(settings).await?;
     std::fs::create_dir_all(&args.out)?;
     let table = report.markdown();

@@ -51,6 +51,10 @@ pub struct Settings {
     pub bin_dir: PathBuf,
     /// Where their logs go.
     pub log_dir: PathBuf,
+    /// Run only the invitation-creation scenarios (their floors, the
+    /// steady, sequential and 32-account loads, the bulks and the email
+    /// drain): for profiling the write path, never for the README's table.
+    pub invitations_only: bool,
 }
 
 impl Settings {
@@ -67,6 +71,7 @@ impl Settings {
             sequential: 1_000,
             bin_dir,
             log_dir,
+            invitations_only: false,
         }
     }
 
@@ -83,6 +88,7 @@ impl Settings {
             sequential: 300,
             bin_dir,
             log_dir,
+            invitations_only: false,
         }
     }
 
@@ -259,18 +265,22 @@ async fn scenarios(settings: Settings, iso: &mut Isolation) -> anyhow::Result<Ct
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
 
     // --- Floors that need no service -------------------------------------
-    progress!("argon2 floor");
-    let argon2 = floors::argon2(settings.warmup, settings.measure).await;
-    ctx.keep("argon2id hash (identity's hasher)", 2 * cores, &argon2);
-    let argon2_rate = argon2.throughput;
-    ctx.rows.push(
-        Row::info(
-            "floor: argon2id hashes/s, production parameters (m=19 MiB, t=2, p=1), all cores",
-            argon2_rate,
-            "hashes/s",
-        )
-        .goal_text("reference ≈ 110/s on 2 cores"),
-    );
+    let argon2_rate = if settings.invitations_only {
+        0.0
+    } else {
+        progress!("argon2 floor");
+        let argon2 = floors::argon2(settings.warmup, settings.measure).await;
+        ctx.keep("argon2id hash (identity's hasher)", 2 * cores, &argon2);
+        ctx.rows.push(
+            Row::info(
+                "floor: argon2id hashes/s, production parameters (m=19 MiB, t=2, p=1), all cores",
+                argon2.throughput,
+                "hashes/s",
+            )
+            .goal_text("reference ≈ 110/s on 2 cores"),
+        );
+        argon2.throughput
+    };
 
     progress!("raw floor for {} invitations", settings.burst);
     let raw = floors::raw(iso, settings.burst).await?;
@@ -323,6 +333,9 @@ async fn scenarios(settings: Settings, iso: &mut Isolation) -> anyhow::Result<Ct
     .await;
     stack.stop().await;
     outcome?;
+    if settings.invitations_only {
+        return Ok(ctx);
+    }
     progress!("usher dev on its embedded backends");
     usher_dev_scenario(&mut ctx, &settings).await?;
     Ok(ctx)
@@ -454,65 +467,68 @@ async fn with_stack(
     let direct = Via::Direct(Box::new(signer.clone()));
     let mut invited_total: u64 = 0;
 
-    // --- Trivial RPC floor: health Check straight to identity --------------
-    progress!("trivial RPC floor");
-    peaks.enter("trivial RPC, ListRoles, rejected calls");
-    let pool = identity.clone();
-    let (_, trivial) = ctx
-        .sweep(
-            "health Check, direct to identity (trivial RPC)",
-            move |seq| {
-                let channel = pool.get(seq);
-                async move {
-                    HealthClient::new(channel)
-                        .check(HealthCheckRequest {
-                            service: String::new(),
-                        })
-                        .await
-                        .map(|_| ())
-                }
-            },
-        )
-        .await;
-    let trivial_c1 = ctx
-        .runs
-        .iter()
-        .find(|r| r.name.starts_with("health Check") && r.concurrency == settings.sweep[0])
-        .map(|r| r.summary.clone())
-        .unwrap_or_default();
-    ctx.rows.push(Row::info(
-        "floor: trivial RPC (health Check direct to identity), best over concurrency",
-        trivial.throughput,
-        "calls/s",
-    ));
-
-    // --- Gateway overhead on a database-bound call (ListRoles) ---------------
-    progress!("ListRoles direct and through the gateway");
-    let (pool, via) = (identity.clone(), direct.clone());
-    let (_, roles_direct) = ctx
-        .sweep("ListRoles, direct to identity", move |seq| {
-            let (channel, via) = (pool.get(seq), via.clone());
-            async move { calls::list_roles(channel, &via).await }
-        })
-        .await;
-    let (pool, via) = (gateway.clone(), through_gateway.clone());
-    let (_, roles_gateway) = ctx
-        .sweep("ListRoles, through the gateway", move |seq| {
-            let (channel, via) = (pool.get(seq), via.clone());
-            async move { calls::list_roles(channel, &via).await }
-        })
-        .await;
-    let c1 = |ctx: &Ctx, name: &str| {
-        ctx.runs
+    let gateway_c1 = if settings.invitations_only {
+        Summary::default()
+    } else {
+        // --- Trivial RPC floor: health Check straight to identity --------------
+        progress!("trivial RPC floor");
+        peaks.enter("trivial RPC, ListRoles, rejected calls");
+        let pool = identity.clone();
+        let (_, trivial) = ctx
+            .sweep(
+                "health Check, direct to identity (trivial RPC)",
+                move |seq| {
+                    let channel = pool.get(seq);
+                    async move {
+                        HealthClient::new(channel)
+                            .check(HealthCheckRequest {
+                                service: String::new(),
+                            })
+                            .await
+                            .map(|_| ())
+                    }
+                },
+            )
+            .await;
+        let trivial_c1 = ctx
+            .runs
             .iter()
-            .find(|r| r.name == name && r.concurrency == settings.sweep[0])
+            .find(|r| r.name.starts_with("health Check") && r.concurrency == settings.sweep[0])
             .map(|r| r.summary.clone())
-            .unwrap_or_default()
-    };
-    let direct_c1 = c1(ctx, "ListRoles, direct to identity");
-    let gateway_c1 = c1(ctx, "ListRoles, through the gateway");
-    let ratio = roles_gateway.throughput / roles_direct.throughput.max(1e-9);
-    ctx.rows.push(
+            .unwrap_or_default();
+        ctx.rows.push(Row::info(
+            "floor: trivial RPC (health Check direct to identity), best over concurrency",
+            trivial.throughput,
+            "calls/s",
+        ));
+
+        // --- Gateway overhead on a database-bound call (ListRoles) ---------------
+        progress!("ListRoles direct and through the gateway");
+        let (pool, via) = (identity.clone(), direct.clone());
+        let (_, roles_direct) = ctx
+            .sweep("ListRoles, direct to identity", move |seq| {
+                let (channel, via) = (pool.get(seq), via.clone());
+                async move { calls::list_roles(channel, &via).await }
+            })
+            .await;
+        let (pool, via) = (gateway.clone(), through_gateway.clone());
+        let (_, roles_gateway) = ctx
+            .sweep("ListRoles, through the gateway", move |seq| {
+                let (channel, via) = (pool.get(seq), via.clone());
+                async move { calls::list_roles(channel, &via).await }
+            })
+            .await;
+        let c1 = |ctx: &Ctx, name: &str| {
+            ctx.runs
+                .iter()
+                .find(|r| r.name == name && r.concurrency == settings.sweep[0])
+                .map(|r| r.summary.clone())
+                .unwrap_or_default()
+        };
+        let direct_c1 = c1(ctx, "ListRoles, direct to identity");
+        let gateway_c1 = c1(ctx, "ListRoles, through the gateway");
+        let ratio = roles_gateway.throughput / roles_direct.throughput.max(1e-9);
+        ctx.rows.push(
         Row::info(
             "gateway overhead: ListRoles (database-bound) throughput through the gateway, best over concurrency",
             roles_gateway.throughput,
@@ -521,66 +537,66 @@ async fn with_stack(
         .floor(format!("{:.0} calls/s direct", roles_direct.throughput), ratio)
         .goal("≥ 80 % of direct", ratio >= 0.8),
     );
-    let added_p50 = gateway_c1.p50_ms - direct_c1.p50_ms;
-    let added_p99 = gateway_c1.p99_ms - direct_c1.p99_ms;
-    ctx.rows.push(
-        Row::info(
-            "gateway overhead: added median latency, ListRoles at concurrency 1",
-            added_p50,
-            "ms",
-        )
-        .floor(
-            format!("{:.2} ms direct median", direct_c1.p50_ms),
-            gateway_c1.p50_ms / direct_c1.p50_ms.max(1e-9),
-        )
-        .goal("≤ 0.3 ms added", added_p50 <= 0.3),
-    );
-    ctx.rows.push(
-        Row::info(
-            "gateway overhead: added p99 latency, ListRoles at concurrency 1",
-            added_p99,
-            "ms",
-        )
-        .floor(
-            format!("{:.2} ms direct p99", direct_c1.p99_ms),
-            gateway_c1.p99_ms / direct_c1.p99_ms.max(1e-9),
-        )
-        .goal("≤ 1 ms added", added_p99 <= 1.0),
-    );
+        let added_p50 = gateway_c1.p50_ms - direct_c1.p50_ms;
+        let added_p99 = gateway_c1.p99_ms - direct_c1.p99_ms;
+        ctx.rows.push(
+            Row::info(
+                "gateway overhead: added median latency, ListRoles at concurrency 1",
+                added_p50,
+                "ms",
+            )
+            .floor(
+                format!("{:.2} ms direct median", direct_c1.p50_ms),
+                gateway_c1.p50_ms / direct_c1.p50_ms.max(1e-9),
+            )
+            .goal("≤ 0.3 ms added", added_p50 <= 0.3),
+        );
+        ctx.rows.push(
+            Row::info(
+                "gateway overhead: added p99 latency, ListRoles at concurrency 1",
+                added_p99,
+                "ms",
+            )
+            .floor(
+                format!("{:.2} ms direct p99", direct_c1.p99_ms),
+                gateway_c1.p99_ms / direct_c1.p99_ms.max(1e-9),
+            )
+            .goal("≤ 1 ms added", added_p99 <= 1.0),
+        );
 
-    // --- Rejected calls: no credential ------------------------------------
-    progress!("rejected calls");
-    let metrics = stack.identity.metrics;
-    let reached_before = crate::launcher::requests_counted(metrics, "ListRoles").await;
-    let pool = gateway.clone();
-    let rejected = load::run(settings.timed(1), move |seq| {
-        let channel = pool.get(seq);
-        async move {
-            match calls::list_roles(channel, &Via::Gateway(String::new())).await {
-                Err(status) if status.code() == tonic::Code::Unauthenticated => Ok(()),
-                Err(status) => Err(status),
-                Ok(()) => Err(tonic::Status::internal("accepted without credential")),
+        // --- Rejected calls: no credential ------------------------------------
+        progress!("rejected calls");
+        let metrics = stack.identity.metrics;
+        let reached_before = crate::launcher::requests_counted(metrics, "ListRoles").await;
+        let pool = gateway.clone();
+        let rejected = load::run(settings.timed(1), move |seq| {
+            let channel = pool.get(seq);
+            async move {
+                match calls::list_roles(channel, &Via::Gateway(String::new())).await {
+                    Err(status) if status.code() == tonic::Code::Unauthenticated => Ok(()),
+                    Err(status) => Err(status),
+                    Ok(()) => Err(tonic::Status::internal("accepted without credential")),
+                }
             }
-        }
-    })
-    .await;
-    ctx.keep(
-        "ListRoles without credential, through the gateway (UNAUTHENTICATED expected)",
-        1,
-        &rejected,
-    );
-    let reached_after = crate::launcher::requests_counted(metrics, "ListRoles").await;
-    let reached = match (reached_before, reached_after) {
-        (Some(before), Some(after)) => Some(after - before),
-        _ => None,
-    };
-    if reached.is_none() {
-        ctx.notes.push(
+        })
+        .await;
+        ctx.keep(
+            "ListRoles without credential, through the gateway (UNAUTHENTICATED expected)",
+            1,
+            &rejected,
+        );
+        let reached_after = crate::launcher::requests_counted(metrics, "ListRoles").await;
+        let reached = match (reached_before, reached_after) {
+            (Some(before), Some(after)) => Some(after - before),
+            _ => None,
+        };
+        if reached.is_none() {
+            ctx.notes.push(
             "identity's metrics could not be read: whether rejected calls reached it is unknown"
                 .into(),
         );
-    }
-    ctx.rows.push(
+        }
+        ctx.rows.push(
         Row::info(
             &format!(
                 "rejected call (no credential, UNAUTHENTICATED) answered by the gateway: median (p99 {:.2} ms), concurrency 1; {} of {} reached identity",
@@ -594,6 +610,8 @@ async fn with_stack(
         .floor(format!("{:.2} ms trivial RPC median", trivial_c1.p50_ms), rejected.p50_ms / trivial_c1.p50_ms.max(1e-9))
         .goal("≤ 0.2 ms, never reaching a service", rejected.p50_ms <= 0.2 && reached == Some(0.0)),
     );
+        gateway_c1
+    };
 
     // --- Invitations: steady load ------------------------------------------
     progress!("invitation creation through the gateway and direct");
@@ -875,124 +893,126 @@ async fn with_stack(
             .goal(&format!("the queue drains after a burst of {n}"), drained),
     );
 
-    // --- Accept and sign-in vs the argon2 floor ------------------------------
-    let k = settings.accepts;
-    progress!("accept {k} invitations");
-    peaks.enter("accept invitations");
-    for first in (0..k).step_by(1_000) {
-        let size = 1_000.min(k - first);
-        calls::create_invitations(
-            invitation.get(0),
-            &direct,
-            &user_role,
-            calls::invitees("acc", first, size),
-        )
-        .await
-        .context("invitations to accept")?;
-    }
-    invited_total += k;
-    wait_for_emails(sink, invited_total, Duration::from_secs(120)).await;
-    let tokens: Vec<String> = (0..k)
-        .filter_map(|i| sink.token_for(&calls::invitee_email("acc", i)))
-        .collect();
-    if (tokens.len() as u64) < k {
+    if !settings.invitations_only {
+        // --- Accept and sign-in vs the argon2 floor ------------------------------
+        let k = settings.accepts;
+        progress!("accept {k} invitations");
+        peaks.enter("accept invitations");
+        for first in (0..k).step_by(1_000) {
+            let size = 1_000.min(k - first);
+            calls::create_invitations(
+                invitation.get(0),
+                &direct,
+                &user_role,
+                calls::invitees("acc", first, size),
+            )
+            .await
+            .context("invitations to accept")?;
+        }
+        invited_total += k;
+        wait_for_emails(sink, invited_total, Duration::from_secs(120)).await;
+        let tokens: Vec<String> = (0..k)
+            .filter_map(|i| sink.token_for(&calls::invitee_email("acc", i)))
+            .collect();
+        if (tokens.len() as u64) < k {
+            ctx.notes.push(format!(
+                "only {} of {k} invitation emails carried a token",
+                tokens.len()
+            ));
+        }
+        // The machine's load drifts: measure the ceiling again right next to
+        // the hashing scenarios and hold them to the higher of the two.
+        progress!("argon2 floor again, next to accept and sign-in");
+        let again = floors::argon2(settings.warmup, settings.measure).await;
+        ctx.keep(
+            "argon2id hash (identity's hasher), again",
+            2 * cores,
+            &again,
+        );
         ctx.notes.push(format!(
-            "only {} of {k} invitation emails carried a token",
-            tokens.len()
-        ));
-    }
-    // The machine's load drifts: measure the ceiling again right next to
-    // the hashing scenarios and hold them to the higher of the two.
-    progress!("argon2 floor again, next to accept and sign-in");
-    let again = floors::argon2(settings.warmup, settings.measure).await;
-    ctx.keep(
-        "argon2id hash (identity's hasher), again",
-        2 * cores,
-        &again,
-    );
-    ctx.notes.push(format!(
         "argon2 floor measured twice: {argon2_rate:.1} hashes/s at the start, {:.1} next to accept and sign-in; their ceiling is the higher.",
         again.throughput
     ));
-    let argon2_rate = argon2_rate.max(again.throughput);
-    let tokens = Arc::new(tokens);
-    let concurrency = 4 * cores;
-    let (pool, shared) = (gateway.clone(), tokens.clone());
-    let accepted = load::run(Load::count(concurrency, tokens.len() as u64), move |seq| {
-        let (channel, tokens) = (pool.get(seq), shared.clone());
-        async move {
-            let i = usize::try_from(seq).unwrap_or(0);
-            calls::accept(channel, &tokens[i], &format!("bench password {i}")).await
-        }
-    })
-    .await;
-    ctx.keep(
-        "AcceptInvitation through the gateway",
-        concurrency,
-        &accepted,
-    );
-    let ratio = accepted.throughput / argon2_rate.max(1e-9);
-    ctx.rows.push(
-        Row::info(
-            &format!("accept invitation through the gateway ({concurrency} at once)"),
-            accepted.throughput,
-            "accepts/s",
-        )
-        .floor(format!("{argon2_rate:.0} hashes/s argon2"), ratio)
-        .goal("≥ 80 % of the argon2 ceiling", ratio >= 0.80),
-    );
-
-    progress!("sign-in, and ListRoles while hashing saturates");
-    peaks.enter("sign-in, ListRoles while hashing saturates");
-    let accepted_users = tokens.len().max(1) as u64;
-    let (pool, slug2) = (gateway.clone(), slug.clone());
-    let sign_ins = tokio::spawn(load::run(settings.timed(concurrency), move |seq| {
-        let (channel, slug) = (pool.get(seq), slug2.clone());
-        async move {
-            let i = seq % accepted_users;
-            calls::sign_in(
-                channel,
-                &slug,
-                &calls::invitee_email("acc", i),
-                &format!("bench password {i}"),
+        let argon2_rate = argon2_rate.max(again.throughput);
+        let tokens = Arc::new(tokens);
+        let concurrency = 4 * cores;
+        let (pool, shared) = (gateway.clone(), tokens.clone());
+        let accepted = load::run(Load::count(concurrency, tokens.len() as u64), move |seq| {
+            let (channel, tokens) = (pool.get(seq), shared.clone());
+            async move {
+                let i = usize::try_from(seq).unwrap_or(0);
+                calls::accept(channel, &tokens[i], &format!("bench password {i}")).await
+            }
+        })
+        .await;
+        ctx.keep(
+            "AcceptInvitation through the gateway",
+            concurrency,
+            &accepted,
+        );
+        let ratio = accepted.throughput / argon2_rate.max(1e-9);
+        ctx.rows.push(
+            Row::info(
+                &format!("accept invitation through the gateway ({concurrency} at once)"),
+                accepted.throughput,
+                "accepts/s",
             )
-            .await
-            .map(|_| ())
-        }
-    }));
-    let (pool, via) = (gateway.clone(), through_gateway.clone());
-    let roles_loaded = load::run(settings.timed(1), move |seq| {
-        let (channel, via) = (pool.get(seq), via.clone());
-        async move { calls::list_roles(channel, &via).await }
-    })
-    .await;
-    let sign_ins = sign_ins.await.unwrap_or_default();
-    ctx.keep("SignIn through the gateway", concurrency, &sign_ins);
-    ctx.keep(
-        "ListRoles through the gateway while sign-ins saturate hashing",
-        1,
-        &roles_loaded,
-    );
-    let ratio = sign_ins.throughput / argon2_rate.max(1e-9);
-    ctx.rows.push(
-        Row::info(
-            &format!("sign-in through the gateway ({concurrency} at once)"),
-            sign_ins.throughput,
-            "sign-ins/s",
-        )
-        .floor(format!("{argon2_rate:.0} hashes/s argon2"), ratio)
-        .goal("≥ 85 % of the argon2 ceiling", ratio >= 0.85),
-    );
-    let ratio = roles_loaded.p99_ms / gateway_c1.p99_ms.max(1e-9);
-    ctx.rows.push(
+            .floor(format!("{argon2_rate:.0} hashes/s argon2"), ratio)
+            .goal("≥ 80 % of the argon2 ceiling", ratio >= 0.80),
+        );
+
+        progress!("sign-in, and ListRoles while hashing saturates");
+        peaks.enter("sign-in, ListRoles while hashing saturates");
+        let accepted_users = tokens.len().max(1) as u64;
+        let (pool, slug2) = (gateway.clone(), slug.clone());
+        let sign_ins = tokio::spawn(load::run(settings.timed(concurrency), move |seq| {
+            let (channel, slug) = (pool.get(seq), slug2.clone());
+            async move {
+                let i = seq % accepted_users;
+                calls::sign_in(
+                    channel,
+                    &slug,
+                    &calls::invitee_email("acc", i),
+                    &format!("bench password {i}"),
+                )
+                .await
+                .map(|_| ())
+            }
+        }));
+        let (pool, via) = (gateway.clone(), through_gateway.clone());
+        let roles_loaded = load::run(settings.timed(1), move |seq| {
+            let (channel, via) = (pool.get(seq), via.clone());
+            async move { calls::list_roles(channel, &via).await }
+        })
+        .await;
+        let sign_ins = sign_ins.await.unwrap_or_default();
+        ctx.keep("SignIn through the gateway", concurrency, &sign_ins);
+        ctx.keep(
+            "ListRoles through the gateway while sign-ins saturate hashing",
+            1,
+            &roles_loaded,
+        );
+        let ratio = sign_ins.throughput / argon2_rate.max(1e-9);
+        ctx.rows.push(
+            Row::info(
+                &format!("sign-in through the gateway ({concurrency} at once)"),
+                sign_ins.throughput,
+                "sign-ins/s",
+            )
+            .floor(format!("{argon2_rate:.0} hashes/s argon2"), ratio)
+            .goal("≥ 85 % of the argon2 ceiling", ratio >= 0.85),
+        );
+        let ratio = roles_loaded.p99_ms / gateway_c1.p99_ms.max(1e-9);
+        ctx.rows.push(
         Row::info("other RPC's p99 while sign-ins saturate hashing (ListRoles through the gateway, concurrency 1)", roles_loaded.p99_ms, "ms")
             .floor(format!("{:.2} ms p99 without sign-ins", gateway_c1.p99_ms), ratio)
             .goal("at most doubles (ratio ≤ 2)", ratio <= 2.0),
     );
 
-    // --- List/search users in one big account -------------------------------
-    peaks.enter("list/search users (seeding included)");
-    list_users_scenario(ctx, settings, iso, stack, &gateway).await?;
+        // --- List/search users in one big account -------------------------------
+        peaks.enter("list/search users (seeding included)");
+        list_users_scenario(ctx, settings, iso, stack, &gateway).await?;
+    }
 
     // --- Memory -------------------------------------------------------------
     sampling.store(false, Ordering::Relaxed);
@@ -1050,6 +1070,10 @@ async fn with_stack(
         Row::info("memory: the four binaries idle, summed (separate processes on PostgreSQL, Redis and RabbitMQ)", total_idle, "MiB")
             .goal_text("reference for usher dev (measured on its own row)"),
     );
+
+    if settings.invitations_only {
+        return Ok(());
+    }
 
     // --- Start-up: second starts against migrated databases -------------------
     progress!("time to SERVING (3 starts of each binary, databases already migrated)");
