@@ -9,7 +9,7 @@
 //! the limit. Activation hashes the password before opening the transaction
 //! (argon2id takes tens of milliseconds and must not hold locks).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use sea_orm::TransactionTrait;
 use usher_kit::{
@@ -42,7 +42,7 @@ use crate::{
 };
 
 /// Who invites, as named by the calling service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Inviter {
     /// A user of the account.
     User(Uuid),
@@ -78,16 +78,25 @@ async fn may_grant<C: sea_orm::ConnectionTrait>(
         Some(holder) => accounts::held_permissions(db, account, holder, now).await?,
         None => Vec::new(),
     };
+    check_may_grant(role, &held, &granted)
+}
+
+/// Whether what a holder `held` covers `granted`, the permissions of `role`.
+fn check_may_grant(
+    role: &crate::store::entities::role::Model,
+    held: &[String],
+    granted: &[String],
+) -> ApiResult<()> {
     grants::check_grant(
         &Grantor {
             user_id: None,
             role_id: None,
-            permissions: &held,
+            permissions: held,
         },
         &Grant::Role {
             user: None,
             role_id: role.id,
-            permissions: &granted,
+            permissions: granted,
         },
     )
 }
@@ -101,7 +110,7 @@ pub async fn invitation_context(
     let account_id = query.account_id;
     let account = accounts::find(db, account_id).await?;
     let seats_used = accounts::seats_used(db, account_id).await?;
-    let mut response = describe(state, &account, query.inviter, seats_used).await?;
+    let mut response = describe(state, db, &account, query.inviter, seats_used).await?;
     if let Some(role_id) = query.role_id {
         let role = scoped::role(db, account_id, role_id).await?;
         // The rule of ReserveInvitees (P26), for callers that hand the role
@@ -121,13 +130,13 @@ pub async fn invitation_context(
 /// The part of an invitation's context that needs no role or team: the
 /// account with `seats_used` and its effective invitation lifetime, the
 /// password rules, and the inviter, if any.
-async fn describe(
+async fn describe<C: sea_orm::ConnectionTrait>(
     state: &Identity,
+    db: &C,
     account: &crate::store::entities::account::Model,
     inviter: Option<Inviter>,
     seats_used: u64,
 ) -> ApiResult<internal::GetInvitationContextResponse> {
-    let db = &state.db;
     let account_id = account.id;
     let policy = &state.password_policy;
     let mut response = internal::GetInvitationContextResponse {
@@ -233,81 +242,46 @@ pub struct ReservationAnswer {
     pub context: internal::GetInvitationContextResponse,
 }
 
-/// A reservation checked outside the lock, waiting for its batch.
+/// A reservation waiting for its batch.
 #[derive(Debug)]
-pub struct PreparedReservation {
+pub struct QueuedReservation {
     request_id: String,
     command: ReserveInvitees,
-    context: internal::GetInvitationContextResponse,
-    role: crate::store::entities::role::Model,
-    team: Option<crate::store::entities::team::Model>,
 }
 
 /// The batches of reservations, one worker per account (see
 /// [`usher_kit::coalesce`]).
 pub type Reservations =
-    usher_kit::coalesce::Coalescer<Uuid, PreparedReservation, ApiResult<ReservationAnswer>>;
+    usher_kit::coalesce::Coalescer<Uuid, QueuedReservation, ApiResult<ReservationAnswer>>;
 
 /// Reservations per batch at most (each holds up to 1,000 invitees).
 pub const RESERVATION_BATCH: usize = 64;
 
 /// Reserves a seat for each invitee that may have one.
 ///
-/// What needs no lock is checked first, on its own: the role and team exist
-/// in the account and the inviter may grant the role (P26). The call then
-/// joins its account's next batch: concurrent reservations of one account
-/// are written together in one transaction under the account lock — the
-/// lock taken once, the counter of seats read once, the existing invitees
-/// of the whole batch loaded in one query — and each is decided in arrival
-/// order against what the ones before it took, exactly as if they had run
-/// one after the other. A batch that fails as a whole is run again call by
-/// call, so each caller gets its own answer.
+/// The call joins its account's next batch: concurrent reservations of one
+/// account are checked and written together in one transaction under the
+/// account lock — the lock taken once, the counter of seats read once, each
+/// role, team and inviter the batch names read once, the existing invitees
+/// of the whole batch loaded in one query, and the new users, audit entries
+/// and events of the whole batch written in one statement each — and each
+/// is decided in arrival order against what the ones before it took,
+/// exactly as if they had run one after the other. A batch that fails as a
+/// whole is run again call by call, so each caller gets its own answer.
 pub async fn reserve_invitees(
     state: &Identity,
     request_id: &str,
     command: ReserveInvitees,
 ) -> ApiResult<ReservationAnswer> {
     let account_id = command.account_id;
-    let now = state.clock.now();
-    let account = accounts::find(&state.db, account_id).await?;
-    let role = scoped::role(&state.db, account_id, command.role_id).await?;
-    // No escalation (P26): the invitees' role carries nothing the inviter
-    // lacks. The inviter's permissions are read here, where the role is
-    // resolved, not taken from the calling service.
-    may_grant(&state.db, &account, &role, command.holder, now).await?;
-    let team = match command.team_id {
-        Some(team_id) => Some(scoped::team(&state.db, account_id, team_id).await?),
-        None => None,
-    };
-    require_enabled(&account, &command.products)?;
-    reservations::check_inviting_allowed(account.seat_limit)?;
-    // The context the caller would otherwise ask for separately.
-    let inviter = command.holder.map(|holder| match holder {
-        Holder::User(id) => Inviter::User(id),
-        Holder::ApiKey(id) => Inviter::ApiKey(id),
-    });
-    // Its seats used are those its batch finds before it.
-    let mut context = describe(state, &account, inviter, 0).await?;
-    describe_role(&mut context, &role, inviter.is_some());
-    if let Some(team) = &team {
-        context.team_name = team.name.clone();
-    }
-    let mut command = command;
-    if command.actor.name.is_empty() {
-        // The audit log names the inviter even when the caller did not.
-        command.actor.name = context.inviter_display_name.clone();
-    }
-    let prepared = PreparedReservation {
+    let queued = QueuedReservation {
         request_id: request_id.to_owned(),
         command,
-        context,
-        role,
-        team,
     };
     let batch_state = state.clone();
     state
         .reservations
-        .submit(account_id, prepared, move |batch| {
+        .submit(account_id, queued, move |batch| {
             let state = batch_state.clone();
             async move { reserve_batch(&state, batch).await }
         })
@@ -319,7 +293,7 @@ pub async fn reserve_invitees(
 /// whole is run again one reservation at a time.
 async fn reserve_batch(
     state: &Identity,
-    batch: Vec<PreparedReservation>,
+    batch: Vec<QueuedReservation>,
 ) -> Vec<ApiResult<ReservationAnswer>> {
     match reserve_together(state, &batch).await {
         Ok(answers) => answers,
@@ -340,12 +314,142 @@ async fn reserve_batch(
     }
 }
 
-/// Decides and writes `batch` in one transaction under the account lock.
-/// The outer error fails the whole batch (nothing written); the inner ones
-/// are each call's own refusals.
+/// Whether `err` is a failure of the database (the batch as a whole fails
+/// and is retried call by call) rather than one call's refusal.
+fn fails_the_batch(err: &ApiError) -> bool {
+    matches!(err, ApiError::Unavailable(_) | ApiError::Internal(_))
+}
+
+/// A reservation whose role, team, grant and inviter were checked in its
+/// batch: what its decision needs.
+struct Checked {
+    context: internal::GetInvitationContextResponse,
+    role: crate::store::entities::role::Model,
+    team: Option<crate::store::entities::team::Model>,
+    /// The command's actor, named after the inviter when the caller did not.
+    actor: Actor,
+}
+
+/// What the calls of one batch read besides the seats and the invitees,
+/// each row once per batch (in the batch's transaction): the roles, teams,
+/// inviters and permissions they name. Concurrent calls of one account
+/// mostly name the same ones.
+struct BatchReads<'a> {
+    state: &'a Identity,
+    account: &'a crate::store::entities::account::Model,
+    now: chrono::DateTime<chrono::Utc>,
+    roles: HashMap<Uuid, crate::store::entities::role::Model>,
+    teams: HashMap<Uuid, crate::store::entities::team::Model>,
+    granted: HashMap<Uuid, Vec<String>>,
+    held: HashMap<Holder, Vec<String>>,
+    described: HashMap<Option<Inviter>, internal::GetInvitationContextResponse>,
+}
+
+impl<'a> BatchReads<'a> {
+    fn new(state: &'a Identity, account: &'a crate::store::entities::account::Model) -> Self {
+        Self {
+            state,
+            account,
+            now: state.clock.now(),
+            roles: HashMap::new(),
+            teams: HashMap::new(),
+            granted: HashMap::new(),
+            held: HashMap::new(),
+            described: HashMap::new(),
+        }
+    }
+
+    /// The checks of one reservation that need no seat, in the order a
+    /// caller sees their refusals: the role exists in the account, the
+    /// inviter may grant it (P26: the invitees' role carries nothing the
+    /// inviter lacks, read here, not taken from the calling service), the
+    /// team exists, the products are enabled and the account may invite.
+    /// Then the context the caller would otherwise ask for separately (its
+    /// seats used are those the batch finds before it).
+    async fn check<C: sea_orm::ConnectionTrait>(
+        &mut self,
+        db: &C,
+        command: &ReserveInvitees,
+    ) -> ApiResult<Checked> {
+        let account_id = self.account.id;
+        let role = match self.roles.get(&command.role_id) {
+            Some(role) => role.clone(),
+            None => {
+                let role = scoped::role(db, account_id, command.role_id).await?;
+                self.roles.insert(role.id, role.clone());
+                role
+            }
+        };
+        let granted = match self.granted.get(&role.id) {
+            Some(granted) => granted.clone(),
+            None => {
+                let granted = accounts::effective_permissions_in(db, &role, self.account).await?;
+                self.granted.insert(role.id, granted.clone());
+                granted
+            }
+        };
+        let held = match command.holder {
+            None => Vec::new(),
+            Some(holder) => match self.held.get(&holder) {
+                Some(held) => held.clone(),
+                None => {
+                    let held =
+                        accounts::held_permissions(db, self.account, holder, self.now).await?;
+                    self.held.insert(holder, held.clone());
+                    held
+                }
+            },
+        };
+        check_may_grant(&role, &held, &granted)?;
+        let team = match command.team_id {
+            None => None,
+            Some(team_id) => match self.teams.get(&team_id) {
+                Some(team) => Some(team.clone()),
+                None => {
+                    let team = scoped::team(db, account_id, team_id).await?;
+                    self.teams.insert(team_id, team.clone());
+                    Some(team)
+                }
+            },
+        };
+        require_enabled(self.account, &command.products)?;
+        reservations::check_inviting_allowed(self.account.seat_limit)?;
+        let inviter = command.holder.map(|holder| match holder {
+            Holder::User(id) => Inviter::User(id),
+            Holder::ApiKey(id) => Inviter::ApiKey(id),
+        });
+        let mut context = match self.described.get(&inviter) {
+            Some(context) => context.clone(),
+            None => {
+                let context = describe(self.state, db, self.account, inviter, 0).await?;
+                self.described.insert(inviter, context.clone());
+                context
+            }
+        };
+        describe_role(&mut context, &role, inviter.is_some());
+        if let Some(team) = &team {
+            context.team_name = team.name.clone();
+        }
+        let mut actor = command.actor.clone();
+        if actor.name.is_empty() {
+            // The audit log names the inviter even when the caller did not.
+            actor.name = context.inviter_display_name.clone();
+        }
+        Ok(Checked {
+            context,
+            role,
+            team,
+            actor,
+        })
+    }
+}
+
+/// Checks, decides and writes `batch` in one transaction under the account
+/// lock. The outer error fails the whole batch (nothing written); the inner
+/// ones are each call's own refusals.
 async fn reserve_together(
     state: &Identity,
-    batch: &[PreparedReservation],
+    batch: &[QueuedReservation],
 ) -> ApiResult<Vec<ApiResult<ReservationAnswer>>> {
     let Some(first) = batch.first() else {
         return Ok(Vec::new());
@@ -356,20 +460,29 @@ async fn reserve_together(
     // Every change that counts seats takes this lock first: concurrent
     // reservations (of other replicas too) are counted one after the other.
     let account = accounts::lock(&txn, account_id).await?;
+    let mut reads = BatchReads::new(state, &account);
+    let mut checked = Vec::with_capacity(batch.len());
+    for queued in batch {
+        match reads.check(&txn, &queued.command).await {
+            Err(err) if fails_the_batch(&err) => return Err(err),
+            one => checked.push(one),
+        }
+    }
     let mut seats_used = accounts::seats_used(&txn, account_id).await?;
+    let to_reserve = || {
+        batch
+            .iter()
+            .zip(&checked)
+            .filter(|(_, checked)| checked.is_ok())
+            .flat_map(|(queued, _)| queued.command.invitees.iter())
+    };
     let mut existing = store::existing_invitees(
         &txn,
         account_id,
-        batch
-            .iter()
-            .flat_map(|p| p.command.invitees.iter())
+        to_reserve()
             .map(|i| i.email.canonical().to_owned())
             .collect(),
-        batch
-            .iter()
-            .flat_map(|p| p.command.invitees.iter())
-            .map(|i| i.invitation_id)
-            .collect(),
+        to_reserve().map(|i| i.invitation_id).collect(),
     )
     .await?;
     let allowed: HashSet<String> = convert::strings(&account.allowed_email_domains)
@@ -377,26 +490,27 @@ async fn reserve_together(
         .filter_map(|d| canonical_domain(d).ok())
         .collect();
     let mut answers = Vec::with_capacity(batch.len());
-    let mut wrote = false;
-    for prepared in batch {
-        let command = &prepared.command;
-        // The account may have changed since the call was prepared.
-        let checked = require_enabled(&account, &command.products)
-            .and_then(|()| reservations::check_inviting_allowed(account.seat_limit))
-            .and_then(|()| {
-                reservations::check_invitation_ids(account_id, &command.invitees, &existing)
-            });
-        if let Err(err) = checked {
-            answers.push(Err(err));
-            continue;
-        }
-        let team_id = prepared.team.as_ref().map(|t| t.id);
+    let mut new_users = Vec::new();
+    let mut effects_written = Vec::new();
+    for (queued, checked) in batch.iter().zip(checked) {
+        let command = &queued.command;
+        let checked = match checked.and_then(|checked| {
+            reservations::check_invitation_ids(account_id, &command.invitees, &existing)
+                .map(|()| checked)
+        }) {
+            Ok(checked) => checked,
+            Err(err) => {
+                answers.push(Err(err));
+                continue;
+            }
+        };
+        let team_id = checked.team.as_ref().map(|t| t.id);
         let reservation = Reservation {
             account_id,
             seat_limit: account.seat_limit,
             seats_used,
             allowed_domains: &allowed,
-            role_id: prepared.role.id,
+            role_id: checked.role.id,
             team_id,
             products: &command.products,
             dry_run: command.dry_run,
@@ -406,18 +520,17 @@ async fn reserve_together(
             &reservation,
             &command.invitees,
             &existing,
-            &command.actor,
+            &checked.actor,
             now,
             Uuid::new_v4,
         );
         let answer_effects = std::mem::take(&mut reserved.effects);
         if !command.dry_run && !reserved.new_users.is_empty() {
-            let invited_by = format!("{}:{}", command.actor.kind, command.actor.id);
-            store::insert_invited(
-                &txn,
+            let invited_by = format!("{}:{}", checked.actor.kind, checked.actor.id);
+            new_users.extend(store::invited_rows(
                 &InvitedRows {
                     account_id,
-                    role_id: prepared.role.id,
+                    role_id: checked.role.id,
                     team_id,
                     products: &command.products,
                     locale: &command.locale,
@@ -426,17 +539,8 @@ async fn reserve_together(
                 },
                 &reserved.new_users,
                 now,
-            )
-            .await?;
-            effects::apply(
-                &txn,
-                answer_effects,
-                &command.actor,
-                &prepared.request_id,
-                now,
-            )
-            .await?;
-            wrote = true;
+            ));
+            effects_written.push((answer_effects, checked.actor.clone(), &queued.request_id));
             // The calls after this one see its invitees as taken.
             seats_used = reserved.seats_used;
             existing.extend(reserved.new_users.iter().map(|new| Member {
@@ -451,19 +555,29 @@ async fn reserve_together(
         answers.push(Ok(ReservationAnswer {
             reserved,
             seat_limit: account.seat_limit,
-            role_name: prepared.role.name.clone(),
-            team_name: prepared
+            role_name: checked.role.name.clone(),
+            team_name: checked
                 .team
                 .as_ref()
                 .map(|t| t.name.clone())
                 .unwrap_or_default(),
-            context: with_seats(&prepared.context, seats_before),
+            context: with_seats(&checked.context, seats_before),
         }));
     }
-    if wrote {
-        txn.commit().await?;
-    } else {
+    if new_users.is_empty() {
         txn.rollback().await?;
+    } else {
+        // The whole batch's users, audit entries and events: one statement
+        // each (chunked far below PostgreSQL's bind limit).
+        store::insert_users(&txn, new_users).await?;
+        let all = effects_written
+            .iter_mut()
+            .map(|(effects, actor, request_id)| {
+                (std::mem::take(effects), &*actor, request_id.as_str())
+            })
+            .collect();
+        effects::apply_all(&txn, all, now).await?;
+        txn.commit().await?;
     }
     Ok(answers)
 }

@@ -176,7 +176,7 @@ pub async fn effective_permissions_in<C: ConnectionTrait>(
 }
 
 /// A user or an API key whose permissions are asked for.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Holder {
     /// A user of the account.
     User(Uuid),

@@ -114,40 +114,62 @@ pub struct InvitedRows<'a> {
     pub invited_by: &'a str,
 }
 
-/// Writes the invited users `new` of one reservation in one multi-row
-/// insert (at most a thousand, well under PostgreSQL's bind limit).
+/// The rows of the invited users `new` of one reservation.
+pub fn invited_rows(
+    rows: &InvitedRows<'_>,
+    new: &[NewInvitee],
+    now: DateTime<Utc>,
+) -> Vec<user::ActiveModel> {
+    new.iter()
+        .map(|invitee| {
+            let row = super::users::new_invited_row(
+                invitee.id,
+                super::users::NewUser {
+                    account_id: rows.account_id,
+                    email: Some(invitee.email.clone()),
+                    username: None,
+                    display_name: invitee.display_name.clone(),
+                    role_id: rows.role_id,
+                    team_id: rows.team_id,
+                    products: rows.products.to_vec(),
+                    locale: rows.locale.to_owned(),
+                    metadata: rows.metadata.cloned(),
+                },
+                invitee.invitation_id,
+                rows.invited_by.to_owned(),
+                now,
+            );
+            user::ActiveModel::from(row).reset_all()
+        })
+        .collect()
+}
+
+/// Writes the invited users `new` of one reservation.
 pub async fn insert_invited<C: ConnectionTrait>(
     db: &C,
     rows: &InvitedRows<'_>,
     new: &[NewInvitee],
     now: DateTime<Utc>,
 ) -> StoreResult<()> {
-    if new.is_empty() {
-        return Ok(());
+    insert_users(db, invited_rows(rows, new, now)).await
+}
+
+/// Users per INSERT statement: about twenty bind parameters each, well
+/// under PostgreSQL's 65,535 per statement.
+const USERS_PER_INSERT: usize = 1_000;
+
+/// Writes the invited users `rows` (of one reservation or of a whole batch)
+/// in multi-row inserts of at most [`USERS_PER_INSERT`].
+pub async fn insert_users<C: ConnectionTrait>(
+    db: &C,
+    mut rows: Vec<user::ActiveModel>,
+) -> StoreResult<()> {
+    while !rows.is_empty() {
+        let chunk: Vec<_> = rows.drain(..rows.len().min(USERS_PER_INSERT)).collect();
+        user::Entity::insert_many(chunk)
+            .exec_without_returning(db)
+            .await?;
     }
-    let models = new.iter().map(|invitee| {
-        let row = super::users::new_invited_row(
-            invitee.id,
-            super::users::NewUser {
-                account_id: rows.account_id,
-                email: Some(invitee.email.clone()),
-                username: None,
-                display_name: invitee.display_name.clone(),
-                role_id: rows.role_id,
-                team_id: rows.team_id,
-                products: rows.products.to_vec(),
-                locale: rows.locale.to_owned(),
-                metadata: rows.metadata.cloned(),
-            },
-            invitee.invitation_id,
-            rows.invited_by.to_owned(),
-            now,
-        );
-        user::ActiveModel::from(row).reset_all()
-    });
-    user::Entity::insert_many(models)
-        .exec_without_returning(db)
-        .await?;
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! Writes what a decision caused ([`Effects`]): its audit rows and its
-//! outbox events, in the caller's transaction, in one statement each.
+//! outbox events, in the caller's transaction, in one statement each (for
+//! one call, or for a whole batch of calls).
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, EntityTrait};
@@ -9,7 +10,7 @@ use super::{
     audit::{self, AuditEntry},
     entities::audit_event,
 };
-use crate::domain::effects::{Actor, Effects};
+use crate::domain::effects::{Actor, Audit, Effects};
 
 /// Audit rows per INSERT statement.
 const AUDIT_CHUNK: usize = 1_000;
@@ -23,8 +24,35 @@ pub async fn apply<C: ConnectionTrait>(
     request_id: &str,
     now: DateTime<Utc>,
 ) -> StoreResult<()> {
-    let mut rows: Vec<audit_event::ActiveModel> = effects
-        .audit
+    let rows = audit_rows(effects.audit, actor, request_id, now);
+    write(db, rows, &effects.events).await
+}
+
+/// Writes the effects of several calls (each with its actor and request id)
+/// on `db`, in one transaction: every audit row in one statement per
+/// thousand, every event in one outbox insert.
+pub async fn apply_all<C: ConnectionTrait>(
+    db: &C,
+    all: Vec<(Effects, &Actor, &str)>,
+    now: DateTime<Utc>,
+) -> StoreResult<()> {
+    let mut rows = Vec::new();
+    let mut events = Vec::new();
+    for (effects, actor, request_id) in all {
+        rows.extend(audit_rows(effects.audit, actor, request_id, now));
+        events.extend(effects.events);
+    }
+    write(db, rows, &events).await
+}
+
+/// The audit rows of `entries`.
+fn audit_rows(
+    entries: Vec<Audit>,
+    actor: &Actor,
+    request_id: &str,
+    now: DateTime<Utc>,
+) -> Vec<audit_event::ActiveModel> {
+    entries
         .into_iter()
         .map(|entry| {
             audit::row(
@@ -41,12 +69,20 @@ pub async fn apply<C: ConnectionTrait>(
                 now,
             )
         })
-        .collect();
+        .collect()
+}
+
+/// Inserts `rows` and enqueues `events`.
+async fn write<C: ConnectionTrait>(
+    db: &C,
+    mut rows: Vec<audit_event::ActiveModel>,
+    events: &[usher_kit::amqp::OutgoingMessage],
+) -> StoreResult<()> {
     // Well under PostgreSQL's 65,535 bind parameters per statement.
     while !rows.is_empty() {
         let chunk: Vec<_> = rows.drain(..rows.len().min(AUDIT_CHUNK)).collect();
         audit_event::Entity::insert_many(chunk).exec(db).await?;
     }
-    outbox::enqueue(db, &effects.events).await?;
+    outbox::enqueue(db, events).await?;
     Ok(())
 }

@@ -979,6 +979,56 @@ async fn concurrent_reservations_of_one_account_are_each_decided_as_if_alone() {
     test.stop().await;
 }
 
+/// The checks of a call (its role and team exist in the account, its
+/// inviter may grant the role) run inside its batch: a call naming an
+/// unknown role or team is refused alone, and the others of the same
+/// batch are reserved, counted and audited as if it had not been there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_call_in_a_batch_of_reservations_fails_alone() {
+    let test = start().await;
+    let acct = account(&test, 1_000).await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(16));
+    let calls: Vec<_> = (0..16)
+        .map(|call| {
+            let api = test.api.clone();
+            let barrier = barrier.clone();
+            let mut message = reservation(&acct, vec![invitee(&format!("p{call}@acme.example"))]);
+            match call {
+                3 => message.role_id = Uuid::new_v4().to_string(),
+                9 => message.team_id = Uuid::new_v4().to_string(),
+                _ => {}
+            }
+            tokio::spawn(async move {
+                barrier.wait().await;
+                api.reserve_invitees(request(&svc(), message))
+                    .await
+                    .map(Response::into_inner)
+            })
+        })
+        .collect();
+    for (call, task) in calls.into_iter().enumerate() {
+        let answer = task.await.expect("task");
+        match call {
+            3 | 9 => {
+                let err = answer.expect_err("an unknown role or team");
+                assert_eq!(err.code(), Code::NotFound, "call {call}: {err:?}");
+                let field = if call == 3 { "role" } else { "team" };
+                assert!(err.message().contains(field), "call {call}: {err:?}");
+            }
+            _ => {
+                let answer = answer.expect("reserve");
+                assert_eq!(verdicts(&answer), [Verdict::Reserved], "call {call}");
+                assert_eq!(answer.role_name, "User", "call {call}");
+            }
+        }
+    }
+    // The owner and the 14 accepted calls' invitees.
+    assert_eq!(users_of(&test, &acct).await, 15);
+    assert_eq!(seats_of(&test, &acct).await, 15);
+    assert_eq!(audit_of(&test, &acct, "user.created").await, 14);
+    test.stop().await;
+}
+
 #[tokio::test]
 async fn a_thousand_invitees_in_one_call() {
     let test = start().await;
