@@ -101,8 +101,8 @@ fn rows(account_id: Uuid) -> Vec<Invitation> {
 
 async fn insert(repo: &Repository, rows: &[Invitation]) {
     repo.insert_created::<usher_proto::invitation::v1::CreateInvitationsResponse>(
-        rows,
-        &[],
+        rows.to_vec(),
+        Vec::new(),
         None,
         start(),
     )
@@ -204,6 +204,49 @@ async fn rows_round_trip(db: &DatabaseConnection, backend: &str) {
     assert_eq!(repo.find(Uuid::new_v4(), rows[0].id).await.unwrap(), None);
 }
 
+/// Concurrent creates are committed together, and each still all or
+/// nothing: 24 calls at once each find their rows stored, except the one
+/// that repeats a stored id, which fails alone and leaves none of its rows.
+async fn concurrent_creates_commit_together_and_fail_alone(db: &DatabaseConnection, backend: &str) {
+    let repo = Repository::new(db.clone());
+    let account = Uuid::new_v4();
+    let stored = row(account, StoredState::Pending, None, 1);
+    insert(&repo, std::slice::from_ref(&stored)).await;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(24));
+    let calls: Vec<_> = (0..24)
+        .map(|call| {
+            let (repo, barrier) = (repo.clone(), barrier.clone());
+            let mut rows = vec![row(account, StoredState::Pending, None, 1)];
+            if call == 5 {
+                rows.push(stored.clone());
+            }
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let outcome = repo
+                    .insert_created::<usher_proto::invitation::v1::CreateInvitationsResponse>(
+                        rows.clone(),
+                        Vec::new(),
+                        None,
+                        start(),
+                    )
+                    .await;
+                (rows, outcome)
+            })
+        })
+        .collect();
+    for (call, task) in calls.into_iter().enumerate() {
+        let (rows, outcome) = task.await.expect("task");
+        let found = repo.find(account, rows[0].id).await.unwrap();
+        if call == 5 {
+            assert!(outcome.is_err(), "{backend}: a stored id is refused");
+            assert_eq!(found, None, "{backend}: none of the refused call's rows");
+        } else {
+            outcome.unwrap_or_else(|err| panic!("{backend}: call {call}: {err}"));
+            assert_eq!(found.as_ref(), Some(&rows[0]), "{backend}: call {call}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_rust_and_sql_readings_agree_on_postgresql() {
     let database = TestDatabase::create("invitation-store")
@@ -213,6 +256,7 @@ async fn the_rust_and_sql_readings_agree_on_postgresql() {
     readings_agree(&db, "postgres").await;
     claims_agree(&db, "postgres").await;
     rows_round_trip(&db, "postgres").await;
+    concurrent_creates_commit_together_and_fail_alone(&db, "postgres").await;
     database.drop_database().await.expect("drop");
 }
 
@@ -226,6 +270,7 @@ async fn the_rust_and_sql_readings_agree_on_sqlite() {
     readings_agree(&db, "sqlite").await;
     claims_agree(&db, "sqlite").await;
     rows_round_trip(&db, "sqlite").await;
+    concurrent_creates_commit_together_and_fail_alone(&db, "sqlite").await;
     db.close().await.expect("close");
     std::fs::remove_file(&path).expect("remove");
 }

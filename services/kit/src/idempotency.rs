@@ -185,11 +185,22 @@ impl IdempotencyKey {
         response: &R,
         now: DateTime<Utc>,
     ) -> ApiResult<()> {
+        self.remember_encoded(db, response.encode_to_vec(), now)
+            .await
+    }
+
+    /// [`Self::remember`] with the answer already encoded.
+    pub async fn remember_encoded<C: ConnectionTrait>(
+        &self,
+        db: &C,
+        response: Vec<u8>,
+        now: DateTime<Utc>,
+    ) -> ApiResult<()> {
         idempotency_key::ActiveModel {
             scope: Set(self.scope.clone()),
             request_id: Set(self.request_id.clone()),
             request_hash: Set(self.request_hash.clone()),
-            response: Set(response.encode_to_vec()),
+            response: Set(response),
             create_time: Set(now),
         }
         .insert(db)

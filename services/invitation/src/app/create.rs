@@ -272,8 +272,8 @@ impl<D: DirectoryPort, T: TokenPort, R: RepositoryPort> CreateSaga<'_, D, T, R> 
         timed(
             "insert",
             self.repository.insert_created(
-                &rows,
-                &outgoing,
+                rows,
+                outgoing,
                 answer.as_ref().map(|(key, answer)| (*key, answer)),
                 now,
             ),
@@ -541,16 +541,16 @@ mod tests {
 
         async fn insert_created<R: Message>(
             &self,
-            created: &[Invitation],
-            emit: &[OutgoingMessage],
+            created: Vec<Invitation>,
+            emit: Vec<OutgoingMessage>,
             answer: Option<(&IdempotencyKey, &R)>,
             _now: DateTime<Utc>,
         ) -> StoreResult<()> {
             if self.fail_insert {
                 return Err(StoreError::Unavailable("database is down".into()));
             }
-            self.rows.lock().unwrap().extend_from_slice(created);
-            self.outbox.lock().unwrap().extend_from_slice(emit);
+            self.rows.lock().unwrap().extend(created);
+            self.outbox.lock().unwrap().extend(emit);
             let answer = answer.map(|(_, a)| {
                 pb::CreateInvitationsResponse::decode(a.encode_to_vec().as_slice()).unwrap()
             });

@@ -118,11 +118,13 @@ pub trait RepositoryPort: Send + Sync {
     ) -> impl Future<Output = ApiResult<Option<R>>> + Send;
 
     /// Inserts new invitations with their outbox messages and, for an
-    /// idempotent call, its answer, in one transaction.
+    /// idempotent call, its answer, in one transaction (which may also
+    /// carry other calls' invitations: all or none of a call's are
+    /// committed when this returns).
     fn insert_created<R: Message>(
         &self,
-        created: &[Invitation],
-        emit: &[OutgoingMessage],
+        created: Vec<Invitation>,
+        emit: Vec<OutgoingMessage>,
         answer: Option<(&IdempotencyKey, &R)>,
         now: DateTime<Utc>,
     ) -> impl Future<Output = StoreResult<()>> + Send;

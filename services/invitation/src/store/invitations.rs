@@ -119,12 +119,83 @@ fn rows(models: Vec<invitation::Model>) -> Vec<Invitation> {
 #[derive(Clone, Debug)]
 pub struct Repository {
     db: DatabaseConnection,
+    /// Group commit of CreateInvitations' inserts (see [`Self::insert_created`]).
+    creates: Creates,
 }
+
+/// One CreateInvitations' rows, messages and answer, waiting for the next
+/// insert transaction.
+#[derive(Debug)]
+pub struct PendingCreate {
+    rows: Vec<Invitation>,
+    emit: Vec<OutgoingMessage>,
+    answer: Option<(IdempotencyKey, Vec<u8>)>,
+    now: DateTime<Utc>,
+}
+
+/// The inserts of concurrent creates, committed together (one lane for the
+/// whole service: the rows of different accounts never conflict).
+type Creates = usher_kit::coalesce::Coalescer<(), PendingCreate, StoreResult<()>>;
+
+/// Creates per insert transaction at most (each holds up to 1,000
+/// invitations).
+const CREATES_PER_TRANSACTION: usize = 32;
 
 impl Repository {
     /// The repository on `db`.
     pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+        Self {
+            db,
+            creates: Creates::new(CREATES_PER_TRANSACTION),
+        }
+    }
+
+    /// Inserts `batch` in one transaction; a batch that fails as a whole is
+    /// inserted again create by create, so each caller gets its own answer
+    /// (an idempotent retry racing its first call, say, fails alone).
+    async fn insert_batch(
+        db: &DatabaseConnection,
+        batch: Vec<PendingCreate>,
+    ) -> Vec<StoreResult<()>> {
+        match Self::insert_together(db, &batch).await {
+            Ok(()) => batch.iter().map(|_| Ok(())).collect(),
+            Err(err) if batch.len() == 1 => vec![Err(err)],
+            Err(err) => {
+                tracing::debug!(error = %err, size = batch.len(), "insert batch retried create by create");
+                let mut answers = Vec::with_capacity(batch.len());
+                for one in &batch {
+                    answers.push(Self::insert_together(db, std::slice::from_ref(one)).await);
+                }
+                answers
+            }
+        }
+    }
+
+    /// Inserts the invitations, outbox messages and answers of `batch` in
+    /// one transaction: the rows and the messages of all its creates in
+    /// one multi-row statement each (per [`INSERT_CHUNK`] rows).
+    async fn insert_together(db: &DatabaseConnection, batch: &[PendingCreate]) -> StoreResult<()> {
+        let txn = db.begin().await?;
+        let rows: Vec<&Invitation> = batch.iter().flat_map(|one| &one.rows).collect();
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            invitation::Entity::insert_many(chunk.iter().map(|row| active(row)))
+                .exec_without_returning(&txn)
+                .await?;
+        }
+        let emit: Vec<OutgoingMessage> = batch
+            .iter()
+            .flat_map(|one| one.emit.iter().cloned())
+            .collect();
+        outbox::enqueue(&txn, &emit).await?;
+        for one in batch {
+            if let Some((key, answer)) = &one.answer {
+                key.remember_encoded(&txn, answer.clone(), one.now)
+                    .await
+                    .map_err(from_api)?;
+            }
+        }
+        txn.commit().await?;
+        Ok(())
     }
 
     /// Stores the answer of an idempotent call.
@@ -340,26 +411,31 @@ impl RepositoryPort for Repository {
     }
 
     /// Inserts new invitations with their outbox messages and, for an
-    /// idempotent call, its answer, in one transaction.
+    /// idempotent call, its answer, in one transaction — group-committed:
+    /// the creates that arrive while a transaction runs are inserted
+    /// together in the next one (a lone create waits for nothing), so
+    /// concurrent calls share their round trips and their commit.
     async fn insert_created<R: Message>(
         &self,
-        created: &[Invitation],
-        emit: &[OutgoingMessage],
+        created: Vec<Invitation>,
+        emit: Vec<OutgoingMessage>,
         answer: Option<(&IdempotencyKey, &R)>,
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
-        let txn = self.db.begin().await?;
-        for chunk in created.chunks(INSERT_CHUNK) {
-            invitation::Entity::insert_many(chunk.iter().map(active))
-                .exec(&txn)
-                .await?;
-        }
-        outbox::enqueue(&txn, emit).await?;
-        if let Some((key, answer)) = answer {
-            key.remember(&txn, answer, now).await.map_err(from_api)?;
-        }
-        txn.commit().await?;
-        Ok(())
+        let pending = PendingCreate {
+            rows: created,
+            emit,
+            answer: answer.map(|(key, answer)| (key.clone(), answer.encode_to_vec())),
+            now,
+        };
+        let db = self.db.clone();
+        self.creates
+            .submit((), pending, move |batch| {
+                let db = db.clone();
+                async move { Self::insert_batch(&db, batch).await }
+            })
+            .await
+            .map_err(|err| usher_kit::db::StoreError::Unavailable(err.to_string()))?
     }
 }
 
