@@ -19,8 +19,11 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use prost::Message;
-use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, sea_query::OnConflict};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, EntityTrait, TransactionTrait, sea_query::OnConflict,
+};
 use serde_json::{Value as Json, json};
 use tokio_util::sync::CancellationToken;
 use usher_kit::{
@@ -310,33 +313,43 @@ async fn name_actor<C: ConnectionTrait>(
     Ok(())
 }
 
-/// Records `event` in its account's audit log; returns `false` when an entry
-/// with its id was already there (a redelivery).
-pub async fn record<C: ConnectionTrait>(db: &C, mut event: Ingested) -> ApiResult<bool> {
-    name_actor(db, event.account_id, &mut event.actor).await?;
-    let mut row = audit::row(
-        AuditEntry {
-            account_id: event.account_id,
-            actor: &event.actor,
-            action: event.action,
-            target_type: "invitation",
-            target_id: event.invitation_id,
-            target_name: event.email,
-            details: Some(event.details),
-            request_id: "",
-        },
-        event.time,
-    );
-    row.id = sea_orm::Set(event.id);
-    let inserted = audit_event::Entity::insert(row)
+/// Records `events` in their accounts' audit logs, in one transaction and
+/// one statement; returns how many were new (an entry whose id is already
+/// there is a redelivery, kept as it was).
+pub async fn record(db: &DatabaseConnection, events: Vec<Ingested>) -> ApiResult<u64> {
+    if events.is_empty() {
+        return Ok(0);
+    }
+    let txn = db.begin().await?;
+    let mut rows = Vec::with_capacity(events.len());
+    for mut event in events {
+        name_actor(&txn, event.account_id, &mut event.actor).await?;
+        let mut row = audit::row(
+            AuditEntry {
+                account_id: event.account_id,
+                actor: &event.actor,
+                action: event.action,
+                target_type: "invitation",
+                target_id: event.invitation_id,
+                target_name: event.email,
+                details: Some(event.details),
+                request_id: "",
+            },
+            event.time,
+        );
+        row.id = sea_orm::Set(event.id);
+        rows.push(row);
+    }
+    let inserted = audit_event::Entity::insert_many(rows)
         .on_conflict(
             OnConflict::column(audit_event::Column::Id)
                 .do_nothing()
                 .to_owned(),
         )
-        .exec_without_returning(db)
+        .exec_without_returning(&txn)
         .await?;
-    Ok(inserted > 0)
+    txn.commit().await?;
+    Ok(inserted)
 }
 
 /// Consumes [`AUDIT_QUEUE`] until `shutdown`, re-subscribing after a lost
@@ -373,14 +386,22 @@ async fn consume_once(
         "ingesting invitation events into the audit log"
     );
     loop {
-        let delivery = tokio::select! {
+        let first = tokio::select! {
             () = shutdown.cancelled() => break,
             next = subscription.next() => match next {
                 Some(delivery) => delivery?,
                 None => break,
             },
         };
-        if !handle(db, delivery, clock.now(), shutdown).await? {
+        // With it, whatever else has arrived already: one transaction for all.
+        let mut batch = vec![first];
+        while batch.len() < usize::from(PREFETCH) {
+            match subscription.next().now_or_never() {
+                Some(Some(delivery)) => batch.push(delivery?),
+                Some(None) | None => break,
+            }
+        }
+        if !handle(db, batch, clock.now(), shutdown).await? {
             break;
         }
     }
@@ -388,41 +409,50 @@ async fn consume_once(
     Ok(())
 }
 
-/// Records one delivery and acks it; `Ok(false)` when shutdown came first
-/// (the delivery goes back to the queue unacked).
+/// Records a batch of deliveries and acks them; `Ok(false)` when shutdown
+/// came first (the deliveries go back to the queue unacked).
 async fn handle(
     db: &DatabaseConnection,
-    delivery: Received,
+    batch: Vec<Received>,
     received: DateTime<Utc>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<bool> {
-    let event = match read(
-        &delivery.routing_key,
-        &delivery.headers,
-        delivery.message_id.as_deref(),
-        delivery.timestamp,
-        &delivery.data,
-        received,
-    ) {
-        Ok(event) => event,
-        Err(error) => {
-            tracing::error!(%error, routing_key = %delivery.routing_key, "unreadable event dropped from the audit queue");
-            delivery.ack().await?;
-            return Ok(true);
+    let mut events = Vec::with_capacity(batch.len());
+    let mut held = Vec::with_capacity(batch.len());
+    for delivery in batch {
+        match read(
+            &delivery.routing_key,
+            &delivery.headers,
+            delivery.message_id.as_deref(),
+            delivery.timestamp,
+            &delivery.data,
+            received,
+        ) {
+            Ok(event) => {
+                events.push(event);
+                held.push(delivery);
+            }
+            Err(error) => {
+                tracing::error!(%error, routing_key = %delivery.routing_key, "unreadable event dropped from the audit queue");
+                delivery.ack().await?;
+            }
         }
-    };
+    }
     let mut delay = Duration::from_millis(200);
     loop {
-        match record(db, event.clone()).await {
+        match record(db, events.clone()).await {
             Ok(inserted) => {
-                if !inserted {
-                    tracing::debug!(id = %event.id, "audit event already recorded");
+                let again = events.len() as u64 - inserted;
+                if again > 0 {
+                    tracing::debug!(again, "audit events already recorded");
                 }
-                delivery.ack().await?;
+                for delivery in held {
+                    delivery.ack().await?;
+                }
                 return Ok(true);
             }
             Err(error) => {
-                tracing::warn!(%error, id = %event.id, "audit event not recorded yet; retrying");
+                tracing::warn!(%error, events = events.len(), "audit events not recorded yet; retrying");
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(false),
                     () = tokio::time::sleep(delay) => {}
