@@ -11,6 +11,15 @@ use anyhow::Context;
 use comfy_table::{ContentArrangement, Table, presets};
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 
+/// The line under a listing: how many `noun`s are shown of how many match,
+/// e.g. `50 of 120 users`, or `50 of 1000+ users` when more matched than
+/// the service counts.
+pub fn count_line(shown: usize, total: i32, capped: bool, noun: &str) -> String {
+    let plus = if capped { "+" } else { "" };
+    let plural = if total == 1 && !capped { "" } else { "s" };
+    format!("{shown} of {total}{plus} {noun}{plural}")
+}
+
 /// Prints `text` and a new line on stdout.
 #[allow(clippy::print_stdout)]
 pub fn line(text: impl std::fmt::Display) {

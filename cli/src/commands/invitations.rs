@@ -171,6 +171,7 @@ async fn list(client: &mut Client, args: ListArgs) -> anyhow::Result<()> {
         )?;
         shown.invitations.extend(page.invitations);
         shown.total_size = page.total_size;
+        shown.total_size_capped = page.total_size_capped;
         shown.next_page_token = page.next_page_token;
         if shown.next_page_token.is_empty() || shown.invitations.len() >= limit {
             break;
@@ -193,11 +194,11 @@ async fn list(client: &mut Client, args: ListArgs) -> anyhow::Result<()> {
         ],
         shown.invitations.iter().map(row),
     ));
-    line(format!(
-        "{} of {} invitation{}",
+    line(output::count_line(
         shown.invitations.len(),
         shown.total_size,
-        if shown.total_size == 1 { "" } else { "s" }
+        shown.total_size_capped,
+        "invitation",
     ));
     Ok(())
 }

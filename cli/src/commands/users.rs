@@ -265,21 +265,13 @@ async fn list(client: &mut Client, args: ListArgs, query: String) -> anyhow::Res
         &["ID", "EMAIL / USERNAME", "NAME", "STATUS", "ROLE", "TEAM"],
         shown.users.iter().map(row),
     ));
-    line(count_line(
+    line(output::count_line(
         shown.users.len(),
         shown.total_size,
         shown.total_size_capped,
+        "user",
     ));
     Ok(())
-}
-
-/// The line under a listing: how many users are shown of how many match,
-/// e.g. `50 of 120 users`, or `50 of 1000+ users` when more matched than
-/// the service counts.
-fn count_line(shown: usize, total: i32, capped: bool) -> String {
-    let plus = if capped { "+" } else { "" };
-    let plural = if total == 1 && !capped { "" } else { "s" };
-    format!("{shown} of {total}{plus} user{plural}")
 }
 
 /// The short status name, e.g. `ACTIVE`.
@@ -455,9 +447,14 @@ mod tests {
 
     #[test]
     fn the_count_line_says_when_more_matched_than_were_counted() {
-        assert_eq!(count_line(1, 1, false), "1 of 1 user");
-        assert_eq!(count_line(50, 120, false), "50 of 120 users");
-        assert_eq!(count_line(50, 1000, true), "50 of 1000+ users");
+        use output::count_line;
+        assert_eq!(count_line(1, 1, false, "user"), "1 of 1 user");
+        assert_eq!(count_line(50, 120, false, "user"), "50 of 120 users");
+        assert_eq!(count_line(50, 1000, true, "user"), "50 of 1000+ users");
+        assert_eq!(
+            count_line(50, 1000, true, "invitation"),
+            "50 of 1000+ invitations"
+        );
     }
 
     #[test]

@@ -820,6 +820,53 @@ async fn another_account_sees_and_touches_nothing() {
     h.stop().await;
 }
 
+/// The first page counts up to 1,000 matches: exactly 1,000 is exact, one
+/// more reads "1,000+" (`total_size` 1,000, `total_size_capped`) on every
+/// page of that listing, and a narrower filter is counted exactly again.
+#[tokio::test]
+async fn list_counts_up_to_a_thousand_then_says_capped() {
+    let h = Harness::start().await;
+    let account = h.account(2_000).await;
+    let emails: Vec<String> = (0..1_000)
+        .map(|i| format!("p{i:04}@acme.example"))
+        .collect();
+    let refs: Vec<&str> = emails.iter().map(String::as_str).collect();
+    let created = h.invite(&account, &refs).await.expect("a bulk of 1,000");
+    assert_eq!(created.invited_count, 1_000);
+    let list = |message: pb::ListInvitationsRequest| {
+        h.api.list_invitations(request(&account.admin, message))
+    };
+    let page = |token: String| pb::ListInvitationsRequest {
+        page_size: 10,
+        page_token: token,
+        ..Default::default()
+    };
+    let exact = list(page(String::new())).await.expect("list").into_inner();
+    assert_eq!((exact.total_size, exact.total_size_capped), (1_000, false));
+
+    h.invite(&account, &["one.more@acme.example"])
+        .await
+        .expect("invite");
+    let first = list(page(String::new())).await.expect("list").into_inner();
+    assert_eq!((first.total_size, first.total_size_capped), (1_000, true));
+    let second = list(page(first.next_page_token.clone()))
+        .await
+        .expect("page 2")
+        .into_inner();
+    assert_eq!((second.total_size, second.total_size_capped), (1_000, true));
+    assert_eq!(second.invitations.len(), 10);
+
+    let narrow = list(pb::ListInvitationsRequest {
+        query: "one.more".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("search")
+    .into_inner();
+    assert_eq!((narrow.total_size, narrow.total_size_capped), (1, false));
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn list_searches_filters_and_pages() {
     let h = Harness::start().await;

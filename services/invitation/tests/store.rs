@@ -143,8 +143,21 @@ async fn readings_agree(db: &DatabaseConnection, backend: &str) {
                 sql, rust,
                 "{backend}: {state:?} at {now}: the SQL and Rust readings differ"
             );
-            let counted = repo.count(account, &filter, now).await.expect("count");
+            let counted = repo
+                .count_up_to(account, &filter, now, 1_000)
+                .await
+                .expect("count");
             assert_eq!(counted, rust.len() as u64, "{backend}: count of {state:?}");
+            // Capped below the matches, it counts one past the cap.
+            let capped = repo
+                .count_up_to(account, &filter, now, 0)
+                .await
+                .expect("count");
+            assert_eq!(
+                capped,
+                (rust.len() as u64).min(1),
+                "{backend}: capped count"
+            );
         }
     }
 }

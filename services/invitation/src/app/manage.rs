@@ -24,7 +24,7 @@ use crate::{
         create::link_lifetime,
         events::{EmailContext, Links},
         input::parse_id,
-        list::ListCommand,
+        list::{COUNT_CAP, ListCommand},
         ports::{DirectoryPort, RepositoryPort, TokenEntry, TokenPort},
         transitions::{Removal, Resend, ResendRules, RowChange, quota_used_up},
     },
@@ -54,9 +54,14 @@ impl Invitations {
         let account_id = caller.account()?;
         let command = ListCommand::parse(request)?;
         let now = self.clock.now();
+        // Up to COUNT_CAP + 1: the token carries it, and the cap shows.
         let total = match command.cursor.as_ref().and_then(|c| c.total) {
             Some(total) => total,
-            None => self.repo.count(account_id, &command.filter, now).await?,
+            None => {
+                self.repo
+                    .count_up_to(account_id, &command.filter, now, COUNT_CAP)
+                    .await?
+            }
         };
         let after = command.cursor.as_ref().map(|c| c.after()).transpose()?;
         let mut rows = self
@@ -79,7 +84,8 @@ impl Invitations {
         Ok(pb::ListInvitationsResponse {
             invitations: rows.iter().map(|m| view::invitation(m, now)).collect(),
             next_page_token,
-            total_size: i32::try_from(total).unwrap_or(i32::MAX),
+            total_size: i32::try_from(total.min(COUNT_CAP)).unwrap_or(i32::MAX),
+            total_size_capped: total > COUNT_CAP,
         })
     }
 

@@ -69,6 +69,10 @@ impl From<pb::InvitationOrderBy> for Order {
     }
 }
 
+/// ListInvitations counts the matches of its first page up to this many;
+/// beyond, it answers this many and says the count is capped.
+pub const COUNT_CAP: u64 = 1_000;
+
 /// The sort key of the last invitation of a page.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Cursor {

@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 use prost::Message;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection,
-    DatabaseTransaction, EntityTrait, IntoActiveModel, Order as Direction, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait, Value,
+    DatabaseTransaction, EntityTrait, IntoActiveModel, Order as Direction, QueryFilter, QueryOrder,
+    QuerySelect, TransactionTrait, Value,
     sea_query::{Expr, ExprTrait, LikeExpr, LockBehavior, LockType},
 };
 use usher_kit::{
@@ -226,17 +226,25 @@ impl Repository {
             .map(Invitation::from))
     }
 
-    /// How many of the account's invitations `filter` selects at `now`.
-    pub async fn count(
+    /// How many of the account's invitations `filter` selects at `now`,
+    /// counted no further than `cap + 1`: the ids of at most that many are
+    /// read, so a first page costs the same in an account of millions.
+    pub async fn count_up_to(
         &self,
         account_id: Uuid,
         filter: &ListFilter,
         now: DateTime<Utc>,
+        cap: u64,
     ) -> StoreResult<u64> {
-        Ok(invitation::Entity::find()
+        let ids: Vec<Uuid> = invitation::Entity::find()
             .filter(filter_condition(account_id, filter, now))
-            .count(&self.db)
-            .await?)
+            .select_only()
+            .column(Column::Id)
+            .limit(cap.saturating_add(1))
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(ids.len() as u64)
     }
 
     /// Up to `limit` of the account's invitations `filter` selects at
