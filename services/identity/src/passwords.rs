@@ -534,13 +534,11 @@ impl PasswordHasher {
     /// needs to drain as the retry delay. A caller that gives up while
     /// waiting leaves the queue.
     async fn permit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
-        let closed = |_| ApiError::Internal(anyhow!("password hashing pool closed"));
+        let closed = || ApiError::Internal(anyhow!("password hashing pool closed"));
         let permits = &self.inner.permits;
         match Arc::clone(permits).try_acquire_owned() {
             Ok(permit) => return Ok(permit),
-            Err(tokio::sync::TryAcquireError::Closed) => {
-                return Err(ApiError::Internal(anyhow!("password hashing pool closed")));
-            }
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(closed()),
             Err(tokio::sync::TryAcquireError::NoPermits) => {}
         }
         let queue = &self.inner.waiting;
@@ -556,7 +554,10 @@ impl PasswordHasher {
             ));
         }
         let _waiting = Waiting::enter(Arc::clone(&self.inner));
-        Arc::clone(permits).acquire_owned().await.map_err(closed)
+        Arc::clone(permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| closed())
     }
 
     /// Runs waiting for a hashing thread now.
