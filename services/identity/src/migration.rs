@@ -14,6 +14,7 @@ impl MigratorTrait for Migrator {
             Box::new(crate::store::schema::CreateIdentitySchema),
             Box::new(crate::store::seats::CreateSeatCounter),
             Box::new(crate::store::schema::ShortSearchPendingList),
+            usher_kit::outbox::notify_migration(),
         ]
     }
 }

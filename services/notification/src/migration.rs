@@ -12,6 +12,7 @@ impl MigratorTrait for Migrator {
         vec![
             usher_kit::outbox::migration(),
             Box::new(crate::store::CreateDeliveries),
+            usher_kit::outbox::notify_migration(),
         ]
     }
 }
