@@ -185,13 +185,7 @@ mod tests {
         assert_eq!(rx.await, Ok(true), "it ran, and only with the schema ready");
         shutdown.cancel();
         database.connection.close().await.expect("close");
-        let admin = crate::db::connect(&DatabaseConfig::local("postgres"))
-            .await
-            .expect("admin");
-        admin
-            .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .await
-            .expect("dropped");
+        drop_database(&name).await;
     }
 
     #[tokio::test]
