@@ -15,6 +15,7 @@ impl MigratorTrait for Migrator {
             Box::new(crate::store::seats::CreateSeatCounter),
             Box::new(crate::store::schema::ShortSearchPendingList),
             usher_kit::outbox::notify_migration(),
+            Box::new(crate::store::holders::CreateHolderCounts),
         ]
     }
 }

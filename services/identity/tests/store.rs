@@ -8,6 +8,8 @@
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, TimeZone, Utc};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, Database, DatabaseConnection, EntityTrait, PaginatorTrait,
@@ -23,7 +25,8 @@ use usher_identity::{
     migration::Migrator,
     store::{
         accounts, directory, effects,
-        entities::{account, audit_event, user},
+        entities::{account, audit_event, role, user},
+        holders, teams,
         users::{self, NewUser},
     },
 };
@@ -370,6 +373,152 @@ async fn the_seat_counter_follows_every_change(db: &DatabaseConnection) {
     );
 }
 
+/// The holder counters equal a count of the users holding each role and
+/// belonging to each team after every kind of change: a batched invite,
+/// a single insert, role and team moves (one row, many rows, to no team),
+/// a rolled-back insert, deletes and a released team — and another
+/// account's counters are left alone.
+async fn the_holder_counters_follow_every_change(db: &DatabaseConnection) {
+    /// Every holder's counter against a count of the users table.
+    async fn agree(db: &DatabaseConnection, holders: &[Uuid]) -> HashMap<Uuid, u64> {
+        let mut counted: HashMap<Uuid, u64> = HashMap::new();
+        for row in user::Entity::find().all(db).await.expect("users") {
+            for held in [Some(row.role_id), row.team_id].into_iter().flatten() {
+                if holders.contains(&held) {
+                    *counted.entry(held).or_default() += 1;
+                }
+            }
+        }
+        let counters = holders::counts(db, holders.to_vec())
+            .await
+            .expect("counters");
+        assert_eq!(counters, counted);
+        counters
+    }
+    async fn set(db: &DatabaseConnection, ids: &[Uuid], column: user::Column, to: Option<Uuid>) {
+        user::Entity::update_many()
+            .col_expr(column, sea_orm::sea_query::Expr::value(to))
+            .filter(user::Column::Id.is_in(ids.iter().copied()))
+            .exec(db)
+            .await
+            .expect("move");
+    }
+    let (account_id, member) = account(db).await;
+    let admin = role::Entity::find()
+        .filter(role::Column::AccountId.eq(account_id))
+        .filter(role::Column::Name.eq("Admin"))
+        .one(db)
+        .await
+        .expect("admin")
+        .expect("admin")
+        .id;
+    let red = teams::insert(db, account_id, "Red", "", now())
+        .await
+        .expect("red")
+        .id;
+    let blue = teams::insert(db, account_id, "Blue", "", now())
+        .await
+        .expect("blue")
+        .id;
+    let (other, other_member) = account(db).await;
+    let holders = [member, admin, red, blue];
+    assert!(agree(db, &holders).await.is_empty());
+
+    let invitees: Vec<NewInvitee> = (0..30)
+        .map(|i| NewInvitee {
+            id: Uuid::new_v4(),
+            email: format!("h{i}@acme.example"),
+            display_name: String::new(),
+            invitation_id: Uuid::new_v4(),
+        })
+        .collect();
+    let rows = directory::InvitedRows {
+        account_id,
+        role_id: member,
+        team_id: Some(red),
+        products: &[],
+        locale: "",
+        metadata: None,
+        invited_by: "user:inviter",
+    };
+    directory::insert_invited(db, &rows, &invitees, now())
+        .await
+        .expect("batch");
+    let counters = agree(db, &holders).await;
+    assert_eq!((counters[&member], counters[&red]), (30, 30));
+    let other_user = users::insert(
+        db,
+        users::new_direct_row(
+            Uuid::new_v4(),
+            new_user(other, other_member, Some("o@acme.example"), None),
+            None,
+            false,
+            now(),
+        ),
+    )
+    .await
+    .expect("other user");
+    agree(db, &[other_member]).await;
+
+    // A rolled-back insert counts nothing.
+    let txn = db.begin().await.expect("begin");
+    let rolled_back = [NewInvitee {
+        id: Uuid::new_v4(),
+        email: "gone@acme.example".into(),
+        display_name: String::new(),
+        invitation_id: Uuid::new_v4(),
+    }];
+    directory::insert_invited(&txn, &rows, &rolled_back, now())
+        .await
+        .expect("one more");
+    txn.rollback().await.expect("rollback");
+    agree(db, &holders).await;
+
+    let ids: Vec<Uuid> = invitees.iter().map(|i| i.id).collect();
+    set(db, &ids[..5], user::Column::RoleId, Some(admin)).await;
+    set(db, &ids[..3], user::Column::TeamId, Some(blue)).await;
+    set(db, &ids[5..7], user::Column::TeamId, None).await;
+    set(db, &ids[7..8], user::Column::RoleId, Some(member)).await; // no move
+    let counters = agree(db, &holders).await;
+    assert_eq!(
+        [
+            counters[&member],
+            counters[&admin],
+            counters[&red],
+            counters[&blue]
+        ],
+        [25, 5, 25, 3]
+    );
+    // Role and team of one row at once, then back.
+    user::Entity::update_many()
+        .col_expr(user::Column::RoleId, sea_orm::sea_query::Expr::value(admin))
+        .col_expr(user::Column::TeamId, sea_orm::sea_query::Expr::value(blue))
+        .filter(user::Column::Id.eq(ids[10]))
+        .exec(db)
+        .await
+        .expect("both");
+    agree(db, &holders).await;
+    user::Entity::delete_many()
+        .filter(user::Column::Id.is_in(ids[..4].iter().copied()))
+        .exec(db)
+        .await
+        .expect("delete");
+    let counters = agree(db, &holders).await;
+    assert_eq!(counters[&admin], 2);
+    // A team released and deleted: nobody left in it.
+    set(db, &ids, user::Column::TeamId, None).await;
+    teams::delete(db, blue).await.expect("delete team");
+    let counters = agree(db, &holders).await;
+    assert!(!counters.contains_key(&blue) && !counters.contains_key(&red));
+    assert_eq!(
+        holders::counts(db, vec![other_member])
+            .await
+            .expect("other")[&other_member],
+        1,
+        "{other_user:?}"
+    );
+}
+
 /// The effects of a decision: every audit entry as a row with the call's
 /// actor and request id, every event in the outbox.
 async fn effects_write_audit_rows_and_outbox_events(db: &DatabaseConnection) {
@@ -482,4 +631,5 @@ conformance_suite!(
     the_batched_invited_insert_writes_every_row,
     effects_write_audit_rows_and_outbox_events,
     the_seat_counter_follows_every_change,
+    the_holder_counters_follow_every_change,
 );

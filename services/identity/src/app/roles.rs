@@ -56,7 +56,7 @@ pub async fn list(
 )> {
     let db = &state.db;
     let rows = store::page(db, account_id, cursor, limit).await?;
-    let counts = store::holder_counts(db, account_id, rows.iter().map(|r| r.id).collect()).await?;
+    let counts = store::holder_counts(db, rows.iter().map(|r| r.id).collect()).await?;
     let product_permissions = if rows.iter().any(|r| roles::is_admin(r.built_in, &r.name)) {
         store::available_permissions(db, account_id)
             .await?
@@ -193,7 +193,7 @@ pub async fn update(
         effects::apply(&txn, caused, &actor, request_id, now).await?;
         updated
     };
-    let count = store::holder_counts(&txn, account_id, vec![role_id])
+    let count = store::holder_counts(&txn, vec![role_id])
         .await?
         .get(&role_id)
         .copied()

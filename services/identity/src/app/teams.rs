@@ -37,7 +37,7 @@ pub async fn list(
 ) -> ApiResult<(Vec<(team::Model, u64)>, u64)> {
     let db = &state.db;
     let (rows, total) = store::page(db, account_id, query, cursor, limit).await?;
-    let counts = store::member_counts(db, account_id, rows.iter().map(|t| t.id).collect()).await?;
+    let counts = store::member_counts(db, rows.iter().map(|t| t.id).collect()).await?;
     let rows = rows
         .into_iter()
         .map(|t| {
@@ -122,7 +122,7 @@ pub async fn update(
         effects::apply(&txn, caused, &actor, request_id, now).await?;
         updated
     };
-    let count = store::member_count(&txn, account_id, team_id).await?;
+    let count = store::member_count(&txn, team_id).await?;
     txn.commit().await?;
     Ok((updated, count))
 }

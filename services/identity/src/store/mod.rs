@@ -9,6 +9,7 @@ pub mod directory;
 pub mod effects;
 pub mod entities;
 pub mod events;
+pub mod holders;
 pub mod idempotency;
 pub mod principals;
 pub mod roles;

@@ -216,13 +216,13 @@ pub async fn page<C: ConnectionTrait>(
         .await?)
 }
 
-/// How many users hold each of `roles`.
+/// How many users (any status) hold each of `roles` (their counters); roles
+/// nobody holds are absent.
 pub async fn holder_counts<C: ConnectionTrait>(
     db: &C,
-    account_id: Uuid,
     roles: Vec<Uuid>,
-) -> ApiResult<HashMap<Uuid, u64>> {
-    super::users::count_by(db, account_id, user::Column::RoleId, roles).await
+) -> StoreResult<HashMap<Uuid, u64>> {
+    Ok(super::holders::counts(db, roles).await?)
 }
 
 /// Active users of the account who can manage users now.

@@ -166,26 +166,20 @@ pub async fn delete<C: ConnectionTrait>(db: &C, team_id: Uuid) -> StoreResult<()
     Ok(())
 }
 
-/// How many users hold the team.
-pub async fn member_count<C: ConnectionTrait>(
-    db: &C,
-    account_id: Uuid,
-    team_id: Uuid,
-) -> usher_kit::error::ApiResult<u64> {
-    Ok(
-        super::users::count_by(db, account_id, user::Column::TeamId, vec![team_id])
-            .await?
-            .get(&team_id)
-            .copied()
-            .unwrap_or(0),
-    )
+/// How many users (any status) belong to the team (its counter).
+pub async fn member_count<C: ConnectionTrait>(db: &C, team_id: Uuid) -> StoreResult<u64> {
+    Ok(super::holders::counts(db, vec![team_id])
+        .await?
+        .get(&team_id)
+        .copied()
+        .unwrap_or(0))
 }
 
-/// How many users hold each of `teams`.
+/// How many users (any status) belong to each of `teams` (their counters);
+/// teams nobody belongs to are absent.
 pub async fn member_counts<C: ConnectionTrait>(
     db: &C,
-    account_id: Uuid,
     teams: Vec<Uuid>,
-) -> usher_kit::error::ApiResult<std::collections::HashMap<Uuid, u64>> {
-    super::users::count_by(db, account_id, user::Column::TeamId, teams).await
+) -> StoreResult<std::collections::HashMap<Uuid, u64>> {
+    Ok(super::holders::counts(db, teams).await?)
 }

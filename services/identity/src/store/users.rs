@@ -54,36 +54,6 @@ pub async fn display_name<C: ConnectionTrait>(db: &C, user_id: Option<Uuid>) -> 
         .unwrap_or_default())
 }
 
-/// How many users (any status) of `account_id` hold each of `ids` in
-/// `column` (`RoleId` or `TeamId`); ids nobody holds are absent.
-pub async fn count_by<C: ConnectionTrait>(
-    db: &C,
-    account_id: Uuid,
-    column: user::Column,
-    ids: Vec<Uuid>,
-) -> ApiResult<HashMap<Uuid, u64>> {
-    if ids.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let rows: Vec<(Uuid, i64)> = user::Entity::find()
-        .select_only()
-        .column(column)
-        .column_as(
-            Expr::expr(Func::count(Expr::col((user::Entity, user::Column::Id)))),
-            "n",
-        )
-        .filter(user::Column::AccountId.eq(account_id))
-        .filter(column.is_in(ids))
-        .group_by(column)
-        .into_tuple()
-        .all(db)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, n)| (id, u64::try_from(n).unwrap_or(0)))
-        .collect())
-}
-
 /// A user of the account, locked until the end of the transaction on
 /// PostgreSQL (writers that do not take the account lock, such as sign-in,
 /// wait for the change), or NOT_FOUND.
