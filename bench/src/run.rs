@@ -295,13 +295,15 @@ async fn scenarios(settings: Settings, iso: &mut Isolation) -> anyhow::Result<Ct
     ));
     let raw_per_1000_s = raw.total_s() * 1_000.0 / raw.n as f64;
 
-    progress!("per-call floor (one transaction of an invitation and an outbox row, one Redis SET)");
+    progress!(
+        "per-call floor (a user and an outbox row in one database, an invitation and an outbox row in another, one Redis SET)"
+    );
     let per_call =
         floors::per_call(iso, &settings.sweep, settings.warmup, settings.measure, 16).await?;
     let per_call_rate = per_call.throughput;
     ctx.rows.push(Row::info(
         &format!(
-            "floor: per-call create (one PG transaction inserting an invitation row and an outbox row, then one Redis SET with expiry; best over concurrency, p50 {:.2} ms)",
+            "floor: per-call create (a PG transaction inserting a user row and an outbox row, one in a second database inserting an invitation row and an outbox row, then one Redis SET with expiry; best over concurrency, p50 {:.2} ms)",
             per_call.p50_ms
         ),
         per_call_rate,
@@ -961,32 +963,49 @@ async fn with_stack(
             .goal("≥ 80 % of the argon2 ceiling", ratio >= 0.80),
         );
 
-        progress!("sign-in, and ListRoles while hashing saturates");
+        // Sign-ins alone against the ceiling, then sign-ins again with
+        // ListRoles beside them for the other RPC's p99 (PERFORMANCE.md: two
+        // goals; a closed loop of ListRoles would otherwise take its share of
+        // the CPU from the sign-ins measured against the ceiling).
+        progress!("sign-in");
         peaks.enter("sign-in, ListRoles while hashing saturates");
         let accepted_users = tokens.len().max(1) as u64;
-        let (pool, slug2) = (gateway.clone(), slug.clone());
-        let sign_ins = tokio::spawn(load::run(settings.timed(concurrency), move |seq| {
-            let (channel, slug) = (pool.get(seq), slug2.clone());
-            async move {
-                let i = seq % accepted_users;
-                calls::sign_in(
-                    channel,
-                    &slug,
-                    &calls::invitee_email("acc", i),
-                    &format!("bench password {i}"),
-                )
-                .await
-                .map(|_| ())
+        let sign_in_load = |offset: u64| {
+            let (pool, slug) = (gateway.clone(), slug.clone());
+            move |seq: u64| {
+                let (channel, slug) = (pool.get(seq), slug.clone());
+                async move {
+                    let i = (seq + offset) % accepted_users;
+                    calls::sign_in(
+                        channel,
+                        &slug,
+                        &calls::invitee_email("acc", i),
+                        &format!("bench password {i}"),
+                    )
+                    .await
+                    .map(|_| ())
+                }
             }
-        }));
+        };
+        let sign_ins = load::run(settings.timed(concurrency), sign_in_load(0)).await;
+        ctx.keep("SignIn through the gateway", concurrency, &sign_ins);
+        progress!("ListRoles while sign-ins saturate hashing");
+        let beside = tokio::spawn(load::run(
+            settings.timed(concurrency),
+            sign_in_load(accepted_users / 2),
+        ));
         let (pool, via) = (gateway.clone(), through_gateway.clone());
         let roles_loaded = load::run(settings.timed(1), move |seq| {
             let (channel, via) = (pool.get(seq), via.clone());
             async move { calls::list_roles(channel, &via).await }
         })
         .await;
-        let sign_ins = sign_ins.await.unwrap_or_default();
-        ctx.keep("SignIn through the gateway", concurrency, &sign_ins);
+        let beside = beside.await.unwrap_or_default();
+        ctx.keep(
+            "SignIn through the gateway, ListRoles beside it",
+            concurrency,
+            &beside,
+        );
         ctx.keep(
             "ListRoles through the gateway while sign-ins saturate hashing",
             1,
