@@ -401,8 +401,8 @@ pub async fn row<C: ConnectionTrait>(
         .ok_or(StoreError::NotFound("user"))
 }
 
-/// The condition of `filter`.
-fn condition(filter: &ListFilter) -> Condition {
+/// The condition of `filter` but its search term.
+fn attributes(filter: &ListFilter) -> Condition {
     let mut condition = Condition::all().add(user::Column::AccountId.eq(filter.account_id));
     if let Some(status) = filter.status {
         condition = condition.add(user::Column::Status.eq(status.as_str()));
@@ -413,6 +413,12 @@ fn condition(filter: &ListFilter) -> Condition {
     if let Some(team_id) = filter.team_id {
         condition = condition.add(user::Column::TeamId.eq(team_id));
     }
+    condition
+}
+
+/// The condition of `filter`.
+fn condition(filter: &ListFilter) -> Condition {
+    let mut condition = attributes(filter);
     if !filter.term.is_empty() {
         // `search_text` and the term are both lower-cased by
         // [`search_text`] and the decoder, so a case-sensitive LIKE finds
@@ -454,16 +460,24 @@ pub async fn count_up_to<C: ConnectionTrait>(
 }
 
 /// The owner, when it matches `filter`.
+///
+/// The owner is read by the account's owner index and the search term
+/// checked here, on its one row: in SQL the term would let PostgreSQL's
+/// generic plan of this prepared statement read the trigram index's matches
+/// of the whole account to find one row (29 ms for `son 001` at 1,000,000
+/// users). `search_text` and the term are both lower-cased, so `contains`
+/// is the `LIKE '%term%'` of [`condition`].
 pub async fn matching_owner<C: ConnectionTrait>(
     db: &C,
     filter: &ListFilter,
 ) -> StoreResult<Option<UserRow>> {
-    Ok(joined()
-        .filter(condition(filter))
+    let owner = joined()
+        .filter(attributes(filter))
         .filter(user::Column::Owner.eq(true))
         .into_model::<UserRow>()
         .one(db)
-        .await?)
+        .await?;
+    Ok(owner.filter(|row| row.user.search_text.contains(filter.term.as_str())))
 }
 
 /// The text sort expression of `order` (case-insensitive name, or email

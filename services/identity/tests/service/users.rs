@@ -1215,6 +1215,18 @@ async fn search_finds_terms_with_at_signs_digits_and_spaces() {
             "query {query}"
         );
     }
+    // The owner, found by its name or email in any case, first; a term of
+    // both the owner and members lists the owner, then the members.
+    for query in ["OLIVE OW", "owner@acme.ex"] {
+        let page = list(&test, &owner, search(query)).await.expect("search");
+        assert_eq!(names(&page), ["Olive Owner"], "query {query}");
+        assert_eq!(page.total_size, 1, "query {query}");
+    }
+    let page = list(&test, &owner, search(".example"))
+        .await
+        .expect("search");
+    assert_eq!(page.total_size, 301);
+    assert_eq!(names(&page)[..2], ["Olive Owner", "Person 0000001"]);
     // A term all 300 hold (the owner does not), in pages: all, in order.
     let message = pb::ListUsersRequest {
         query: "@bench.example".into(),
