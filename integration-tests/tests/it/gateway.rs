@@ -488,3 +488,71 @@ async fn the_gateway_accepts_api_keys_until_they_are_revoked() {
     identity.terminate().await;
     gateway.terminate().await;
 }
+
+/// Sign-ins beyond what identity's hashing pool and its queue hold are shed
+/// at once with UNAVAILABLE and a retry delay, and that answer reaches the
+/// caller through the gateway whole (reason and `RetryInfo`); the ones
+/// admitted sign in.
+#[tokio::test]
+async fn sign_ins_beyond_the_hashing_queue_are_shed_through_the_gateway() {
+    use tonic_types::StatusExt;
+    let mut isolation = Isolation::new();
+    // One hashing thread and one place in its queue.
+    let (identity, _, gateway) = identity_and_gateway(
+        &mut isolation,
+        &[
+            ("USHER_PASSWORDS__POOL_SIZE", "1".to_owned()),
+            ("USHER_PASSWORDS__QUEUE_SIZE", "1".to_owned()),
+        ],
+        &[],
+    )
+    .await;
+    let slug = format!("shed-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    crate::harness::create_account(&identity, &slug, "Shed", "owner@shed.example", "Owner", 5)
+        .await;
+    // 16 at once (within the gateway's 30 public calls a minute): one
+    // hashes, one waits, the others find the queue full.
+    let calls = (0..16).map(|_| {
+        let mut auth = AuthServiceClient::new(gateway.channel());
+        let slug = slug.clone();
+        async move {
+            auth.sign_in(SignInRequest {
+                account_slug: slug,
+                login: Some(Login::Email("owner@shed.example".into())),
+                password: crate::harness::OWNER_PASSWORD.into(),
+            })
+            .await
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let mut signed_in = 0;
+    let mut shed = 0;
+    for answer in answers {
+        match answer {
+            Ok(answer) => {
+                assert!(answer.into_inner().session.is_some());
+                signed_in += 1;
+            }
+            Err(refused) => {
+                assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+                assert_eq!(crate::harness::reason(&refused), "UNAVAILABLE");
+                let delay = refused
+                    .get_error_details()
+                    .retry_info()
+                    .and_then(|r| r.retry_delay)
+                    .expect("retry delay");
+                assert!(delay > Duration::ZERO, "{delay:?}");
+                shed += 1;
+            }
+        }
+    }
+    assert!(signed_in >= 1 && shed >= 1, "{signed_in} in, {shed} shed");
+    // Once the pool is free again, the next sign-in goes through.
+    crate::harness::sign_in(
+        &gateway,
+        &slug,
+        Login::Email("owner@shed.example".into()),
+        crate::harness::OWNER_PASSWORD,
+    )
+    .await;
+}
