@@ -176,6 +176,19 @@ impl Service {
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        // With USHER_IT_LOG_DIR set, each start logs to a file of its own
+        // (`<binary>-<port>-<n>.log`) instead of the test's output, so the
+        // logs of one process can be read apart from the others'.
+        if let Ok(dir) = std::env::var("USHER_IT_LOG_DIR") {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static STARTS: AtomicU32 = AtomicU32::new(0);
+            let n = STARTS.fetch_add(1, Ordering::SeqCst);
+            let path = PathBuf::from(dir).join(format!("{name}-{}-{n}.log", grpc.port()));
+            let file = std::fs::File::create(&path)
+                .unwrap_or_else(|e| panic!("log file {}: {e}", path.display()));
+            let copy = file.try_clone().expect("log file handle");
+            command.stdout(file).stderr(copy);
+        }
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("start {name}: {e}"));

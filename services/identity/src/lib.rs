@@ -24,7 +24,6 @@ use usher_kit::{
     broker::Broker,
     cache::Cache,
     clock::SystemClock,
-    health,
     outbox::OutboxRelay,
     runtime::{self, ServiceDatabase},
     server::{CallGuard, ServiceServer},
@@ -165,13 +164,13 @@ pub async fn serve_with(
                 .max_decoding_message_size(limit),
         );
 
-    health::watch(
-        server.health(),
-        server.service_names(),
-        vec![database.probe(), cache.probe(), broker.probe()],
-        Duration::from_secs(1),
-        shutdown.clone(),
-    );
+    server
+        .watch_readiness(
+            vec![database.probe(), cache.probe(), broker.probe()],
+            Duration::from_secs(1),
+            shutdown.clone(),
+        )
+        .await;
     tracing::info!(listen = %config.server.listen, "usher-identity serving");
     let served = server.serve(listener, shutdown).await;
     broker.close().await;

@@ -31,7 +31,6 @@ use usher_kit::{
     cache::Cache,
     client::ServiceChannel,
     clock::{SharedClock, SystemClock},
-    health,
     outbox::OutboxRelay,
     runtime::{self, ServiceDatabase},
     seal::Sealer,
@@ -179,13 +178,13 @@ pub async fn serve_with(
         .max_decoding_message_size(limit),
     );
 
-    health::watch(
-        server.health(),
-        server.service_names(),
-        vec![database.probe(), cache.probe(), broker.probe()],
-        Duration::from_secs(1),
-        shutdown.clone(),
-    );
+    server
+        .watch_readiness(
+            vec![database.probe(), cache.probe(), broker.probe()],
+            Duration::from_secs(1),
+            shutdown.clone(),
+        )
+        .await;
     tracing::info!(listen = %config.server.listen, "usher-invitation serving");
     let served = server.serve(listener, shutdown).await;
     broker.close().await;

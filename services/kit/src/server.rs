@@ -161,6 +161,30 @@ impl ServiceServer {
         self.health.clone()
     }
 
+    /// Sets the service names `NOT_SERVING`, then watches `probes` every
+    /// `interval` until `shutdown` (see [`crate::health::watch`]): from here
+    /// on the watcher alone writes their status, so a start whose
+    /// dependencies are ready before the listener serves stays `SERVING`.
+    pub async fn watch_readiness(
+        &self,
+        probes: Vec<crate::health::Probe>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        for service in &self.names {
+            self.health
+                .set_service_status(*service, ServingStatus::NotServing)
+                .await;
+        }
+        crate::health::watch(
+            self.health.clone(),
+            self.service_names(),
+            probes,
+            interval,
+            shutdown,
+        )
+    }
+
     /// The fully-qualified names of the services added so far.
     pub fn service_names(&self) -> Vec<String> {
         self.names.iter().map(|n| (*n).to_owned()).collect()
@@ -183,9 +207,10 @@ impl ServiceServer {
         self
     }
 
-    /// Serves on `listener` until `shutdown` is cancelled. Health starts as
-    /// `NOT_SERVING` for the service names (a readiness watcher flips it) and
-    /// `SERVING` for liveness (the empty name).
+    /// Serves on `listener` until `shutdown` is cancelled. Liveness (the
+    /// empty name) is `SERVING`; the service names are the readiness
+    /// watcher's ([`Self::watch_readiness`], called before this): `NOT_SERVING`
+    /// until their dependencies are reachable.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -199,11 +224,8 @@ impl ServiceServer {
             health,
             guard,
         } = self;
-        for service in &names {
-            health
-                .set_service_status(*service, ServingStatus::NotServing)
-                .await;
-        }
+        // Not the service names: a status set here could land after the
+        // watcher's first SERVING and hide it until the next change.
         health.set_service_status("", ServingStatus::Serving).await;
 
         if config.reflection {
@@ -765,5 +787,51 @@ mod tests {
             .expect("a connection")
             .expect("accepted");
         assert!(stream.nodelay().expect("nodelay"), "TCP_NODELAY is set");
+    }
+
+    #[tokio::test]
+    async fn dependencies_ready_before_the_listener_serves_stay_serving() {
+        let mut server = ServiceServer::without_guard("usher-test", &ServerConfig::default());
+        server.advertise("usher.test.v1.Ready");
+        let ready = Arc::new(tokio::sync::Notify::new());
+        let answered = ready.clone();
+        let shutdown = CancellationToken::new();
+        // The probe passes at once; the first SERVING is reported before
+        // the server starts.
+        let probe = crate::health::Probe::new("database", move || {
+            let answered = answered.clone();
+            async move {
+                answered.notify_one();
+                true
+            }
+        });
+        server
+            .watch_readiness(vec![probe], Duration::from_secs(60), shutdown.clone())
+            .await;
+        ready.notified().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = format!("http://{}", listener.local_addr().expect("addr"));
+        let serving = tokio::spawn(server.serve(listener, shutdown.clone()));
+        // Without another probe round for a minute, only the watcher's first
+        // answer can make it SERVING: starting the server must not undo it.
+        let started = Instant::now();
+        loop {
+            match crate::health::check(&address, "usher.test.v1.Ready", Duration::from_secs(1))
+                .await
+            {
+                Ok(()) => break,
+                Err(crate::health::CheckError::Unreachable { .. })
+                    if started.elapsed() < Duration::from_secs(5) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(err) => panic!("still ready once the server serves: {err}"),
+            }
+        }
+        shutdown.cancel();
+        serving.await.expect("joined").expect("served");
     }
 }

@@ -26,7 +26,6 @@ use usher_kit::{
     authz::Policy,
     broker::Broker,
     clock::{SharedClock, SystemClock},
-    health,
     outbox::OutboxRelay,
     runtime::{self, ServiceDatabase},
     seal::Sealer,
@@ -167,13 +166,13 @@ pub async fn serve_with(
         .max_decoding_message_size(limit),
     );
 
-    health::watch(
-        server.health(),
-        server.service_names(),
-        vec![database.probe(), broker.probe()],
-        Duration::from_secs(1),
-        shutdown.clone(),
-    );
+    server
+        .watch_readiness(
+            vec![database.probe(), broker.probe()],
+            Duration::from_secs(1),
+            shutdown.clone(),
+        )
+        .await;
     tracing::info!(listen = %config.server.listen, "usher-notification serving");
     let served = server.serve(listener, shutdown).await;
     // The consumer finishes its in-flight jobs (ack or requeue) first.
