@@ -247,9 +247,8 @@ fn invite_load(stack: &MailStack, admin: &str, role: &str) -> Load {
     })
 }
 
-/// Every invitation the callers were told about exists, no other does, and
-/// each was emailed exactly once.
-async fn nothing_lost(stack: &MailStack, admin: &str, told: &HashMap<String, String>) {
+/// The addresses of every invitation of the account, page by page.
+async fn invited_addresses(stack: &MailStack, admin: &str) -> HashSet<String> {
     let mut stored = HashSet::new();
     let mut page_token = String::new();
     loop {
@@ -271,6 +270,40 @@ async fn nothing_lost(stack: &MailStack, admin: &str, told: &HashMap<String, Str
         }
         page_token = page.next_page_token;
     }
+    stored
+}
+
+/// How many users the account holds, counted page by page (the listing's
+/// own count stops at 1,000).
+async fn users_in_account(stack: &MailStack, admin: &str) -> usize {
+    let mut users = 0;
+    let mut page_token = String::new();
+    loop {
+        let page = UserServiceClient::new(stack.gateway.channel())
+            .list_users(bearer(
+                admin,
+                ListUsersRequest {
+                    page_size: 500,
+                    page_token,
+                    ..ListUsersRequest::default()
+                },
+            ))
+            .await
+            .expect("users")
+            .into_inner();
+        users += page.users.len();
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    users
+}
+
+/// Every invitation the callers were told about exists, no other does, and
+/// each was emailed exactly once.
+async fn nothing_lost(stack: &MailStack, admin: &str, told: &HashMap<String, String>) {
+    let stored = invited_addresses(stack, admin).await;
     let expected: HashSet<String> = told.values().cloned().collect();
     assert_eq!(
         stored, expected,
@@ -359,28 +392,7 @@ async fn sigterm_on_the_identity_service_under_load_loses_nothing() {
     nothing_lost(&stack, &admin, &told).await;
     // And no invitee was reserved without an invitation: the account
     // holds the owner and exactly the invited users.
-    // Counted page by page: the listing's own count stops at 1,000.
-    let mut users = 0;
-    let mut page_token = String::new();
-    loop {
-        let page = UserServiceClient::new(stack.gateway.channel())
-            .list_users(bearer(
-                &admin,
-                ListUsersRequest {
-                    page_size: 500,
-                    page_token,
-                    ..ListUsersRequest::default()
-                },
-            ))
-            .await
-            .expect("users")
-            .into_inner();
-        users += page.users.len();
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        page_token = page.next_page_token;
-    }
+    let users = users_in_account(&stack, &admin).await;
     assert_eq!(users, told.len() + 1, "no orphaned invitees");
 }
 
@@ -431,4 +443,69 @@ async fn sigterm_on_the_notification_service_while_sending_loses_nothing() {
         sent_before_restart < INVITEES,
         "the signal came mid-burst ({sent_before_restart} sent before the restart)"
     );
+}
+
+#[tokio::test]
+async fn creates_whose_callers_give_up_halfway_leave_no_reserved_invitee_behind() {
+    let (stack, _, admin, role) = stack(10_000).await;
+    let create = |batch: usize, deadline: Option<Duration>| {
+        let (channel, admin, role) = (stack.gateway.channel(), admin.clone(), role.clone());
+        async move {
+            let raw_text: Vec<String> = (0..40)
+                .map(|i| format!("gone{batch}x{i}@term.example"))
+                .collect();
+            let mut request = bearer(
+                &admin,
+                pb::CreateInvitationsRequest {
+                    raw_text: raw_text.join("\n"),
+                    role_id: role,
+                    ..Default::default()
+                },
+            );
+            if let Some(deadline) = deadline {
+                request.set_timeout(deadline);
+            }
+            InvitationServiceClient::new(channel)
+                .create_invitations(request)
+                .await
+                .map(|_| ())
+                .map_err(|status| status.code())
+        }
+    };
+    // How long a create of 40 takes here, unhurried.
+    let started = Instant::now();
+    create(0, None).await.expect("an unhurried create");
+    let whole = started.elapsed();
+    // Then creates whose callers give up after 1/20, 2/20, … 30/20 of that:
+    // at every step of a create (before identity reserves, between the
+    // reservation and the commit, after it). The gateway and the invitation
+    // service see the caller go away; what identity reserved must then be
+    // invited (or released), never left taking seats with no invitation.
+    let mut cut = 0;
+    for step in 1..=30 {
+        let deadline = (whole * step / 20).max(Duration::from_millis(1));
+        match create(usize::try_from(step).expect("small"), Some(deadline)).await {
+            Ok(()) => {}
+            Err(Code::DeadlineExceeded | Code::Cancelled) => cut += 1,
+            Err(other) => panic!("a create answered {other:?}"),
+        }
+    }
+    assert!(cut > 0, "some callers gave up (a create takes {whole:?})");
+    // The calls the callers left finish on their own; then every user the
+    // account holds beyond its owner has its invitation.
+    let started = Instant::now();
+    loop {
+        let invited = invited_addresses(&stack, &admin).await.len();
+        let users = users_in_account(&stack, &admin).await;
+        if users == invited + 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{} reserved invitees without an invitation ({cut} callers gave up, \
+             a create takes {whole:?})",
+            users - invited - 1
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

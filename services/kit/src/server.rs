@@ -14,7 +14,7 @@ use std::{
 use futures::future::BoxFuture;
 use http::{Request, Response};
 use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Status, body::Body, server::NamedService, service::RoutesBuilder};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::{Layer, Service, ServiceBuilder};
@@ -245,6 +245,8 @@ impl ServiceServer {
             routes.add_service(v1alpha.build_v1alpha()?);
         }
 
+        let detach = DetachLayer::default();
+        let calls = detach.calls();
         let stack = ServiceBuilder::new()
             // Give every call a request id (kept when the gateway sent one) so
             // logs of one call can be joined across services.
@@ -267,6 +269,9 @@ impl ServiceServer {
             )
             // Count and time every call, refused ones included.
             .layer(MetricsLayer)
+            // A call runs to its end once admitted, even when its caller
+            // goes away (see `DetachLayer`).
+            .layer(detach)
             // Shed load beyond the concurrency limit at once with UNAVAILABLE
             // instead of queueing without bound (P22).
             .layer(ShedLayer::new(config.concurrency_limit))
@@ -311,13 +316,28 @@ impl ServiceServer {
             return result.map_err(Into::into);
         }
         let _ = stop_tx.send(());
-        match tokio::time::timeout(Duration::from_millis(config.shutdown_grace_ms), serving).await {
+        let grace = Instant::now() + Duration::from_millis(config.shutdown_grace_ms);
+        let served = match tokio::time::timeout_at(grace.into(), serving).await {
             Ok(result) => result.map_err(Into::into),
             Err(_) => {
                 tracing::warn!(service = name, "grace period over, closing remaining calls");
                 Ok(())
             }
+        };
+        // Calls whose callers went away still run (`DetachLayer`): they get
+        // what is left of the grace period too.
+        calls.close();
+        if tokio::time::timeout_at(grace.into(), calls.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                service = name,
+                calls = calls.len(),
+                "grace period over, abandoned calls cut short"
+            );
         }
+        served
     }
 }
 
@@ -526,6 +546,72 @@ where
                 }
                 None => response,
             })
+        })
+    }
+}
+
+/// Layer of [`Detached`].
+#[derive(Clone, Debug, Default)]
+pub struct DetachLayer {
+    calls: TaskTracker,
+}
+
+impl DetachLayer {
+    /// The calls running, so a stop can wait for those nobody awaits.
+    pub fn calls(&self) -> TaskTracker {
+        self.calls.clone()
+    }
+}
+
+impl<S> Layer<S> for DetachLayer {
+    type Service = Detached<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Detached {
+            inner,
+            calls: self.calls.clone(),
+        }
+    }
+}
+
+/// Runs each call in a task of its own, so that a caller that goes away (a
+/// client's deadline, a dropped connection, the gateway's call cancelled)
+/// does not stop a call halfway: a create whose users identity reserved
+/// still commits or rolls back, instead of leaving the seats taken with no
+/// invitation. What lies inside (the concurrency limit's permit, the guard,
+/// the handler) runs in the task; the call's span goes with it. A handler
+/// that panics is answered `INTERNAL` (opaque, with a correlation id).
+#[derive(Clone, Debug)]
+pub struct Detached<S> {
+    inner: S,
+    calls: TaskTracker,
+}
+
+impl<S> Service<Request<Body>> for Detached<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        use tracing::Instrument;
+        let task = self.calls.spawn(self.inner.call(request).in_current_span());
+        Box::pin(async move {
+            match task.await {
+                Ok(answer) => answer,
+                Err(failure) => {
+                    let status = Status::from(ApiError::Internal(anyhow::anyhow!(
+                        "the call's task failed: {failure}"
+                    )));
+                    Ok(status.into_http())
+                }
+            }
         })
     }
 }
@@ -833,5 +919,41 @@ mod tests {
         }
         shutdown.cancel();
         serving.await.expect("joined").expect("served");
+    }
+
+    #[tokio::test]
+    async fn a_detached_call_finishes_when_its_caller_goes_away_and_a_panic_answers_internal() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let finished = Arc::new(AtomicBool::new(false));
+        let flag = finished.clone();
+        let mut slow = DetachLayer::default().layer(tower::service_fn(move |_: Request<Body>| {
+            let flag = flag.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                flag.store(true, Ordering::SeqCst);
+                Ok::<_, Infallible>(Response::new(Body::empty()))
+            }
+        }));
+        let call = slow.call(Request::new(Body::empty()));
+        // The caller gives up at once.
+        drop(tokio::time::timeout(Duration::from_millis(5), call).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(finished.load(Ordering::SeqCst), "the call ran to its end");
+
+        let mut failing =
+            DetachLayer::default().layer(tower::service_fn(|_: Request<Body>| async {
+                if true {
+                    panic!("a handler bug");
+                }
+                Ok::<_, Infallible>(Response::new(Body::empty()))
+            }));
+        let answer = failing
+            .call(Request::new(Body::empty()))
+            .await
+            .expect("answered");
+        let status = Status::from_header_map(answer.headers()).expect("a gRPC status");
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(status.message().contains("correlation id"), "{status:?}");
+        assert!(!status.message().contains("a handler bug"), "{status:?}");
     }
 }
