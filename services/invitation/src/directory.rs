@@ -13,7 +13,7 @@ use usher_proto::identity::{
 };
 use uuid::Uuid;
 
-use crate::domain::ports::DirectoryPort;
+use crate::domain::{actors::this_service, ports::DirectoryPort};
 
 /// The identity client.
 #[derive(Clone, Debug)]
@@ -126,6 +126,35 @@ impl DirectoryPort for Directory {
                 })
                 .collect(),
             reason: reason as i32,
+        };
+        self.client
+            .clone()
+            .release_invitees(with_request_id(request, request_id))
+            .await?;
+        Ok(())
+    }
+
+    async fn release_unanswered(
+        &self,
+        account_id: Uuid,
+        targets: &[(String, Uuid)],
+        request_id: &str,
+    ) -> ApiResult<()> {
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let request = internal::ReleaseInviteesRequest {
+            account_id: account_id.to_string(),
+            actor: Some(this_service()),
+            targets: targets
+                .iter()
+                .map(|(email, invitation_id)| internal::ReleaseTarget {
+                    user_id: String::new(),
+                    email: email.clone(),
+                    invitation_id: invitation_id.to_string(),
+                })
+                .collect(),
+            reason: internal::ReleaseReason::Rollback as i32,
         };
         self.client
             .clone()

@@ -23,7 +23,10 @@
 
 use chrono::{DateTime, Utc};
 use usher_kit::{
-    clock::SharedClock, error::ApiResult, idempotency::IdempotencyKey, principal::Principal,
+    clock::SharedClock,
+    error::{ApiError, ApiResult, Reason},
+    idempotency::IdempotencyKey,
+    principal::Principal,
     tokens::Token,
 };
 use usher_proto::{
@@ -145,9 +148,19 @@ impl<D: DirectoryPort, T: TokenPort, R: RepositoryPort> CreateSaga<'_, D, T, R> 
                 dry_run,
                 locale: request.locale.clone(),
             };
+            // What to release if identity's answer is lost (below).
+            let asked: Vec<(String, Uuid)> = reserve
+                .invitees
+                .iter()
+                .zip(&ids)
+                .map(|(invitee, id)| (invitee.email.clone(), *id))
+                .collect();
             reservation = match timed("reserve", self.directory.reserve(reserve, call_id)).await {
                 Ok(answer) => answer,
                 Err(err) => {
+                    if outcome_unknown(&err) {
+                        self.release_unanswered(account_id, &asked, call_id).await;
+                    }
                     self.give_back(account_id, granted, now).await;
                     return Err(err);
                 }
@@ -315,8 +328,34 @@ impl<D: DirectoryPort, T: TokenPort, R: RepositoryPort> CreateSaga<'_, D, T, R> 
         self.give_back(account_id, granted, now).await;
     }
 
+    /// A reservation whose answer never came (identity stopped or crashed
+    /// mid-call, the connection broke, the deadline passed) may have been
+    /// committed: release what it asked for, by address and invitation id
+    /// (identity answers NOT_FOUND for what it never reserved). Best effort,
+    /// as [`Self::roll_back`].
+    async fn release_unanswered(&self, account_id: Uuid, asked: &[(String, Uuid)], call_id: &str) {
+        if let Err(err) = self
+            .directory
+            .release_unanswered(account_id, asked, call_id)
+            .await
+        {
+            tracing::warn!(error = %err, invitees = asked.len(), "reservation unanswered and not released");
+        }
+    }
+
     async fn give_back(&self, account_id: Uuid, count: usize, now: DateTime<Utc>) {
         give_back(self.tokens, self.rules, account_id, count, now).await;
+    }
+}
+
+/// Whether a failed call to identity may still have been carried out: it
+/// could not be reached or answer in time, or failed unexpectedly. A refusal
+/// of the call (its input, a rule) reserved nothing.
+fn outcome_unknown(err: &ApiError) -> bool {
+    match err {
+        ApiError::Unavailable(_) | ApiError::Internal(_) => true,
+        ApiError::Rejected { reason, .. } => *reason == Reason::Unavailable,
+        ApiError::InvalidArgument(_) => false,
     }
 }
 
@@ -384,6 +423,7 @@ mod tests {
         seat_limit: i32,
         reserved: Mutex<Vec<internal::ReserveInviteesRequest>>,
         released: Mutex<Vec<Release>>,
+        released_unanswered: Mutex<Vec<Vec<(String, Uuid)>>>,
     }
 
     impl DirectoryPort for FakeDirectory {
@@ -416,6 +456,8 @@ mod tests {
             _request_id: &str,
         ) -> ApiResult<internal::ReserveInviteesResponse> {
             if self.refuse_reserve {
+                // Asked, and no answer came back.
+                self.reserved.lock().unwrap().push(request);
                 return Err(ApiError::Unavailable("identity is down".into()));
             }
             // The first invitee is already a member; the others are reserved.
@@ -460,6 +502,19 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((targets.to_vec(), reason));
+            Ok(())
+        }
+
+        async fn release_unanswered(
+            &self,
+            _account_id: Uuid,
+            targets: &[(String, Uuid)],
+            _request_id: &str,
+        ) -> ApiResult<()> {
+            self.released_unanswered
+                .lock()
+                .unwrap()
+                .push(targets.to_vec());
             Ok(())
         }
     }
@@ -656,7 +711,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn identity_refusing_gives_the_quota_back_and_writes_nothing() {
+    async fn identity_unreachable_gives_the_quota_back_and_releases_what_it_may_have_reserved() {
         let mut world = World::new();
         world.directory.refuse_reserve = true;
         let err = world.create(&EMAILS).await.expect_err("identity down");
@@ -665,6 +720,30 @@ mod tests {
         assert!(world.tokens.keys.lock().unwrap().is_empty());
         assert!(world.repository.rows.lock().unwrap().is_empty());
         assert!(world.released().is_empty());
+        // The answer was lost, not refused: every address asked for is
+        // released by its invitation id, as asked.
+        let asked = world.directory.reserved.lock().unwrap().clone();
+        let unanswered = world.directory.released_unanswered.lock().unwrap().clone();
+        assert_eq!(asked.len(), 1);
+        assert_eq!(unanswered.len(), 1);
+        let expected: Vec<(String, Uuid)> = asked[0]
+            .invitees
+            .iter()
+            .map(|i| (i.email.clone(), i.invitation_id.parse().unwrap()))
+            .collect();
+        assert_eq!(unanswered[0], expected);
+        assert_eq!(expected.len(), EMAILS.len());
+    }
+
+    #[test]
+    fn only_a_failure_whose_outcome_is_unknown_releases() {
+        assert!(outcome_unknown(&ApiError::Unavailable("down".into())));
+        assert!(outcome_unknown(&ApiError::Internal(anyhow::anyhow!("bug"))));
+        assert!(!outcome_unknown(&ApiError::invalid("role_id", "unknown")));
+        assert!(!outcome_unknown(&ApiError::rejected(
+            Reason::NotFound,
+            "no such role"
+        )));
     }
 
     #[tokio::test]

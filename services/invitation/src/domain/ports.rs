@@ -70,6 +70,16 @@ pub trait DirectoryPort: Send + Sync {
         reason: internal::ReleaseReason,
         request_id: &str,
     ) -> impl Future<Output = ApiResult<()>> + Send;
+
+    /// Releases, as a rollback, whatever a reservation whose answer was lost
+    /// reserved: each `(canonical email, invitation)` only while that
+    /// address is still INVITED for that invitation (nothing otherwise).
+    fn release_unanswered(
+        &self,
+        account_id: Uuid,
+        targets: &[(String, Uuid)],
+        request_id: &str,
+    ) -> impl Future<Output = ApiResult<()>> + Send;
 }
 
 /// The token keys and the hourly quota.
