@@ -579,6 +579,75 @@ async fn outbox_rows(db: &DatabaseConnection) -> i64 {
     row.try_get("", "n").expect("n")
 }
 
+/// A database at the schema before the holder counters, with users in two
+/// accounts, then migrated: the migration counts what was already there.
+async fn holder_counters_are_backfilled(db: &DatabaseConnection) {
+    let all = Migrator::migrations().len();
+    Migrator::up(db, Some(u32::try_from(all - 1).expect("few")))
+        .await
+        .expect("every migration but the holder counters");
+    assert!(
+        holders::counts(db, vec![Uuid::new_v4()]).await.is_err(),
+        "no counters yet: the last migration creates them"
+    );
+    let (account_id, member) = account(db).await;
+    let red = teams::insert(db, account_id, "Red", "", now())
+        .await
+        .expect("red")
+        .id;
+    let (other, other_member) = account(db).await;
+    for (i, (account_id, role, team)) in [
+        (account_id, member, Some(red)),
+        (account_id, member, Some(red)),
+        (account_id, member, None),
+        (other, other_member, None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut user = new_user(account_id, role, Some(&format!("b{i}@acme.example")), None);
+        user.team_id = team;
+        users::insert(
+            db,
+            users::new_direct_row(Uuid::new_v4(), user, None, false, now()),
+        )
+        .await
+        .expect("user");
+    }
+    Migrator::up(db, None).await.expect("the holder counters");
+    let counters = holders::counts(db, vec![member, red, other_member])
+        .await
+        .expect("counters");
+    assert_eq!(
+        counters,
+        HashMap::from([(member, 3), (red, 2), (other_member, 1)])
+    );
+}
+
+#[tokio::test]
+async fn holder_counters_are_backfilled_on_postgresql() {
+    let database = TestDatabase::create("identity_backfill").await.expect("db");
+    let db = database.connect().await.expect("connect");
+    holder_counters_are_backfilled(&db).await;
+    db.close().await.expect("close");
+    database.drop_database().await.expect("drop");
+}
+
+#[tokio::test]
+async fn holder_counters_are_backfilled_on_sqlite() {
+    let dir = std::env::temp_dir().join(format!("usher-identity-backfill-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let db = Database::connect(format!(
+        "sqlite://{}?mode=rwc",
+        dir.join("identity.db").display()
+    ))
+    .await
+    .expect("sqlite");
+    holder_counters_are_backfilled(&db).await;
+    db.close().await.expect("close");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 async fn on_postgresql(case: impl AsyncFnOnce(&DatabaseConnection)) {
     let database = TestDatabase::create("identity_store").await.expect("db");
     let db = database.migrated::<Migrator>().await.expect("migrations");

@@ -35,6 +35,11 @@ impl TestDatabase {
         })
     }
 
+    /// Connects, applying no migration.
+    pub async fn connect(&self) -> Result<DatabaseConnection, sea_orm::DbErr> {
+        crate::db::connect(&self.config).await
+    }
+
     /// Connects and applies the migrations of `M`.
     pub async fn migrated<M: sea_orm_migration::MigratorTrait>(
         &self,
