@@ -16,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(crate::store::schema::ShortSearchPendingList),
             usher_kit::outbox::notify_migration(),
             Box::new(crate::store::holders::CreateHolderCounts),
+            Box::new(crate::store::schema::SearchTextStatistics),
         ]
     }
 }

@@ -582,13 +582,16 @@ async fn outbox_rows(db: &DatabaseConnection) -> i64 {
 /// A database at the schema before the holder counters, with users in two
 /// accounts, then migrated: the migration counts what was already there.
 async fn holder_counters_are_backfilled(db: &DatabaseConnection) {
-    let all = Migrator::migrations().len();
-    Migrator::up(db, Some(u32::try_from(all - 1).expect("few")))
+    let before = Migrator::migrations()
+        .iter()
+        .position(|m| m.name() == "m20261206_000003_create_holder_counts")
+        .expect("the holder counters' migration");
+    Migrator::up(db, Some(u32::try_from(before).expect("few")))
         .await
-        .expect("every migration but the holder counters");
+        .expect("the migrations before the holder counters");
     assert!(
         holders::counts(db, vec![Uuid::new_v4()]).await.is_err(),
-        "no counters yet: the last migration creates them"
+        "no counters yet: their migration creates them"
     );
     let (account_id, member) = account(db).await;
     let red = teams::insert(db, account_id, "Red", "", now())
@@ -646,6 +649,25 @@ async fn holder_counters_are_backfilled_on_sqlite() {
     holder_counters_are_backfilled(&db).await;
     db.close().await.expect("close");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn the_search_text_keeps_a_finer_histogram_on_postgresql() {
+    let database = TestDatabase::create("identity_stats").await.expect("db");
+    let db = database.migrated::<Migrator>().await.expect("migrations");
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT attstattarget::int AS n FROM pg_attribute \
+             WHERE attrelid = 'users'::regclass AND attname = 'search_text'",
+        ))
+        .await
+        .expect("query")
+        .expect("the column");
+    let target: i32 = row.try_get("", "n").expect("n");
+    assert_eq!(target, 1000, "1,000 histogram buckets for search estimates");
+    db.close().await.expect("close");
+    database.drop_database().await.expect("drop");
 }
 
 async fn on_postgresql(case: impl AsyncFnOnce(&DatabaseConnection)) {
