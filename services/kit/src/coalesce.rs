@@ -38,15 +38,23 @@ fn lock<K, T, R>(queues: &Queues<K, T, R>) -> MutexGuard<'_, HashMap<K, Queue<T,
 /// normally nothing; after a panic of the batch function, the calls queued
 /// meanwhile — is answered [`Unanswered`] (their senders are dropped), and
 /// the next call starts a new worker.
+///
+/// A worker that ends normally removes its key itself, in the same critical
+/// section that found its queue empty, and disarms this: removing it later
+/// would drop a call queued in between (the caller would get [`Unanswered`]
+/// for nothing) or the queue of the next worker.
 struct Retire<K: Eq + Hash, T, R> {
     queues: Queues<K, T, R>,
     key: K,
+    armed: bool,
 }
 
 impl<K: Eq + Hash, T, R> Drop for Retire<K, T, R> {
     fn drop(&mut self) {
-        let mut map = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
-        map.remove(&self.key);
+        if self.armed {
+            let mut map = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+            map.remove(&self.key);
+        }
     }
 }
 
@@ -120,21 +128,33 @@ where
         if start_worker {
             let (queues, max_batch) = (self.queues.clone(), self.max_batch);
             tokio::spawn(async move {
-                let retire = Retire { queues, key };
+                let mut retire = Retire {
+                    queues,
+                    key,
+                    armed: true,
+                };
                 loop {
-                    let taken: Queue<T, R> = {
+                    let taken: Option<Queue<T, R>> = {
                         let mut map = lock(&retire.queues);
-                        let Some(queue) = map.get_mut(&retire.key) else {
-                            break;
-                        };
-                        if queue.is_empty() {
-                            // Nothing arrived during the last batch: this
-                            // worker ends (`retire` removes the key), and
-                            // the next call starts another.
-                            break;
+                        match map.get_mut(&retire.key) {
+                            None => None,
+                            Some(queue) if queue.is_empty() => {
+                                // Nothing arrived during the last batch:
+                                // this worker ends, under the lock a new
+                                // call takes, and the next call starts
+                                // another.
+                                map.remove(&retire.key);
+                                None
+                            }
+                            Some(queue) => {
+                                let n = queue.len().min(max_batch);
+                                Some(queue.drain(..n).collect())
+                            }
                         }
-                        let n = queue.len().min(max_batch);
-                        queue.drain(..n).collect()
+                    };
+                    let Some(taken) = taken else {
+                        retire.armed = false;
+                        break;
                     };
                     let (items, senders): (Vec<T>, Vec<oneshot::Sender<R>>) =
                         taken.into_iter().unzip();
@@ -260,5 +280,27 @@ mod tests {
             .submit("k", 5, |items: Vec<i32>| async move { items })
             .await;
         assert_eq!(next, Ok(5));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_call_arriving_as_its_worker_ends_is_answered() {
+        // Lone calls in quick succession on one key: each often arrives just
+        // as the previous call's worker finds its queue empty and ends.
+        let coalescer = Coalescer::new(4);
+        for round in 0..2_000 {
+            let mut calls = Vec::new();
+            for i in 0..3 {
+                let coalescer = coalescer.clone();
+                calls.push(tokio::spawn(async move {
+                    coalescer
+                        .submit("key", i, |items: Vec<i32>| async move { items })
+                        .await
+                }));
+            }
+            for (i, call) in calls.into_iter().enumerate() {
+                let answer = call.await.expect("joined");
+                assert_eq!(answer, Ok(i as i32), "round {round}");
+            }
+        }
     }
 }
