@@ -638,14 +638,7 @@ async fn holder_counters_are_backfilled_on_postgresql() {
 
 #[tokio::test]
 async fn holder_counters_are_backfilled_on_sqlite() {
-    let dir = std::env::temp_dir().join(format!("usher-identity-backfill-{}", Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let db = Database::connect(format!(
-        "sqlite://{}?mode=rwc",
-        dir.join("identity.db").display()
-    ))
-    .await
-    .expect("sqlite");
+    let (db, dir) = fresh_sqlite().await;
     holder_counters_are_backfilled(&db).await;
     db.close().await.expect("close");
     let _ = std::fs::remove_dir_all(dir);
@@ -678,7 +671,9 @@ async fn on_postgresql(case: impl AsyncFnOnce(&DatabaseConnection)) {
     database.drop_database().await.expect("drop");
 }
 
-async fn on_sqlite(case: impl AsyncFnOnce(&DatabaseConnection)) {
+/// An empty SQLite database in a directory of its own (removed by the
+/// caller), with no migration applied.
+async fn fresh_sqlite() -> (DatabaseConnection, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("usher-identity-store-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&dir).expect("dir");
     let db = Database::connect(format!(
@@ -687,6 +682,11 @@ async fn on_sqlite(case: impl AsyncFnOnce(&DatabaseConnection)) {
     ))
     .await
     .expect("sqlite");
+    (db, dir)
+}
+
+async fn on_sqlite(case: impl AsyncFnOnce(&DatabaseConnection)) {
+    let (db, dir) = fresh_sqlite().await;
     Migrator::up(&db, None).await.expect("migrations");
     case(&db).await;
     db.close().await.expect("close");

@@ -111,27 +111,16 @@ impl DirectoryPort for Directory {
         reason: internal::ReleaseReason,
         request_id: &str,
     ) -> ApiResult<()> {
-        if targets.is_empty() {
-            return Ok(());
-        }
-        let request = internal::ReleaseInviteesRequest {
-            account_id: account_id.to_string(),
-            actor: Some(actor),
-            targets: targets
-                .iter()
-                .map(|(user_id, invitation_id)| internal::ReleaseTarget {
-                    user_id: user_id.to_string(),
-                    email: String::new(),
-                    invitation_id: invitation_id.to_string(),
-                })
-                .collect(),
-            reason: reason as i32,
-        };
-        self.client
-            .clone()
-            .release_invitees(with_request_id(request, request_id))
-            .await?;
-        Ok(())
+        let targets = targets
+            .iter()
+            .map(|(user_id, invitation_id)| internal::ReleaseTarget {
+                user_id: user_id.to_string(),
+                email: String::new(),
+                invitation_id: invitation_id.to_string(),
+            })
+            .collect();
+        self.release_targets(account_id, actor, targets, reason, request_id)
+            .await
     }
 
     async fn release_unanswered(
@@ -140,21 +129,43 @@ impl DirectoryPort for Directory {
         targets: &[(String, Uuid)],
         request_id: &str,
     ) -> ApiResult<()> {
+        let targets = targets
+            .iter()
+            .map(|(email, invitation_id)| internal::ReleaseTarget {
+                user_id: String::new(),
+                email: email.clone(),
+                invitation_id: invitation_id.to_string(),
+            })
+            .collect();
+        self.release_targets(
+            account_id,
+            this_service(),
+            targets,
+            internal::ReleaseReason::Rollback,
+            request_id,
+        )
+        .await
+    }
+}
+
+impl Directory {
+    /// One ReleaseInvitees call; nothing is sent for no target.
+    async fn release_targets(
+        &self,
+        account_id: Uuid,
+        actor: identity::Actor,
+        targets: Vec<internal::ReleaseTarget>,
+        reason: internal::ReleaseReason,
+        request_id: &str,
+    ) -> ApiResult<()> {
         if targets.is_empty() {
             return Ok(());
         }
         let request = internal::ReleaseInviteesRequest {
             account_id: account_id.to_string(),
-            actor: Some(this_service()),
-            targets: targets
-                .iter()
-                .map(|(email, invitation_id)| internal::ReleaseTarget {
-                    user_id: String::new(),
-                    email: email.clone(),
-                    invitation_id: invitation_id.to_string(),
-                })
-                .collect(),
-            reason: internal::ReleaseReason::Rollback as i32,
+            actor: Some(actor),
+            targets,
+            reason: reason as i32,
         };
         self.client
             .clone()
