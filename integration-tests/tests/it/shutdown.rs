@@ -401,24 +401,29 @@ async fn sigterm_on_the_notification_service_while_sending_loses_nothing() {
     let (mut stack, _, admin, role) = stack(10_000).await;
     // Well beyond what is in flight when the signal comes (at most
     // `delivery.consumers` × `delivery.batch_size` = 256 jobs, finished
-    // before the exit), so the restart always has emails left to send.
-    const INVITEES: usize = 1_000;
+    // before the exit) and beyond what the pipeline sends between the
+    // signal and the exit (more than 1,000 since sends run at over
+    // 1,000 a second), so the restart always has emails left to send.
+    const CALLS: usize = 4;
+    const INVITEES: usize = CALLS * 1_000;
     let raw_text: Vec<String> = (0..INVITEES)
         .map(|i| format!("burst{i}@term.example"))
         .collect();
-    let created = InvitationServiceClient::new(stack.gateway.channel())
-        .create_invitations(bearer(
-            &admin,
-            pb::CreateInvitationsRequest {
-                raw_text: raw_text.join("\n"),
-                role_id: role,
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("created")
-        .into_inner();
-    assert_eq!(created.invited_count as usize, INVITEES);
+    for chunk in raw_text.chunks(1_000) {
+        let created = InvitationServiceClient::new(stack.gateway.channel())
+            .create_invitations(bearer(
+                &admin,
+                pb::CreateInvitationsRequest {
+                    raw_text: chunk.join("\n"),
+                    role_id: role.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("created")
+            .into_inner();
+        assert_eq!(created.invited_count as usize, chunk.len());
+    }
     // Stopped mid-burst.
     let started = Instant::now();
     while stack.sink.count() < 30 {
