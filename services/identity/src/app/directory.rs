@@ -9,7 +9,7 @@
 //! the limit. Activation hashes the password before opening the transaction
 //! (argon2id takes tens of milliseconds and must not hold locks).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sea_orm::TransactionTrait;
 use usher_kit::{
@@ -34,7 +34,7 @@ use crate::{
     },
     state::Identity,
     store::{
-        accounts::{self, Holder},
+        accounts::{self, Holder, HolderRecord},
         directory::{self as store, InvitedRows},
         effects, principals, scoped,
         users::search_text,
@@ -129,7 +129,8 @@ pub async fn invitation_context(
 
 /// The part of an invitation's context that needs no role or team: the
 /// account with `seats_used` and its effective invitation lifetime, the
-/// password rules, and the inviter, if any.
+/// password rules, and the inviter, if any (NOT_FOUND when it is not of the
+/// account).
 async fn describe<C: sea_orm::ConnectionTrait>(
     state: &Identity,
     db: &C,
@@ -137,7 +138,25 @@ async fn describe<C: sea_orm::ConnectionTrait>(
     inviter: Option<Inviter>,
     seats_used: u64,
 ) -> ApiResult<internal::GetInvitationContextResponse> {
-    let account_id = account.id;
+    let record = match inviter {
+        None => None,
+        Some(Inviter::User(id)) => {
+            Some(HolderRecord::User(scoped::user(db, account.id, id).await?))
+        }
+        Some(Inviter::ApiKey(id)) => Some(HolderRecord::ApiKey(
+            store::inviter_key(db, account.id, id).await?,
+        )),
+    };
+    Ok(describe_record(state, account, record.as_ref(), seats_used))
+}
+
+/// [`describe`] with the inviter's record already read.
+fn describe_record(
+    state: &Identity,
+    account: &crate::store::entities::account::Model,
+    inviter: Option<&HolderRecord>,
+    seats_used: u64,
+) -> internal::GetInvitationContextResponse {
     let policy = &state.password_policy;
     let mut response = internal::GetInvitationContextResponse {
         password_policy: Some(pb::PasswordPolicy {
@@ -147,23 +166,21 @@ async fn describe<C: sea_orm::ConnectionTrait>(
         ..Default::default()
     };
     match inviter {
-        Some(Inviter::User(id)) => {
-            let inviter = scoped::user(db, account_id, id).await?;
+        Some(HolderRecord::User(inviter)) => {
             response.inviter_email = inviter
                 .email
                 .clone()
                 .or_else(|| inviter.email_canonical.clone())
                 .unwrap_or_default();
             response.inviter_active = inviter.status == UserStatus::Active;
-            response.inviter_display_name = inviter.display_name;
-            response.inviter_locale = inviter.locale;
+            response.inviter_display_name = inviter.display_name.clone();
+            response.inviter_locale = inviter.locale.clone();
         }
-        Some(Inviter::ApiKey(id)) => {
-            let key = store::inviter_key(db, account_id, id).await?;
+        Some(HolderRecord::ApiKey(key)) => {
             let now = state.clock.now();
             response.inviter_active =
                 key.revoke_time.is_none() && key.expire_time.is_none_or(|at| at > now);
-            response.inviter_display_name = key.name;
+            response.inviter_display_name = key.name.clone();
         }
         None => {}
     }
@@ -173,7 +190,7 @@ async fn describe<C: sea_orm::ConnectionTrait>(
         seats_used,
         state.settings.default_invitation_lifetime,
     ));
-    Ok(response)
+    response
 }
 
 /// `context` with the seats used the reservation found.
@@ -249,23 +266,39 @@ pub struct QueuedReservation {
     command: ReserveInvitees,
 }
 
-/// The batches of reservations, one worker per account (see
-/// [`usher_kit::coalesce`]).
+/// The batches of reservations, one worker per lane (see
+/// [`usher_kit::coalesce`] and [`RESERVATION_LANES`]).
 pub type Reservations =
-    usher_kit::coalesce::Coalescer<Uuid, QueuedReservation, ApiResult<ReservationAnswer>>;
+    usher_kit::coalesce::Coalescer<u8, QueuedReservation, ApiResult<ReservationAnswer>>;
 
 /// Reservations per batch at most (each holds up to 1,000 invitees).
 pub const RESERVATION_BATCH: usize = 64;
 
+/// The lanes reservations are batched in. Every account belongs to one lane
+/// (by its id), so its reservations are always batched, decided and
+/// committed in arrival order by that lane's worker; a lane's batch holds the
+/// reservations of every account of the lane that arrived while the last one
+/// ran, committed together. More lanes run more transactions at once; fewer
+/// gather more accounts into each commit. Four keep two cores busy while a
+/// batch waits for its commit.
+pub const RESERVATION_LANES: u8 = 4;
+
+/// The lane of `account_id`.
+fn lane(account_id: Uuid) -> u8 {
+    // The low bits of a v4 or v7 id are random.
+    u8::try_from(account_id.as_u128() % u128::from(RESERVATION_LANES)).unwrap_or(0)
+}
+
 /// Reserves a seat for each invitee that may have one.
 ///
-/// The call joins its account's next batch: concurrent reservations of one
-/// account are checked and written together in one transaction under the
-/// account lock — the lock taken once, the counter of seats read once, each
-/// role, team and inviter the batch names read once, the existing invitees
-/// of the whole batch loaded in one query, and the new users, audit entries
-/// and events of the whole batch written in one statement each — and each
-/// is decided in arrival order against what the ones before it took,
+/// The call joins its lane's next batch (see [`RESERVATION_LANES`]):
+/// concurrent reservations are checked and written together in one
+/// transaction — the batch's accounts locked in one statement in id order,
+/// for each account the counter of seats read once, each role, team and
+/// inviter its calls name read once and its existing invitees loaded in one
+/// query, then the new users, audit entries and events of the whole batch
+/// written in one statement each and one commit — and each call is decided
+/// in arrival order against what the calls of its account before it took,
 /// exactly as if they had run one after the other. A batch that fails as a
 /// whole is run again call by call, so each caller gets its own answer.
 pub async fn reserve_invitees(
@@ -273,7 +306,7 @@ pub async fn reserve_invitees(
     request_id: &str,
     command: ReserveInvitees,
 ) -> ApiResult<ReservationAnswer> {
-    let account_id = command.account_id;
+    let lane = lane(command.account_id);
     let queued = QueuedReservation {
         request_id: request_id.to_owned(),
         command,
@@ -281,7 +314,7 @@ pub async fn reserve_invitees(
     let batch_state = state.clone();
     state
         .reservations
-        .submit(account_id, queued, move |batch| {
+        .submit(lane, queued, move |batch| {
             let state = batch_state.clone();
             async move { reserve_batch(&state, batch).await }
         })
@@ -289,8 +322,8 @@ pub async fn reserve_invitees(
         .map_err(|err| ApiError::Unavailable(err.to_string()))?
 }
 
-/// Runs one batch of reservations of one account; a batch that fails as a
-/// whole is run again one reservation at a time.
+/// Runs one batch of reservations; a batch that fails as a whole is run
+/// again one reservation at a time.
 async fn reserve_batch(
     state: &Identity,
     batch: Vec<QueuedReservation>,
@@ -341,6 +374,7 @@ struct BatchReads<'a> {
     roles: HashMap<Uuid, crate::store::entities::role::Model>,
     teams: HashMap<Uuid, crate::store::entities::team::Model>,
     granted: HashMap<Uuid, Vec<String>>,
+    records: HashMap<Holder, Option<HolderRecord>>,
     held: HashMap<Holder, Vec<String>>,
     described: HashMap<Option<Inviter>, internal::GetInvitationContextResponse>,
 }
@@ -354,9 +388,24 @@ impl<'a> BatchReads<'a> {
             roles: HashMap::new(),
             teams: HashMap::new(),
             granted: HashMap::new(),
+            records: HashMap::new(),
             held: HashMap::new(),
             described: HashMap::new(),
         }
+    }
+
+    /// The record of `holder` in the account, read once per batch.
+    async fn record<C: sea_orm::ConnectionTrait>(
+        &mut self,
+        db: &C,
+        holder: Holder,
+    ) -> ApiResult<Option<HolderRecord>> {
+        if let Some(record) = self.records.get(&holder) {
+            return Ok(record.clone());
+        }
+        let record = accounts::holder_record(db, self.account.id, holder).await?;
+        self.records.insert(holder, record.clone());
+        Ok(record)
     }
 
     /// The checks of one reservation that need no seat, in the order a
@@ -393,8 +442,14 @@ impl<'a> BatchReads<'a> {
             Some(holder) => match self.held.get(&holder) {
                 Some(held) => held.clone(),
                 None => {
-                    let held =
-                        accounts::held_permissions(db, self.account, holder, self.now).await?;
+                    let record = self.record(db, holder).await?;
+                    let held = accounts::record_held_permissions(
+                        db,
+                        self.account,
+                        record.as_ref(),
+                        self.now,
+                    )
+                    .await?;
                     self.held.insert(holder, held.clone());
                     held
                 }
@@ -421,7 +476,17 @@ impl<'a> BatchReads<'a> {
         let mut context = match self.described.get(&inviter) {
             Some(context) => context.clone(),
             None => {
-                let context = describe(self.state, db, self.account, inviter, 0).await?;
+                // The inviter is the holder, whose record the grant check read.
+                let record = match command.holder {
+                    None => None,
+                    Some(holder) => Some(self.record(db, holder).await?.ok_or_else(|| {
+                        ApiError::not_found(match holder {
+                            Holder::User(_) => "user",
+                            Holder::ApiKey(_) => "inviter",
+                        })
+                    })?),
+                };
+                let context = describe_record(self.state, self.account, record.as_ref(), 0);
                 self.described.insert(inviter, context.clone());
                 context
             }
@@ -444,58 +509,183 @@ impl<'a> BatchReads<'a> {
     }
 }
 
-/// Checks, decides and writes `batch` in one transaction under the account
-/// lock. The outer error fails the whole batch (nothing written); the inner
-/// ones are each call's own refusals.
+/// What a batch writes at its end: the new users and the effects of every
+/// call that reserved, whatever its account.
+#[derive(Default)]
+struct BatchWrites<'b> {
+    new_users: Vec<crate::store::entities::user::ActiveModel>,
+    effects: Vec<(crate::domain::effects::Effects, Actor, &'b str)>,
+}
+
+/// The calls of one account of a batch, with their checks.
+struct AccountCalls<'b> {
+    account: crate::store::entities::account::Model,
+    /// Indexes into the batch, in arrival order.
+    indices: Vec<usize>,
+    calls: Vec<&'b QueuedReservation>,
+    checked: Vec<ApiResult<Checked>>,
+}
+
+/// The invitees of the calls of `group` that passed their checks.
+fn checked_invitees<'g>(group: &AccountCalls<'g>) -> Vec<&'g Invitee> {
+    group
+        .calls
+        .iter()
+        .zip(&group.checked)
+        .filter(|(_, checked)| checked.is_ok())
+        .flat_map(|(queued, _)| queued.command.invitees.iter())
+        .collect()
+}
+
+/// Checks, decides and writes `batch` in one transaction under the locks of
+/// its accounts: load (the accounts locked, each call's checks, then the
+/// seat counters and existing invitees of all of them in one query each),
+/// decide each account's calls in arrival order, write. The outer error
+/// fails the whole batch (nothing written); the inner ones are each call's
+/// own refusals.
 async fn reserve_together(
     state: &Identity,
     batch: &[QueuedReservation],
 ) -> ApiResult<Vec<ApiResult<ReservationAnswer>>> {
-    let Some(first) = batch.first() else {
+    if batch.is_empty() {
         return Ok(Vec::new());
-    };
-    let account_id = first.command.account_id;
+    }
     let now = state.clock.now();
+    // The batch's accounts in id order, each with its calls in arrival order.
+    let mut by_account: BTreeMap<Uuid, Vec<usize>> = BTreeMap::new();
+    for (index, queued) in batch.iter().enumerate() {
+        by_account
+            .entry(queued.command.account_id)
+            .or_default()
+            .push(index);
+    }
+    let mut answers: Vec<Option<ApiResult<ReservationAnswer>>> =
+        std::iter::repeat_with(|| None).take(batch.len()).collect();
     let txn = state.db.begin().await?;
-    // Every change that counts seats takes this lock first: concurrent
-    // reservations (of other replicas too) are counted one after the other.
-    let account = accounts::lock(&txn, account_id).await?;
-    let mut reads = BatchReads::new(state, &account);
-    let mut checked = Vec::with_capacity(batch.len());
-    for queued in batch {
-        match reads.check(&txn, &queued.command).await {
-            Err(err) if fails_the_batch(&err) => return Err(err),
-            one => checked.push(one),
+    // Every change that counts seats takes its account's lock first:
+    // concurrent reservations (of other replicas too) are counted one after
+    // the other.
+    let mut locked = accounts::lock_all(&txn, by_account.keys().copied().collect()).await?;
+    let mut groups = Vec::with_capacity(by_account.len());
+    for (account_id, indices) in by_account {
+        let Some(account) = locked.remove(&account_id) else {
+            for index in indices {
+                answers[index] = Some(Err(ApiError::not_found("account")));
+            }
+            continue;
+        };
+        let calls: Vec<&QueuedReservation> = indices.iter().map(|&i| &batch[i]).collect();
+        let mut reads = BatchReads::new(state, &account);
+        let mut checked = Vec::with_capacity(calls.len());
+        for queued in &calls {
+            match reads.check(&txn, &queued.command).await {
+                Err(err) if fails_the_batch(&err) => return Err(err),
+                one => checked.push(one),
+            }
+        }
+        groups.push(AccountCalls {
+            account,
+            indices,
+            calls,
+            checked,
+        });
+    }
+    let ids: Vec<Uuid> = groups.iter().map(|g| g.account.id).collect();
+    let mut seats = if ids.is_empty() {
+        HashMap::new()
+    } else {
+        crate::store::seats::used_by(&txn, &ids).await?
+    };
+    let emails = groups
+        .iter()
+        .map(|group| {
+            let emails = checked_invitees(group)
+                .iter()
+                .map(|i| i.email.canonical().to_owned())
+                .collect();
+            (group.account.id, emails)
+        })
+        .collect();
+    let invitation_ids = groups
+        .iter()
+        .flat_map(|group| checked_invitees(group).into_iter().map(|i| i.invitation_id))
+        .collect();
+    let mut existing = store::existing_invitees_of(&txn, emails, invitation_ids).await?;
+    let mut writes = BatchWrites::default();
+    for group in groups {
+        let seats_used = seats.remove(&group.account.id).unwrap_or(0);
+        let decided = decide_in_account(
+            group.calls,
+            group.checked,
+            &group.account,
+            DecideIn {
+                seats_used,
+                existing: &mut existing,
+                writes: &mut writes,
+                now,
+            },
+        );
+        for (&index, answer) in group.indices.iter().zip(decided) {
+            answers[index] = Some(answer);
         }
     }
-    let mut seats_used = accounts::seats_used(&txn, account_id).await?;
-    let to_reserve = || {
-        batch
-            .iter()
-            .zip(&checked)
-            .filter(|(_, checked)| checked.is_ok())
-            .flat_map(|(queued, _)| queued.command.invitees.iter())
-    };
-    let mut existing = store::existing_invitees(
-        &txn,
-        account_id,
-        to_reserve()
-            .map(|i| i.email.canonical().to_owned())
-            .collect(),
-        to_reserve().map(|i| i.invitation_id).collect(),
-    )
-    .await?;
+    if writes.new_users.is_empty() {
+        txn.rollback().await?;
+    } else {
+        // The whole batch's users, audit entries and events: one statement
+        // each (chunked far below PostgreSQL's bind limit).
+        store::insert_users(&txn, writes.new_users).await?;
+        let all = writes
+            .effects
+            .iter_mut()
+            .map(|(effects, actor, request_id)| (std::mem::take(effects), &*actor, *request_id))
+            .collect();
+        effects::apply_all(&txn, all, now).await?;
+        txn.commit().await?;
+    }
+    Ok(answers
+        .into_iter()
+        .map(|answer| answer.unwrap_or_else(|| Err(missing())))
+        .collect())
+}
+
+/// What the decisions of one account of a batch start from and add to.
+struct DecideIn<'x, 'b> {
+    /// The account's seats used before the batch.
+    seats_used: u64,
+    /// The users the batch's invitees name (of any account: the rules match
+    /// emails within the account and invitation ids everywhere); each call
+    /// adds those it invites, for the calls after it.
+    existing: &'x mut Vec<Member>,
+    writes: &'x mut BatchWrites<'b>,
+    now: chrono::DateTime<chrono::Utc>,
+}
+
+/// Decides the calls of one account of a batch, in arrival order, each
+/// against what the calls before it took; adds what they reserve to
+/// `writes`. Each answer is the call's own verdicts or refusal.
+fn decide_in_account<'b>(
+    calls: Vec<&'b QueuedReservation>,
+    checked: Vec<ApiResult<Checked>>,
+    account: &crate::store::entities::account::Model,
+    into: DecideIn<'_, 'b>,
+) -> Vec<ApiResult<ReservationAnswer>> {
+    let DecideIn {
+        mut seats_used,
+        existing,
+        writes,
+        now,
+    } = into;
+    let account_id = account.id;
     let allowed: HashSet<String> = convert::strings(&account.allowed_email_domains)
         .iter()
         .filter_map(|d| canonical_domain(d).ok())
         .collect();
-    let mut answers = Vec::with_capacity(batch.len());
-    let mut new_users = Vec::new();
-    let mut effects_written = Vec::new();
-    for (queued, checked) in batch.iter().zip(checked) {
+    let mut answers = Vec::with_capacity(calls.len());
+    for (queued, checked) in calls.into_iter().zip(checked) {
         let command = &queued.command;
         let checked = match checked.and_then(|checked| {
-            reservations::check_invitation_ids(account_id, &command.invitees, &existing)
+            reservations::check_invitation_ids(account_id, &command.invitees, existing)
                 .map(|()| checked)
         }) {
             Ok(checked) => checked,
@@ -519,7 +709,7 @@ async fn reserve_together(
         let mut reserved = reservations::reserve(
             &reservation,
             &command.invitees,
-            &existing,
+            existing,
             &checked.actor,
             now,
             Uuid::new_v4,
@@ -527,7 +717,7 @@ async fn reserve_together(
         let answer_effects = std::mem::take(&mut reserved.effects);
         if !command.dry_run && !reserved.new_users.is_empty() {
             let invited_by = format!("{}:{}", checked.actor.kind, checked.actor.id);
-            new_users.extend(store::invited_rows(
+            writes.new_users.extend(store::invited_rows(
                 &InvitedRows {
                     account_id,
                     role_id: checked.role.id,
@@ -540,7 +730,11 @@ async fn reserve_together(
                 &reserved.new_users,
                 now,
             ));
-            effects_written.push((answer_effects, checked.actor.clone(), &queued.request_id));
+            writes.effects.push((
+                answer_effects,
+                checked.actor.clone(),
+                queued.request_id.as_str(),
+            ));
             // The calls after this one see its invitees as taken.
             seats_used = reserved.seats_used;
             existing.extend(reserved.new_users.iter().map(|new| Member {
@@ -564,22 +758,7 @@ async fn reserve_together(
             context: with_seats(&checked.context, seats_before),
         }));
     }
-    if new_users.is_empty() {
-        txn.rollback().await?;
-    } else {
-        // The whole batch's users, audit entries and events: one statement
-        // each (chunked far below PostgreSQL's bind limit).
-        store::insert_users(&txn, new_users).await?;
-        let all = effects_written
-            .iter_mut()
-            .map(|(effects, actor, request_id)| {
-                (std::mem::take(effects), &*actor, request_id.as_str())
-            })
-            .collect();
-        effects::apply_all(&txn, all, now).await?;
-        txn.commit().await?;
-    }
-    Ok(answers)
+    answers
 }
 
 /// A validated ActivateInvitedUser.

@@ -42,6 +42,31 @@ pub async fn lock<C: ConnectionTrait>(db: &C, id: Uuid) -> ApiResult<account::Mo
         .ok_or_else(|| ApiError::not_found("account"))
 }
 
+/// The accounts `ids` that exist, each locked as [`lock`] locks one, in
+/// ascending id order in one statement (two transactions that lock several
+/// accounts this way never wait for each other in a cycle).
+pub async fn lock_all<C: ConnectionTrait>(
+    db: &C,
+    mut ids: Vec<Uuid>,
+) -> ApiResult<std::collections::HashMap<Uuid, account::Model>> {
+    ids.sort_unstable();
+    ids.dedup();
+    let query = account::Entity::find()
+        .filter(account::Column::Id.is_in(ids))
+        .order_by_asc(account::Column::Id);
+    let query = if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        query.lock_exclusive()
+    } else {
+        query
+    };
+    Ok(query
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|account| (account.id, account))
+        .collect())
+}
+
 /// Seats in use: ACTIVE and INVITED users.
 pub async fn seats_used<C: ConnectionTrait>(db: &C, account_id: Uuid) -> ApiResult<u64> {
     Ok(super::seats::used(db, account_id).await?)
@@ -195,16 +220,53 @@ pub async fn held_permissions<C: ConnectionTrait>(
     holder: Holder,
     now: DateTime<Utc>,
 ) -> ApiResult<Vec<String>> {
-    match holder {
-        Holder::User(id) => {
-            let Some(found) = user::Entity::find_by_id(id)
-                .filter(user::Column::AccountId.eq(account.id))
-                .one(db)
-                .await?
-                .filter(|u| u.status == UserStatus::Active)
-            else {
+    let record = holder_record(db, account.id, holder).await?;
+    record_held_permissions(db, account, record.as_ref(), now).await
+}
+
+/// The record of a user or an API key of the account.
+#[derive(Clone, Debug)]
+pub enum HolderRecord {
+    /// A user of the account.
+    User(user::Model),
+    /// An API key of the account.
+    ApiKey(super::entities::api_key::Model),
+}
+
+/// The record of `holder` in `account_id`: none for one of another account
+/// or none at all.
+pub async fn holder_record<C: ConnectionTrait>(
+    db: &C,
+    account_id: Uuid,
+    holder: Holder,
+) -> ApiResult<Option<HolderRecord>> {
+    Ok(match holder {
+        Holder::User(id) => user::Entity::find_by_id(id)
+            .filter(user::Column::AccountId.eq(account_id))
+            .one(db)
+            .await?
+            .map(HolderRecord::User),
+        Holder::ApiKey(id) => super::entities::api_key::Entity::find_by_id(id)
+            .filter(super::entities::api_key::Column::AccountId.eq(account_id))
+            .one(db)
+            .await?
+            .map(HolderRecord::ApiKey),
+    })
+}
+
+/// [`held_permissions`] of a record [`holder_record`] read in `account`.
+pub async fn record_held_permissions<C: ConnectionTrait>(
+    db: &C,
+    account: &account::Model,
+    record: Option<&HolderRecord>,
+    now: DateTime<Utc>,
+) -> ApiResult<Vec<String>> {
+    match record {
+        None => Ok(Vec::new()),
+        Some(HolderRecord::User(found)) => {
+            if found.status != UserStatus::Active {
                 return Ok(Vec::new());
-            };
+            }
             match role::Entity::find_by_id(found.role_id).one(db).await? {
                 Some(role) if role.account_id == account.id => {
                     effective_permissions_in(db, &role, account).await
@@ -213,15 +275,10 @@ pub async fn held_permissions<C: ConnectionTrait>(
                 None => Ok(Vec::new()),
             }
         }
-        Holder::ApiKey(id) => {
-            let Some(key) = super::entities::api_key::Entity::find_by_id(id)
-                .filter(super::entities::api_key::Column::AccountId.eq(account.id))
-                .one(db)
-                .await?
-                .filter(|k| super::api_keys::is_active(k, now))
-            else {
+        Some(HolderRecord::ApiKey(key)) => {
+            if !super::api_keys::is_active(key, now) {
                 return Ok(Vec::new());
-            };
+            }
             Ok(super::api_keys::enabled_permissions(
                 usher_kit::convert::strings(&key.permissions),
                 &usher_kit::convert::strings(&account.products),

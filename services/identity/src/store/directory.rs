@@ -80,18 +80,33 @@ pub async fn existing_invitees<C: ConnectionTrait>(
     emails: Vec<String>,
     invitation_ids: Vec<Uuid>,
 ) -> StoreResult<Vec<Member>> {
-    let found = user::Entity::find()
-        .filter(
-            Condition::any()
-                .add(
-                    Condition::all()
-                        .add(user::Column::AccountId.eq(account_id))
-                        .add(user::Column::EmailCanonical.is_in(emails)),
-                )
-                .add(user::Column::InvitationId.is_in(invitation_ids)),
-        )
-        .all(db)
-        .await?;
+    existing_invitees_of(db, vec![(account_id, emails)], invitation_ids).await
+}
+
+/// [`existing_invitees`] of several accounts, each with its emails, in one
+/// query.
+pub async fn existing_invitees_of<C: ConnectionTrait>(
+    db: &C,
+    emails: Vec<(Uuid, Vec<String>)>,
+    invitation_ids: Vec<Uuid>,
+) -> StoreResult<Vec<Member>> {
+    let mut any = Condition::any();
+    for (account_id, emails) in emails {
+        if !emails.is_empty() {
+            any = any.add(
+                Condition::all()
+                    .add(user::Column::AccountId.eq(account_id))
+                    .add(user::Column::EmailCanonical.is_in(emails)),
+            );
+        }
+    }
+    if !invitation_ids.is_empty() {
+        any = any.add(user::Column::InvitationId.is_in(invitation_ids));
+    }
+    if any.is_empty() {
+        return Ok(Vec::new());
+    }
+    let found = user::Entity::find().filter(any).all(db).await?;
     Ok(found.iter().map(member).collect())
 }
 

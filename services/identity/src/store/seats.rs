@@ -191,5 +191,37 @@ pub async fn used<C: ConnectionTrait>(db: &C, account_id: Uuid) -> Result<u64, D
     Ok(u64::try_from(used).unwrap_or(0))
 }
 
+/// [`used`] of each of `account_ids`, in one query.
+pub async fn used_by<C: ConnectionTrait>(
+    db: &C,
+    account_ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, u64>, DbErr> {
+    let backend = db.get_database_backend();
+    let placeholders: Vec<String> = (1..=account_ids.len())
+        .map(|n| match backend {
+            DbBackend::Postgres => format!("${n}"),
+            _ => "?".to_owned(),
+        })
+        .collect();
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            format!(
+                "SELECT account_id, used FROM account_seats WHERE account_id IN ({})",
+                placeholders.join(", ")
+            ),
+            account_ids.iter().map(|id| (*id).into()),
+        ))
+        .await?;
+    let mut used: std::collections::HashMap<Uuid, u64> =
+        account_ids.iter().map(|id| (*id, 0)).collect();
+    for row in rows {
+        let account_id: Uuid = row.try_get("", "account_id")?;
+        let count: i64 = row.try_get("", "used")?;
+        used.insert(account_id, u64::try_from(count).unwrap_or(0));
+    }
+    Ok(used)
+}
+
 /// The statuses counted, for the tests that compare the counter with a count.
 pub const COUNTED_STATUSES: [UserStatus; 2] = [UserStatus::Active, UserStatus::Invited];

@@ -1029,6 +1029,104 @@ async fn a_refused_call_in_a_batch_of_reservations_fails_alone() {
     test.stop().await;
 }
 
+/// Reservations of many accounts at once share batches and commits (one
+/// lane holds several accounts): each account's seats are still counted
+/// exactly, each answer names its own account, and the calls of an unknown
+/// account or with an unknown role are refused alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reservations_of_many_accounts_are_each_counted_for_their_own() {
+    let test = start().await;
+    // Three seats each, the owner holds one: two free in every account.
+    let mut accts = Vec::new();
+    for _ in 0..12 {
+        accts.push(account(&test, 3).await);
+    }
+    let ghost = Acct {
+        id: Uuid::new_v4(),
+        ..accts[0].clone()
+    };
+    let mut messages = Vec::new();
+    for (index, acct) in accts.iter().enumerate() {
+        for call in 0..4 {
+            messages.push((
+                Some(index),
+                reservation(acct, vec![invitee(&format!("m{call}@acme.example"))]),
+            ));
+        }
+    }
+    let mut unknown_role = reservation(&accts[5], vec![invitee("x@acme.example")]);
+    unknown_role.role_id = Uuid::new_v4().to_string();
+    messages.push((None, unknown_role));
+    for call in 0..3 {
+        messages.push((
+            None,
+            reservation(&ghost, vec![invitee(&format!("g{call}@acme.example"))]),
+        ));
+    }
+    let barrier = Arc::new(tokio::sync::Barrier::new(messages.len()));
+    let calls: Vec<_> = messages
+        .into_iter()
+        .map(|(index, message)| {
+            let api = test.api.clone();
+            let barrier = barrier.clone();
+            let account = message.account_id.clone();
+            let role = message.role_id.clone();
+            let task = tokio::spawn(async move {
+                barrier.wait().await;
+                api.reserve_invitees(request(&svc(), message))
+                    .await
+                    .map(Response::into_inner)
+            });
+            (index, account, role, task)
+        })
+        .collect();
+    let mut reserved = vec![0; accts.len()];
+    let mut refused = vec![0; accts.len()];
+    for (index, account, role, task) in calls {
+        let answer = task.await.expect("task");
+        let Some(index) = index else {
+            let err = answer.expect_err("an unknown account or role");
+            assert_eq!(err.code(), Code::NotFound, "{err:?}");
+            let field = if account == ghost.id.to_string() {
+                "account"
+            } else {
+                assert_ne!(role, accts[5].user_role.to_string());
+                "role"
+            };
+            assert!(err.message().contains(field), "{err:?}");
+            continue;
+        };
+        let answer = answer.expect("reserve");
+        let context = answer.context.clone().expect("context");
+        assert_eq!(context.account.expect("account").id, account);
+        assert!(answer.seats_used <= 3, "seats used {}", answer.seats_used);
+        for verdict in verdicts(&answer) {
+            match verdict {
+                Verdict::Reserved => reserved[index] += 1,
+                Verdict::SeatLimitReached => refused[index] += 1,
+                other => panic!("unexpected verdict {other:?}"),
+            }
+        }
+    }
+    for (index, acct) in accts.iter().enumerate() {
+        assert_eq!((reserved[index], refused[index]), (2, 2), "account {index}");
+        assert_eq!(seats_of(&test, acct).await, 3, "account {index}");
+        let counted = accounts::seats_counted(&test.state.db, acct.id)
+            .await
+            .expect("count");
+        assert_eq!(
+            counted, 3,
+            "account {index}: the counter agrees with the rows"
+        );
+        assert_eq!(
+            audit_of(&test, acct, "user.created").await,
+            2,
+            "account {index}"
+        );
+    }
+    test.stop().await;
+}
+
 #[tokio::test]
 async fn a_thousand_invitees_in_one_call() {
     let test = start().await;
