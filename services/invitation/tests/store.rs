@@ -260,6 +260,89 @@ async fn concurrent_creates_commit_together_and_fail_alone(db: &DatabaseConnecti
     }
 }
 
+/// Delivery reports recorded in one batch land as if recorded one after the
+/// other: a second report of one invitation after its first, a late QUEUED
+/// never over a final status, a report of an older email (another job id)
+/// ignored.
+async fn delivery_reports_of_a_batch_apply_in_order(db: &DatabaseConnection, backend: &str) {
+    use usher_invitation::domain::delivery::DeliveryReport;
+    use usher_proto::notification::v1::DeliveryStatus;
+    let repo = Repository::new(db.clone());
+    let account = Uuid::new_v4();
+    let mut rows: Vec<Invitation> = (0..4)
+        .map(|_| row(account, StoredState::Pending, None, 1))
+        .collect();
+    for (index, row) in rows.iter_mut().enumerate() {
+        row.delivery_job_id = format!("job-{index}");
+    }
+    insert(&repo, &rows).await;
+    let report = |index: usize, status: DeliveryStatus, attempts: i32| DeliveryReport {
+        invitation_id: rows[index].id,
+        job_id: format!("job-{index}"),
+        status: status as i32,
+        reason: if status == DeliveryStatus::Failed {
+            "mailbox full".into()
+        } else {
+            String::new()
+        },
+        attempts,
+        unless_status_in: if status == DeliveryStatus::Queued {
+            vec![DeliveryStatus::Sent as i32, DeliveryStatus::Failed as i32]
+        } else {
+            Vec::new()
+        },
+    };
+    let mut older = report(2, DeliveryStatus::Failed, 9);
+    older.job_id = "an-older-job".into();
+    let reports = vec![
+        report(0, DeliveryStatus::Queued, 0),
+        report(1, DeliveryStatus::Sent, 1),
+        report(0, DeliveryStatus::Sent, 2),
+        report(1, DeliveryStatus::Queued, 0),
+        older,
+        report(3, DeliveryStatus::Failed, 3),
+    ];
+    let updated = repo
+        .record_deliveries(&reports, at(1_000))
+        .await
+        .expect("record");
+    assert_eq!(updated, 4, "{backend}: the rows each report changed");
+    let stored = |index: usize| {
+        let repo = repo.clone();
+        let id = rows[index].id;
+        async move { repo.find(account, id).await.unwrap().unwrap() }
+    };
+    let first = stored(0).await;
+    assert_eq!(
+        (first.delivery_status, first.delivery_attempts),
+        (DeliveryStatus::Sent as i32, 2),
+        "{backend}: QUEUED then SENT"
+    );
+    assert_eq!(first.delivery_update_time, Some(at(1_000)), "{backend}");
+    let second = stored(1).await;
+    assert_eq!(
+        (second.delivery_status, second.delivery_attempts),
+        (DeliveryStatus::Sent as i32, 1),
+        "{backend}: a late QUEUED keeps SENT"
+    );
+    let third = stored(2).await;
+    assert_eq!(
+        (third.delivery_status, third.delivery_update_time),
+        (0, None),
+        "{backend}: an older email's report is ignored"
+    );
+    let fourth = stored(3).await;
+    assert_eq!(
+        (
+            fourth.delivery_status,
+            fourth.delivery_reason.as_str(),
+            fourth.delivery_attempts
+        ),
+        (DeliveryStatus::Failed as i32, "mailbox full", 3),
+        "{backend}"
+    );
+}
+
 #[tokio::test]
 async fn the_rust_and_sql_readings_agree_on_postgresql() {
     let database = TestDatabase::create("invitation-store")
@@ -270,6 +353,7 @@ async fn the_rust_and_sql_readings_agree_on_postgresql() {
     claims_agree(&db, "postgres").await;
     rows_round_trip(&db, "postgres").await;
     concurrent_creates_commit_together_and_fail_alone(&db, "postgres").await;
+    delivery_reports_of_a_batch_apply_in_order(&db, "postgres").await;
     database.drop_database().await.expect("drop");
 }
 
@@ -284,6 +368,7 @@ async fn the_rust_and_sql_readings_agree_on_sqlite() {
     claims_agree(&db, "sqlite").await;
     rows_round_trip(&db, "sqlite").await;
     concurrent_creates_commit_together_and_fail_alone(&db, "sqlite").await;
+    delivery_reports_of_a_batch_apply_in_order(&db, "sqlite").await;
     db.close().await.expect("close");
     std::fs::remove_file(&path).expect("remove");
 }

@@ -371,11 +371,76 @@ impl Repository {
     ) -> StoreResult<usize> {
         let txn = self.db.begin().await?;
         let mut updated = 0;
-        for report in reports {
-            updated += usize::from(Self::record_delivery(&txn, report, now).await?);
+        if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+            for round in delivery_rounds(reports) {
+                updated += Self::record_delivery_round(&txn, &round, now).await?;
+            }
+        } else {
+            for report in reports {
+                updated += usize::from(Self::record_delivery(&txn, report, now).await?);
+            }
         }
         txn.commit().await?;
         Ok(updated)
+    }
+
+    /// Records `reports`, at most one per invitation, in one statement
+    /// (PostgreSQL): each report is a row of a `VALUES` list joined to its
+    /// invitation, with the conditions of [`Self::record_delivery`].
+    async fn record_delivery_round<C: ConnectionTrait>(
+        db: &C,
+        reports: &[&DeliveryReport],
+        now: DateTime<Utc>,
+    ) -> StoreResult<usize> {
+        if reports.is_empty() {
+            return Ok(0);
+        }
+        const COLUMNS: usize = 6;
+        let mut rows = Vec::with_capacity(reports.len());
+        let mut values: Vec<Value> = Vec::with_capacity(reports.len() * COLUMNS + 1);
+        values.push(now.into());
+        for (index, report) in reports.iter().enumerate() {
+            let n = 2 + index * COLUMNS;
+            rows.push(format!(
+                "(${}::uuid, ${}, ${}::int4, ${}, ${}::int4, ${})",
+                n,
+                n + 1,
+                n + 2,
+                n + 3,
+                n + 4,
+                n + 5
+            ));
+            let unless: Vec<String> = report
+                .unless_status_in
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            values.extend([
+                report.invitation_id.into(),
+                report.job_id.clone().into(),
+                report.status.into(),
+                report.reason.clone().into(),
+                report.attempts.into(),
+                unless.join(",").into(),
+            ]);
+        }
+        let sql = format!(
+            "UPDATE invitations AS i SET delivery_status = v.status, \
+             delivery_reason = v.reason, delivery_attempts = v.attempts, \
+             delivery_update_time = $1, update_time = $1 \
+             FROM (VALUES {}) AS v(id, job_id, status, reason, attempts, unless_in) \
+             WHERE i.id = v.id AND i.delivery_job_id = v.job_id \
+             AND NOT (i.delivery_status = ANY (string_to_array(v.unless_in, ',')::int4[]))",
+            rows.join(", ")
+        );
+        let done = db
+            .execute_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                sql,
+                values,
+            ))
+            .await?;
+        Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
     }
 
     /// Records one delivery report on `db`; whether an invitation changed.
@@ -408,6 +473,23 @@ impl Repository {
             txn: self.db.begin().await?,
         })
     }
+}
+
+/// `reports` in rounds that each name an invitation at most once, in the
+/// order given: a statement updates a row once, so a second report of one
+/// invitation (queued, then sent) goes in the next round, after the first.
+fn delivery_rounds(reports: &[DeliveryReport]) -> Vec<Vec<&DeliveryReport>> {
+    let mut rounds: Vec<Vec<&DeliveryReport>> = Vec::new();
+    let mut seen: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::new();
+    for report in reports {
+        let round = seen.entry(report.invitation_id).or_insert(0);
+        if rounds.len() <= *round {
+            rounds.push(Vec::new());
+        }
+        rounds[*round].push(report);
+        *round += 1;
+    }
+    rounds
 }
 
 impl RepositoryPort for Repository {
