@@ -65,7 +65,7 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the relay lets commits gather after a notification before it
 /// takes a batch: under steady load, one cycle (one select, one publish
 /// batch, one delete) carries the messages of many commits instead of one.
-pub const DEFAULT_GATHER: Duration = Duration::from_millis(3);
+pub const DEFAULT_GATHER: Duration = Duration::from_millis(10);
 /// The longest pause after the broker was found unavailable.
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// The longest a message that failed on its own is set aside.
@@ -569,34 +569,15 @@ impl OutboxRelay {
             }
         }
 
-        let txn = conn.begin().await?;
-        for ids in confirmed.chunks(DELETE_CHUNK) {
-            let delete = Query::delete()
-                .from_table(UsherOutbox::Table)
-                .and_where(Expr::col(UsherOutbox::Id).is_in(ids.iter().copied()))
-                .to_owned();
-            txn.execute(&delete).await?;
+        if lock {
+            // Already in the transaction that holds the rows' locks: no
+            // savepoint of its own.
+            record_outcome(conn, &confirmed, &failures).await?;
+        } else {
+            let txn = conn.begin().await?;
+            record_outcome(&txn, &confirmed, &failures).await?;
+            txn.commit().await?;
         }
-        for failure in &failures {
-            let error: String = failure.error.chars().take(MAX_ERROR_CHARS).collect();
-            let mut update = Query::update();
-            update
-                .table(UsherOutbox::Table)
-                .value(
-                    UsherOutbox::Attempts,
-                    Expr::col(UsherOutbox::Attempts).add(1),
-                )
-                .value(UsherOutbox::LastError, error)
-                .and_where(Expr::col(UsherOutbox::Id).eq(failure.id));
-            if let Some(delay) = failure.retry_in {
-                update.value(
-                    UsherOutbox::AvailableAt,
-                    later(conn.get_database_backend(), delay),
-                );
-            }
-            txn.execute(&update).await?;
-        }
-        txn.commit().await?;
 
         outcome.published = confirmed.len();
         outcome.failed = failures.len();
@@ -617,6 +598,42 @@ impl OutboxRelay {
         }
         Ok(outcome)
     }
+}
+
+/// Deletes the `confirmed` rows and records the `failures` (attempts, the
+/// error, and when to try again) on `db`.
+async fn record_outcome<C: ConnectionTrait>(
+    db: &C,
+    confirmed: &[i64],
+    failures: &[Failure],
+) -> Result<(), DbErr> {
+    for ids in confirmed.chunks(DELETE_CHUNK) {
+        let delete = Query::delete()
+            .from_table(UsherOutbox::Table)
+            .and_where(Expr::col(UsherOutbox::Id).is_in(ids.iter().copied()))
+            .to_owned();
+        db.execute(&delete).await?;
+    }
+    for failure in failures {
+        let error: String = failure.error.chars().take(MAX_ERROR_CHARS).collect();
+        let mut update = Query::update();
+        update
+            .table(UsherOutbox::Table)
+            .value(
+                UsherOutbox::Attempts,
+                Expr::col(UsherOutbox::Attempts).add(1),
+            )
+            .value(UsherOutbox::LastError, error)
+            .and_where(Expr::col(UsherOutbox::Id).eq(failure.id));
+        if let Some(delay) = failure.retry_in {
+            update.value(
+                UsherOutbox::AvailableAt,
+                later(db.get_database_backend(), delay),
+            );
+        }
+        db.execute(&update).await?;
+    }
+    Ok(())
 }
 
 /// The database's current time plus `delay`, in the column's own format.
