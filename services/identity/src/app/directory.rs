@@ -293,11 +293,12 @@ fn lane(account_id: Uuid) -> u8 {
 ///
 /// The call joins its lane's next batch (see [`RESERVATION_LANES`]):
 /// concurrent reservations are checked and written together in one
-/// transaction — the batch's accounts locked in one statement in id order,
-/// for each account the counter of seats read once, each role, team and
-/// inviter its calls name read once and its existing invitees loaded in one
-/// query, then the new users, audit entries and events of the whole batch
-/// written in one statement each and one commit — and each call is decided
+/// transaction — the batch's accounts locked in one statement in id order;
+/// the roles, teams and inviters all its calls name, the inviters' roles and
+/// the products read in one query each; the seat counters and the existing
+/// invitees of all its accounts in one query each; then the new users, audit
+/// entries and events written in one statement each and one commit — and
+/// each call is decided
 /// in arrival order against what the calls of its account before it took,
 /// exactly as if they had run one after the other. A batch that fails as a
 /// whole is run again call by call, so each caller gets its own answer.
@@ -363,49 +364,57 @@ struct Checked {
     actor: Actor,
 }
 
-/// What the calls of one batch read besides the seats and the invitees,
-/// each row once per batch (in the batch's transaction): the roles, teams,
-/// inviters and permissions they name. Concurrent calls of one account
-/// mostly name the same ones.
+/// The checks of the calls of one account of a batch, on what the batch
+/// read for all its accounts ([`store::Named`]), each result once per
+/// account: the permissions granted by each role and held by each holder,
+/// and the context of each inviter.
 struct BatchReads<'a> {
     state: &'a Identity,
     account: &'a crate::store::entities::account::Model,
+    named: &'a store::Named,
     now: chrono::DateTime<chrono::Utc>,
-    roles: HashMap<Uuid, crate::store::entities::role::Model>,
-    teams: HashMap<Uuid, crate::store::entities::team::Model>,
     granted: HashMap<Uuid, Vec<String>>,
-    records: HashMap<Holder, Option<HolderRecord>>,
     held: HashMap<Holder, Vec<String>>,
     described: HashMap<Option<Inviter>, internal::GetInvitationContextResponse>,
 }
 
 impl<'a> BatchReads<'a> {
-    fn new(state: &'a Identity, account: &'a crate::store::entities::account::Model) -> Self {
+    fn new(
+        state: &'a Identity,
+        account: &'a crate::store::entities::account::Model,
+        named: &'a store::Named,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Self {
         Self {
             state,
             account,
-            now: state.clock.now(),
-            roles: HashMap::new(),
-            teams: HashMap::new(),
+            named,
+            now,
             granted: HashMap::new(),
-            records: HashMap::new(),
             held: HashMap::new(),
             described: HashMap::new(),
         }
     }
 
-    /// The record of `holder` in the account, read once per batch.
-    async fn record<C: sea_orm::ConnectionTrait>(
-        &mut self,
-        db: &C,
-        holder: Holder,
-    ) -> ApiResult<Option<HolderRecord>> {
-        if let Some(record) = self.records.get(&holder) {
-            return Ok(record.clone());
+    /// The record of `holder` if it is of the account.
+    fn record(&self, holder: Holder) -> Option<HolderRecord> {
+        let account_id = self.account.id;
+        match holder {
+            Holder::User(id) => self
+                .named
+                .users
+                .get(&id)
+                .filter(|u| u.account_id == account_id)
+                .cloned()
+                .map(HolderRecord::User),
+            Holder::ApiKey(id) => self
+                .named
+                .keys
+                .get(&id)
+                .filter(|k| k.account_id == Some(account_id))
+                .cloned()
+                .map(HolderRecord::ApiKey),
         }
-        let record = accounts::holder_record(db, self.account.id, holder).await?;
-        self.records.insert(holder, record.clone());
-        Ok(record)
     }
 
     /// The checks of one reservation that need no seat, in the order a
@@ -421,32 +430,36 @@ impl<'a> BatchReads<'a> {
         command: &ReserveInvitees,
     ) -> ApiResult<Checked> {
         let account_id = self.account.id;
-        let role = match self.roles.get(&command.role_id) {
-            Some(role) => role.clone(),
-            None => {
-                let role = scoped::role(db, account_id, command.role_id).await?;
-                self.roles.insert(role.id, role.clone());
-                role
-            }
-        };
-        let granted = match self.granted.get(&role.id) {
-            Some(granted) => granted.clone(),
-            None => {
-                let granted = accounts::effective_permissions_in(db, &role, self.account).await?;
-                self.granted.insert(role.id, granted.clone());
-                granted
-            }
-        };
+        let role = self
+            .named
+            .roles
+            .get(&command.role_id)
+            .filter(|r| r.account_id == account_id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("role"))?;
+        let granted = self
+            .granted
+            .entry(role.id)
+            .or_insert_with(|| {
+                accounts::effective_permissions_with(&role, self.account, &self.named.products)
+            })
+            .clone();
         let held = match command.holder {
             None => Vec::new(),
             Some(holder) => match self.held.get(&holder) {
                 Some(held) => held.clone(),
                 None => {
-                    let record = self.record(db, holder).await?;
-                    let held = accounts::record_held_permissions(
+                    let record = self.record(holder);
+                    let holder_role = match &record {
+                        Some(HolderRecord::User(user)) => self.named.roles.get(&user.role_id),
+                        _ => None,
+                    };
+                    let held = accounts::held_with(
                         db,
                         self.account,
                         record.as_ref(),
+                        holder_role,
+                        &self.named.products,
                         self.now,
                     )
                     .await?;
@@ -458,14 +471,14 @@ impl<'a> BatchReads<'a> {
         check_may_grant(&role, &held, &granted)?;
         let team = match command.team_id {
             None => None,
-            Some(team_id) => match self.teams.get(&team_id) {
-                Some(team) => Some(team.clone()),
-                None => {
-                    let team = scoped::team(db, account_id, team_id).await?;
-                    self.teams.insert(team_id, team.clone());
-                    Some(team)
-                }
-            },
+            Some(team_id) => Some(
+                self.named
+                    .teams
+                    .get(&team_id)
+                    .filter(|t| t.account_id == account_id)
+                    .cloned()
+                    .ok_or_else(|| ApiError::not_found("team"))?,
+            ),
         };
         require_enabled(self.account, &command.products)?;
         reservations::check_inviting_allowed(self.account.seat_limit)?;
@@ -479,7 +492,7 @@ impl<'a> BatchReads<'a> {
                 // The inviter is the holder, whose record the grant check read.
                 let record = match command.holder {
                     None => None,
-                    Some(holder) => Some(self.record(db, holder).await?.ok_or_else(|| {
+                    Some(holder) => Some(self.record(holder).ok_or_else(|| {
                         ApiError::not_found(match holder {
                             Holder::User(_) => "user",
                             Holder::ApiKey(_) => "inviter",
@@ -538,8 +551,9 @@ fn checked_invitees<'g>(group: &AccountCalls<'g>) -> Vec<&'g Invitee> {
 }
 
 /// Checks, decides and writes `batch` in one transaction under the locks of
-/// its accounts: load (the accounts locked, each call's checks, then the
-/// seat counters and existing invitees of all of them in one query each),
+/// its accounts: load (the accounts locked, what the calls name read for
+/// all of them, each call's checks, then the seat counters and existing
+/// invitees of all of them in one query each),
 /// decide each account's calls in arrival order, write. The outer error
 /// fails the whole batch (nothing written); the inner ones are each call's
 /// own refusals.
@@ -566,6 +580,33 @@ async fn reserve_together(
     // concurrent reservations (of other replicas too) are counted one after
     // the other.
     let mut locked = accounts::lock_all(&txn, by_account.keys().copied().collect()).await?;
+    // What the calls name, for all the accounts at once.
+    let commands = || batch.iter().map(|queued| &queued.command);
+    let holders = || commands().filter_map(|command| command.holder);
+    let named = store::read_named(
+        &txn,
+        commands().map(|c| c.role_id).collect(),
+        commands().filter_map(|c| c.team_id).collect(),
+        holders()
+            .filter_map(|h| match h {
+                Holder::User(id) => Some(id),
+                Holder::ApiKey(_) => None,
+            })
+            .collect(),
+        holders()
+            .filter_map(|h| match h {
+                Holder::ApiKey(id) => Some(id),
+                Holder::User(_) => None,
+            })
+            .collect(),
+        locked
+            .values()
+            .flat_map(|account| convert::strings(&account.products))
+            .collect::<HashSet<String>>()
+            .into_iter()
+            .collect(),
+    )
+    .await?;
     let mut groups = Vec::with_capacity(by_account.len());
     for (account_id, indices) in by_account {
         let Some(account) = locked.remove(&account_id) else {
@@ -575,7 +616,7 @@ async fn reserve_together(
             continue;
         };
         let calls: Vec<&QueuedReservation> = indices.iter().map(|&i| &batch[i]).collect();
-        let mut reads = BatchReads::new(state, &account);
+        let mut reads = BatchReads::new(state, &account, &named, now);
         let mut checked = Vec::with_capacity(calls.len());
         for queued in &calls {
             match reads.check(&txn, &queued.command).await {

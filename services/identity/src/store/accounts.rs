@@ -193,11 +193,37 @@ pub async fn effective_permissions_in<C: ConnectionTrait>(
         .filter(product::Column::Code.is_in(codes))
         .all(db)
         .await?;
-    let mut all = admin_permissions(products.iter().flat_map(product_permission_names));
+    Ok(effective_permissions_with(role, account, &products))
+}
+
+/// Whether `role` is the built-in Admin, whose permissions depend on the
+/// account's products.
+pub fn is_admin_role(role: &role::Model) -> bool {
+    role.built_in && role.name == ADMIN_ROLE
+}
+
+/// [`effective_permissions_in`] with the products read already: `catalogue`
+/// holds (at least) every registered product the account enables.
+pub fn effective_permissions_with(
+    role: &role::Model,
+    account: &account::Model,
+    catalogue: &[product::Model],
+) -> Vec<String> {
+    let listed = usher_kit::convert::strings(&role.permissions);
+    if !is_admin_role(role) {
+        return listed;
+    }
+    let codes = usher_kit::convert::strings(&account.products);
+    let mut all = admin_permissions(
+        catalogue
+            .iter()
+            .filter(|product| codes.contains(&product.code))
+            .flat_map(product_permission_names),
+    );
     all.extend(listed);
     all.sort();
     all.dedup();
-    Ok(all)
+    all
 }
 
 /// A user or an API key whose permissions are asked for.
@@ -261,17 +287,46 @@ pub async fn record_held_permissions<C: ConnectionTrait>(
     record: Option<&HolderRecord>,
     now: DateTime<Utc>,
 ) -> ApiResult<Vec<String>> {
+    let role = match record {
+        Some(HolderRecord::User(found)) if found.status == UserStatus::Active => {
+            role::Entity::find_by_id(found.role_id).one(db).await?
+        }
+        _ => None,
+    };
+    let catalogue = match &role {
+        Some(role) if role.account_id == account.id && is_admin_role(role) => {
+            product::Entity::find()
+                .filter(product::Column::Code.is_in(usher_kit::convert::strings(&account.products)))
+                .all(db)
+                .await?
+        }
+        _ => Vec::new(),
+    };
+    held_with(db, account, record, role.as_ref(), &catalogue, now).await
+}
+
+/// [`record_held_permissions`] with the user's role (by its `role_id`) and
+/// the products the account enables read already (`catalogue`, needed for
+/// the built-in Admin); only a role of another account is read here.
+pub async fn held_with<C: ConnectionTrait>(
+    db: &C,
+    account: &account::Model,
+    record: Option<&HolderRecord>,
+    role: Option<&role::Model>,
+    catalogue: &[product::Model],
+    now: DateTime<Utc>,
+) -> ApiResult<Vec<String>> {
     match record {
         None => Ok(Vec::new()),
         Some(HolderRecord::User(found)) => {
             if found.status != UserStatus::Active {
                 return Ok(Vec::new());
             }
-            match role::Entity::find_by_id(found.role_id).one(db).await? {
+            match role {
                 Some(role) if role.account_id == account.id => {
-                    effective_permissions_in(db, &role, account).await
+                    Ok(effective_permissions_with(role, account, catalogue))
                 }
-                Some(role) => effective_permissions(db, &role).await,
+                Some(role) => effective_permissions(db, role).await,
                 None => Ok(Vec::new()),
             }
         }

@@ -71,6 +71,87 @@ pub async fn inviter_key<C: ConnectionTrait>(
         .ok_or(StoreError::NotFound("inviter"))
 }
 
+/// What the reservations of one batch name, read for all its accounts at
+/// once (by id; each caller checks the account of what it finds).
+#[derive(Debug, Default)]
+pub struct Named {
+    /// The roles named, and the roles of the users named.
+    pub roles: std::collections::HashMap<Uuid, role::Model>,
+    /// The teams named.
+    pub teams: std::collections::HashMap<Uuid, team::Model>,
+    /// The users named (inviters).
+    pub users: std::collections::HashMap<Uuid, user::Model>,
+    /// The API keys named (inviters).
+    pub keys: std::collections::HashMap<Uuid, api_key::Model>,
+    /// The registered products among `product_codes`, read when a role
+    /// found is the built-in Admin (whose permissions they extend).
+    pub products: Vec<super::entities::product::Model>,
+}
+
+/// Reads what a batch names in at most six queries, whatever the number of
+/// its accounts: the roles, teams, users and keys by id, the roles of those
+/// users not named already, and (for the built-in Admin) the products among
+/// `product_codes`.
+pub async fn read_named<C: ConnectionTrait>(
+    db: &C,
+    role_ids: Vec<Uuid>,
+    team_ids: Vec<Uuid>,
+    user_ids: Vec<Uuid>,
+    key_ids: Vec<Uuid>,
+    product_codes: Vec<String>,
+) -> StoreResult<Named> {
+    let by_id = |models: Vec<role::Model>| models.into_iter().map(|m| (m.id, m));
+    let mut named = Named::default();
+    if !role_ids.is_empty() {
+        let roles = role::Entity::find()
+            .filter(role::Column::Id.is_in(role_ids))
+            .all(db)
+            .await?;
+        named.roles.extend(by_id(roles));
+    }
+    if !team_ids.is_empty() {
+        let teams = team::Entity::find()
+            .filter(team::Column::Id.is_in(team_ids))
+            .all(db)
+            .await?;
+        named.teams.extend(teams.into_iter().map(|m| (m.id, m)));
+    }
+    if !user_ids.is_empty() {
+        let users = user::Entity::find()
+            .filter(user::Column::Id.is_in(user_ids))
+            .all(db)
+            .await?;
+        named.users.extend(users.into_iter().map(|m| (m.id, m)));
+    }
+    if !key_ids.is_empty() {
+        let keys = api_key::Entity::find()
+            .filter(api_key::Column::Id.is_in(key_ids))
+            .all(db)
+            .await?;
+        named.keys.extend(keys.into_iter().map(|m| (m.id, m)));
+    }
+    let missing: std::collections::HashSet<Uuid> = named
+        .users
+        .values()
+        .map(|u| u.role_id)
+        .filter(|id| !named.roles.contains_key(id))
+        .collect();
+    if !missing.is_empty() {
+        let roles = role::Entity::find()
+            .filter(role::Column::Id.is_in(missing))
+            .all(db)
+            .await?;
+        named.roles.extend(by_id(roles));
+    }
+    if !product_codes.is_empty() && named.roles.values().any(super::accounts::is_admin_role) {
+        named.products = super::entities::product::Entity::find()
+            .filter(super::entities::product::Column::Code.is_in(product_codes))
+            .all(db)
+            .await?;
+    }
+    Ok(named)
+}
+
 /// In one query, the users of `account_id` holding one of `emails`
 /// (canonical) and the users anywhere holding one of `invitation_ids` (the
 /// ids are unique across accounts).

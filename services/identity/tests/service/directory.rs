@@ -1032,7 +1032,7 @@ async fn a_refused_call_in_a_batch_of_reservations_fails_alone() {
 /// Reservations of many accounts at once share batches and commits (one
 /// lane holds several accounts): each account's seats are still counted
 /// exactly, each answer names its own account, and the calls of an unknown
-/// account or with an unknown role are refused alone.
+/// account or with another account's role are refused alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_reservations_of_many_accounts_are_each_counted_for_their_own() {
     let test = start().await;
@@ -1054,9 +1054,11 @@ async fn concurrent_reservations_of_many_accounts_are_each_counted_for_their_own
             ));
         }
     }
-    let mut unknown_role = reservation(&accts[5], vec![invitee("x@acme.example")]);
-    unknown_role.role_id = Uuid::new_v4().to_string();
-    messages.push((None, unknown_role));
+    // A role of another account of the batch: read with that account's
+    // calls, still unknown in this one.
+    let mut foreign_role = reservation(&accts[5], vec![invitee("x@acme.example")]);
+    foreign_role.role_id = accts[6].user_role.to_string();
+    messages.push((None, foreign_role));
     for call in 0..3 {
         messages.push((
             None,
