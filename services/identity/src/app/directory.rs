@@ -632,11 +632,7 @@ async fn reserve_together(
         });
     }
     let ids: Vec<Uuid> = groups.iter().map(|g| g.account.id).collect();
-    let mut seats = if ids.is_empty() {
-        HashMap::new()
-    } else {
-        crate::store::seats::used_by(&txn, &ids).await?
-    };
+    let mut seats = crate::store::seats::used_by(&txn, &ids).await?;
     let emails = groups
         .iter()
         .map(|group| {
@@ -651,7 +647,7 @@ async fn reserve_together(
         .iter()
         .flat_map(|group| checked_invitees(group).into_iter().map(|i| i.invitation_id))
         .collect();
-    let mut existing = store::existing_invitees_of(&txn, emails, invitation_ids).await?;
+    let mut existing = store::existing_invitees(&txn, emails, invitation_ids).await?;
     let mut writes = BatchWrites::default();
     for group in groups {
         let seats_used = seats.remove(&group.account.id).unwrap_or(0);

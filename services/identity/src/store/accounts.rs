@@ -30,13 +30,7 @@ pub async fn find<C: ConnectionTrait>(db: &C, id: Uuid) -> ApiResult<account::Mo
 /// changes to one account are checked one after the other (no-op on SQLite,
 /// whose writers are serialised anyway).
 pub async fn lock<C: ConnectionTrait>(db: &C, id: Uuid) -> ApiResult<account::Model> {
-    let query = account::Entity::find_by_id(id);
-    let query = if db.get_database_backend() == sea_orm::DbBackend::Postgres {
-        query.lock_exclusive()
-    } else {
-        query
-    };
-    query
+    super::for_update(account::Entity::find_by_id(id), db.get_database_backend())
         .one(db)
         .await?
         .ok_or_else(|| ApiError::not_found("account"))
@@ -54,12 +48,7 @@ pub async fn lock_all<C: ConnectionTrait>(
     let query = account::Entity::find()
         .filter(account::Column::Id.is_in(ids))
         .order_by_asc(account::Column::Id);
-    let query = if db.get_database_backend() == sea_orm::DbBackend::Postgres {
-        query.lock_exclusive()
-    } else {
-        query
-    };
-    Ok(query
+    Ok(super::for_update(query, db.get_database_backend())
         .all(db)
         .await?
         .into_iter()
@@ -171,7 +160,7 @@ pub async fn effective_permissions<C: ConnectionTrait>(
     db: &C,
     role: &role::Model,
 ) -> ApiResult<Vec<String>> {
-    if !(role.built_in && role.name == ADMIN_ROLE) {
+    if !is_admin_role(role) {
         return Ok(usher_kit::convert::strings(&role.permissions));
     }
     let account = find(db, role.account_id).await?;
@@ -184,22 +173,28 @@ pub async fn effective_permissions_in<C: ConnectionTrait>(
     role: &role::Model,
     account: &account::Model,
 ) -> ApiResult<Vec<String>> {
-    let listed = usher_kit::convert::strings(&role.permissions);
-    if !(role.built_in && role.name == ADMIN_ROLE) {
-        return Ok(listed);
+    if !is_admin_role(role) {
+        return Ok(usher_kit::convert::strings(&role.permissions));
     }
-    let codes = usher_kit::convert::strings(&account.products);
-    let products = product::Entity::find()
-        .filter(product::Column::Code.is_in(codes))
-        .all(db)
-        .await?;
+    let products = enabled_products(db, account).await?;
     Ok(effective_permissions_with(role, account, &products))
+}
+
+/// The registered products `account` enables.
+async fn enabled_products<C: ConnectionTrait>(
+    db: &C,
+    account: &account::Model,
+) -> ApiResult<Vec<product::Model>> {
+    Ok(product::Entity::find()
+        .filter(product::Column::Code.is_in(usher_kit::convert::strings(&account.products)))
+        .all(db)
+        .await?)
 }
 
 /// Whether `role` is the built-in Admin, whose permissions depend on the
 /// account's products.
 pub fn is_admin_role(role: &role::Model) -> bool {
-    role.built_in && role.name == ADMIN_ROLE
+    crate::domain::roles::is_admin(role.built_in, &role.name)
 }
 
 /// [`effective_permissions_in`] with the products read already: `catalogue`
@@ -246,8 +241,31 @@ pub async fn held_permissions<C: ConnectionTrait>(
     holder: Holder,
     now: DateTime<Utc>,
 ) -> ApiResult<Vec<String>> {
-    let record = holder_record(db, account.id, holder).await?;
-    record_held_permissions(db, account, record.as_ref(), now).await
+    let record = match holder {
+        Holder::User(id) => user::Entity::find_by_id(id)
+            .filter(user::Column::AccountId.eq(account.id))
+            .one(db)
+            .await?
+            .map(HolderRecord::User),
+        Holder::ApiKey(id) => super::entities::api_key::Entity::find_by_id(id)
+            .filter(super::entities::api_key::Column::AccountId.eq(account.id))
+            .one(db)
+            .await?
+            .map(HolderRecord::ApiKey),
+    };
+    let role = match &record {
+        Some(HolderRecord::User(found)) if found.status == UserStatus::Active => {
+            role::Entity::find_by_id(found.role_id).one(db).await?
+        }
+        _ => None,
+    };
+    let catalogue = match &role {
+        Some(role) if role.account_id == account.id && is_admin_role(role) => {
+            enabled_products(db, account).await?
+        }
+        _ => Vec::new(),
+    };
+    held_with(db, account, record.as_ref(), role.as_ref(), &catalogue, now).await
 }
 
 /// The record of a user or an API key of the account.
@@ -259,53 +277,8 @@ pub enum HolderRecord {
     ApiKey(super::entities::api_key::Model),
 }
 
-/// The record of `holder` in `account_id`: none for one of another account
-/// or none at all.
-pub async fn holder_record<C: ConnectionTrait>(
-    db: &C,
-    account_id: Uuid,
-    holder: Holder,
-) -> ApiResult<Option<HolderRecord>> {
-    Ok(match holder {
-        Holder::User(id) => user::Entity::find_by_id(id)
-            .filter(user::Column::AccountId.eq(account_id))
-            .one(db)
-            .await?
-            .map(HolderRecord::User),
-        Holder::ApiKey(id) => super::entities::api_key::Entity::find_by_id(id)
-            .filter(super::entities::api_key::Column::AccountId.eq(account_id))
-            .one(db)
-            .await?
-            .map(HolderRecord::ApiKey),
-    })
-}
-
-/// [`held_permissions`] of a record [`holder_record`] read in `account`.
-pub async fn record_held_permissions<C: ConnectionTrait>(
-    db: &C,
-    account: &account::Model,
-    record: Option<&HolderRecord>,
-    now: DateTime<Utc>,
-) -> ApiResult<Vec<String>> {
-    let role = match record {
-        Some(HolderRecord::User(found)) if found.status == UserStatus::Active => {
-            role::Entity::find_by_id(found.role_id).one(db).await?
-        }
-        _ => None,
-    };
-    let catalogue = match &role {
-        Some(role) if role.account_id == account.id && is_admin_role(role) => {
-            product::Entity::find()
-                .filter(product::Column::Code.is_in(usher_kit::convert::strings(&account.products)))
-                .all(db)
-                .await?
-        }
-        _ => Vec::new(),
-    };
-    held_with(db, account, record, role.as_ref(), &catalogue, now).await
-}
-
-/// [`record_held_permissions`] with the user's role (by its `role_id`) and
+/// [`held_permissions`] of a holder's record, with the user's role (by its
+/// `role_id`) and
 /// the products the account enables read already (`catalogue`, needed for
 /// the built-in Admin); only a role of another account is read here.
 pub async fn held_with<C: ConnectionTrait>(

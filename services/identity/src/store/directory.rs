@@ -100,14 +100,13 @@ pub async fn read_named<C: ConnectionTrait>(
     key_ids: Vec<Uuid>,
     product_codes: Vec<String>,
 ) -> StoreResult<Named> {
-    let by_id = |models: Vec<role::Model>| models.into_iter().map(|m| (m.id, m));
     let mut named = Named::default();
     if !role_ids.is_empty() {
         let roles = role::Entity::find()
             .filter(role::Column::Id.is_in(role_ids))
             .all(db)
             .await?;
-        named.roles.extend(by_id(roles));
+        named.roles.extend(roles.into_iter().map(|m| (m.id, m)));
     }
     if !team_ids.is_empty() {
         let teams = team::Entity::find()
@@ -141,7 +140,7 @@ pub async fn read_named<C: ConnectionTrait>(
             .filter(role::Column::Id.is_in(missing))
             .all(db)
             .await?;
-        named.roles.extend(by_id(roles));
+        named.roles.extend(roles.into_iter().map(|m| (m.id, m)));
     }
     if !product_codes.is_empty() && named.roles.values().any(super::accounts::is_admin_role) {
         named.products = super::entities::product::Entity::find()
@@ -152,21 +151,10 @@ pub async fn read_named<C: ConnectionTrait>(
     Ok(named)
 }
 
-/// In one query, the users of `account_id` holding one of `emails`
+/// In one query, the users of each account holding one of its `emails`
 /// (canonical) and the users anywhere holding one of `invitation_ids` (the
 /// ids are unique across accounts).
 pub async fn existing_invitees<C: ConnectionTrait>(
-    db: &C,
-    account_id: Uuid,
-    emails: Vec<String>,
-    invitation_ids: Vec<Uuid>,
-) -> StoreResult<Vec<Member>> {
-    existing_invitees_of(db, vec![(account_id, emails)], invitation_ids).await
-}
-
-/// [`existing_invitees`] of several accounts, each with its emails, in one
-/// query.
-pub async fn existing_invitees_of<C: ConnectionTrait>(
     db: &C,
     emails: Vec<(Uuid, Vec<String>)>,
     invitation_ids: Vec<Uuid>,

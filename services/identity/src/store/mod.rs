@@ -20,3 +20,14 @@ pub mod teams;
 pub mod users;
 
 pub use usher_kit::db::contains_pattern;
+
+/// `query` taking its rows' exclusive locks (`FOR UPDATE`) until the end of
+/// the transaction on PostgreSQL; unchanged on SQLite, whose writers are
+/// serialised anyway.
+pub fn for_update<Q: sea_orm::QuerySelect>(query: Q, backend: sea_orm::DbBackend) -> Q {
+    if backend == sea_orm::DbBackend::Postgres {
+        query.lock_exclusive()
+    } else {
+        query
+    }
+}

@@ -191,11 +191,14 @@ pub async fn used<C: ConnectionTrait>(db: &C, account_id: Uuid) -> Result<u64, D
     Ok(u64::try_from(used).unwrap_or(0))
 }
 
-/// [`used`] of each of `account_ids`, in one query.
+/// [`used`] of each of `account_ids`, in one query (none for no ids).
 pub async fn used_by<C: ConnectionTrait>(
     db: &C,
     account_ids: &[Uuid],
 ) -> Result<std::collections::HashMap<Uuid, u64>, DbErr> {
+    if account_ids.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
     let backend = db.get_database_backend();
     let placeholders: Vec<String> = (1..=account_ids.len())
         .map(|n| match backend {

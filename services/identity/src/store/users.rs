@@ -6,9 +6,9 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait,
-    FromQueryResult, JoinType, Order, PaginatorTrait, QueryFilter, QueryOrder, QueryResult,
-    QuerySelect, QueryTrait, RelationDef, Select,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, FromQueryResult,
+    JoinType, Order, PaginatorTrait, QueryFilter, QueryOrder, QueryResult, QuerySelect, QueryTrait,
+    RelationDef, Select,
     sea_query::{Expr, ExprTrait, Func, LikeExpr},
 };
 use serde_json::Value as Json;
@@ -63,12 +63,10 @@ pub async fn lock_user<C: ConnectionTrait>(
     user_id: Uuid,
 ) -> StoreResult<user::Model> {
     let query = user::Entity::find_by_id(user_id).filter(user::Column::AccountId.eq(account_id));
-    let query = if db.get_database_backend() == DbBackend::Postgres {
-        query.lock_exclusive()
-    } else {
-        query
-    };
-    query.one(db).await?.ok_or(StoreError::NotFound("user"))
+    super::for_update(query, db.get_database_backend())
+        .one(db)
+        .await?
+        .ok_or(StoreError::NotFound("user"))
 }
 
 /// The users `ids` of the account that exist, locked like [`lock_user`].
@@ -80,12 +78,7 @@ pub async fn lock_users<C: ConnectionTrait>(
     let query = user::Entity::find()
         .filter(user::Column::AccountId.eq(account_id))
         .filter(user::Column::Id.is_in(ids.iter().copied()));
-    let query = if db.get_database_backend() == DbBackend::Postgres {
-        query.lock_exclusive()
-    } else {
-        query
-    };
-    Ok(query
+    Ok(super::for_update(query, db.get_database_backend())
         .all(db)
         .await?
         .into_iter()
