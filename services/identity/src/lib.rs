@@ -103,9 +103,7 @@ pub async fn serve_with(
         settings: Arc::new(state::Settings::from_config(&config)),
         keys: cache.keys(),
         sealer: usher_kit::seal::Sealer::from_config(&config.seal)?,
-        reservations: crate::app::directory::Reservations::new(
-            crate::app::directory::RESERVATION_BATCH,
-        ),
+        reservations: crate::app::directory::reservations(),
     });
     let relay = OutboxRelay::new(database.connection.clone(), broker.sink(), shutdown.clone());
     database.spawn_when_ready(relay.run());

@@ -69,9 +69,7 @@ impl TestIdentity {
             settings: Arc::new(Settings::from_config(&config)),
             keys: Arc::new(RedisTtlStore::new(redis.clone())),
             sealer: usher_kit::seal::Sealer::from_config(&config.seal).expect("seal key"),
-            reservations: crate::app::directory::Reservations::new(
-                crate::app::directory::RESERVATION_BATCH,
-            ),
+            reservations: crate::app::directory::reservations(),
         });
         Self {
             api: IdentityApi::new(state.clone()),

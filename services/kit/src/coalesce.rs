@@ -5,7 +5,9 @@
 //!
 //! A call that finds no worker for its key starts one (a spawned task, so a
 //! caller that goes away never strands the others); the worker takes what is
-//! queued, up to `max_batch`, runs it, and goes on until the queue is empty.
+//! queued, up to `max_batch` items and `max_weight` in all (an item's weight
+//! is what the caller says it costs, for instance its rows; a batch always
+//! takes at least one item), runs it, and goes on until the queue is empty.
 //! Calls made while a batch runs wait for the next one: under load batches
 //! grow by themselves, and a lone call waits for nothing.
 //!
@@ -22,8 +24,8 @@ use std::{
 
 use tokio::sync::oneshot;
 
-/// Items queued for one key, each with where its answer goes.
-type Queue<T, R> = Vec<(T, oneshot::Sender<R>)>;
+/// Items queued for one key, each with its weight and where its answer goes.
+type Queue<T, R> = Vec<(T, usize, oneshot::Sender<R>)>;
 
 /// The queues, by key.
 type Queues<K, T, R> = Arc<Mutex<HashMap<K, Queue<T, R>>>>;
@@ -62,6 +64,7 @@ impl<K: Eq + Hash, T, R> Drop for Retire<K, T, R> {
 pub struct Coalescer<K, T, R> {
     queues: Queues<K, T, R>,
     max_batch: usize,
+    max_weight: usize,
 }
 
 impl<K, T, R> std::fmt::Debug for Coalescer<K, T, R> {
@@ -69,6 +72,7 @@ impl<K, T, R> std::fmt::Debug for Coalescer<K, T, R> {
         f.debug_struct("Coalescer")
             .field("keys", &lock(&self.queues).len())
             .field("max_batch", &self.max_batch)
+            .field("max_weight", &self.max_weight)
             .finish()
     }
 }
@@ -78,6 +82,7 @@ impl<K, T, R> Clone for Coalescer<K, T, R> {
         Self {
             queues: self.queues.clone(),
             max_batch: self.max_batch,
+            max_weight: self.max_weight,
         }
     }
 }
@@ -94,18 +99,43 @@ where
     T: Send + 'static,
     R: Send + 'static,
 {
-    /// A coalescer running at most `max_batch` items per batch (at least 1).
+    /// A coalescer running at most `max_batch` items per batch (at least 1),
+    /// whatever their weight.
     pub fn new(max_batch: usize) -> Self {
         Self {
             queues: Arc::new(Mutex::new(HashMap::new())),
             max_batch: max_batch.max(1),
+            max_weight: usize::MAX,
         }
     }
 
-    /// Queues `item` under `key` and waits for its answer. `batch` runs one
-    /// batch (items in arrival order) and must return one answer per item,
-    /// in the same order; a missing answer is [`Unanswered`].
+    /// The same, with batches of at most `max_weight` in all (an item
+    /// heavier than that runs alone).
+    #[must_use]
+    pub fn with_max_weight(mut self, max_weight: usize) -> Self {
+        self.max_weight = max_weight.max(1);
+        self
+    }
+
+    /// Queues `item` (of weight 1) under `key` and waits for its answer.
+    /// `batch` runs one batch (items in arrival order) and must return one
+    /// answer per item, in the same order; a missing answer is [`Unanswered`].
     pub async fn submit<F, Fut>(&self, key: K, item: T, batch: F) -> Result<R, Unanswered>
+    where
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<R>> + Send + 'static,
+    {
+        self.submit_weighted(key, item, 1, batch).await
+    }
+
+    /// [`Self::submit`] for an item of `weight` (see [`Self::with_max_weight`]).
+    pub async fn submit_weighted<F, Fut>(
+        &self,
+        key: K,
+        item: T,
+        weight: usize,
+        batch: F,
+    ) -> Result<R, Unanswered>
     where
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<R>> + Send + 'static,
@@ -116,17 +146,18 @@ where
             match queues.get_mut(&key) {
                 // A worker is running for this key: it takes this item next.
                 Some(queue) => {
-                    queue.push((item, tx));
+                    queue.push((item, weight, tx));
                     false
                 }
                 None => {
-                    queues.insert(key.clone(), vec![(item, tx)]);
+                    queues.insert(key.clone(), vec![(item, weight, tx)]);
                     true
                 }
             }
         };
         if start_worker {
-            let (queues, max_batch) = (self.queues.clone(), self.max_batch);
+            let (queues, max_batch, max_weight) =
+                (self.queues.clone(), self.max_batch, self.max_weight);
             tokio::spawn(async move {
                 let mut retire = Retire {
                     queues,
@@ -147,7 +178,7 @@ where
                                 None
                             }
                             Some(queue) => {
-                                let n = queue.len().min(max_batch);
+                                let n = batch_len(queue, max_batch, max_weight);
                                 Some(queue.drain(..n).collect())
                             }
                         }
@@ -157,7 +188,7 @@ where
                         break;
                     };
                     let (items, senders): (Vec<T>, Vec<oneshot::Sender<R>>) =
-                        taken.into_iter().unzip();
+                        taken.into_iter().map(|(item, _, tx)| (item, tx)).unzip();
                     metrics::histogram!("usher_coalesced_batch_size").record(items.len() as f64);
                     let answers = batch(items).await;
                     for (sender, answer) in senders.into_iter().zip(answers) {
@@ -169,6 +200,21 @@ where
         }
         rx.await.map_err(|_| Unanswered)
     }
+}
+
+/// How many items from the front of `queue` the next batch takes: at most
+/// `max_batch`, at most `max_weight` in all, and at least one.
+fn batch_len<T, R>(queue: &Queue<T, R>, max_batch: usize, max_weight: usize) -> usize {
+    let mut weight = 0usize;
+    let within = queue
+        .iter()
+        .take(max_batch)
+        .take_while(|(_, w, _)| {
+            weight = weight.saturating_add(*w);
+            weight <= max_weight
+        })
+        .count();
+    within.max(1).min(queue.len())
 }
 
 #[cfg(test)]
@@ -225,6 +271,60 @@ mod tests {
         assert_eq!(sizes.iter().sum::<usize>(), 40);
         assert!(sizes.iter().all(|&n| n <= 8), "{sizes:?}");
         assert!(sizes.len() < 40, "calls were batched: {sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn batches_stay_within_their_weight_and_a_heavy_item_runs_alone() {
+        let coalescer = Coalescer::new(64).with_max_weight(1_000);
+        let batches = Arc::new(Mutex::new(Vec::<Vec<usize>>::new()));
+        // Held by the first call's batch, so the rest queue up behind it.
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let weights = [1, 600, 300, 200, 900, 2_500, 100, 100];
+        let mut calls = Vec::new();
+        for weight in weights {
+            let (coalescer, batches, gate) = (coalescer.clone(), batches.clone(), gate.clone());
+            calls.push(tokio::spawn(async move {
+                coalescer
+                    .submit_weighted("lane", weight, weight, move |items: Vec<usize>| {
+                        let (batches, gate) = (batches.clone(), gate.clone());
+                        async move {
+                            if items == [1] {
+                                let _ = gate.acquire().await;
+                            }
+                            batches.lock().unwrap().push(items.clone());
+                            items
+                        }
+                    })
+                    .await
+            }));
+            // Arrival in this order.
+            tokio::task::yield_now().await;
+        }
+        gate.add_permits(1);
+        for (call, weight) in calls.into_iter().zip(weights) {
+            assert_eq!(call.await.unwrap(), Ok(weight));
+        }
+        let batches = batches.lock().unwrap().clone();
+        assert_eq!(
+            batches,
+            vec![
+                vec![1],
+                vec![600, 300],
+                vec![200],
+                vec![900],
+                vec![2_500],
+                vec![100, 100],
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_takes_at_least_one_item_and_never_more_than_max_batch() {
+        let queue: Queue<(), ()> = (0..5).map(|_| ((), 10, oneshot::channel().0)).collect();
+        assert_eq!(batch_len(&queue, 3, usize::MAX), 3);
+        assert_eq!(batch_len(&queue, 64, 25), 2);
+        assert_eq!(batch_len(&queue, 64, 5), 1);
+        assert_eq!(batch_len(&queue, 64, 1_000), 5);
     }
 
     #[tokio::test]

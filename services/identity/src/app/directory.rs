@@ -274,6 +274,16 @@ pub type Reservations =
 /// Reservations per batch at most (each holds up to 1,000 invitees).
 pub const RESERVATION_BATCH: usize = 64;
 
+/// Invitees per batch at most: a batch's reads name each invitee's address
+/// and invitation (two parameters each), far below PostgreSQL's 65,535
+/// parameters per statement, and its memory stays bounded.
+pub const RESERVATION_INVITEES: usize = 8_000;
+
+/// The batches of reservations of one service.
+pub fn reservations() -> Reservations {
+    Reservations::new(RESERVATION_BATCH).with_max_weight(RESERVATION_INVITEES)
+}
+
 /// The lanes reservations are batched in. Every account belongs to one lane
 /// (by its id), so its reservations are always batched, decided and
 /// committed in arrival order by that lane's worker; a lane's batch holds the
@@ -308,6 +318,7 @@ pub async fn reserve_invitees(
     command: ReserveInvitees,
 ) -> ApiResult<ReservationAnswer> {
     let lane = lane(command.account_id);
+    let weight = command.invitees.len().max(1);
     let queued = QueuedReservation {
         request_id: request_id.to_owned(),
         command,
@@ -315,7 +326,7 @@ pub async fn reserve_invitees(
     let batch_state = state.clone();
     state
         .reservations
-        .submit(lane, queued, move |batch| {
+        .submit_weighted(lane, queued, weight, move |batch| {
             let state = batch_state.clone();
             async move { reserve_batch(&state, batch).await }
         })
