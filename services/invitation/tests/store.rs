@@ -179,14 +179,18 @@ async fn claims_agree(db: &DatabaseConnection, backend: &str) {
                     .await
                     .expect("claim");
                 assert_eq!(
-                    claimed,
+                    claimed.is_some(),
                     row.usable(version, now),
                     "{backend}: claim of {:?} (claim {:?}) with version {version} at {now}",
                     row.state,
                     row.claim_until
                 );
-                if claimed {
+                if let Some(claimed) = claimed {
                     let stored = repo.find_by_id(row.id).await.unwrap().unwrap();
+                    assert_eq!(
+                        claimed, stored,
+                        "{backend}: the claim answers the row stored"
+                    );
                     assert_eq!(
                         Some(stored.clone()),
                         row.claim(version, until, now),

@@ -83,22 +83,15 @@ impl Invitations {
             .get(&request.token)
             .await?
             .ok_or_else(not_usable)?;
-        // 2. The claim: one winner.
+        // 2. The claim: one winner, and the row it claimed.
         let now = self.clock.now();
         let until = claim_until(
             chrono::Duration::seconds(i64::from(self.rules.claim_secs)),
             now,
         );
-        if !self
-            .repo
-            .claim(target.invitation_id, target.version, until, now)
-            .await?
-        {
-            return Err(not_usable());
-        }
         let model = self
             .repo
-            .find_by_id(target.invitation_id)
+            .claim(target.invitation_id, target.version, until, now)
             .await?
             .ok_or_else(not_usable)?;
 

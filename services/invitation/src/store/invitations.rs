@@ -298,22 +298,23 @@ impl Repository {
 
     /// Takes the claim of an accept with a link of `version` on invitation
     /// `id`: ACCEPTING until `until`, in one guarded update, so exactly one
-    /// of concurrent accepts wins. Returns whether this one did.
+    /// of concurrent accepts wins. Returns the claimed row if this one did
+    /// (read by the same statement).
     pub async fn claim(
         &self,
         id: Uuid,
         version: i64,
         until: DateTime<Utc>,
         now: DateTime<Utc>,
-    ) -> StoreResult<bool> {
-        let claimed = invitation::Entity::update_many()
+    ) -> StoreResult<Option<Invitation>> {
+        let mut claimed = invitation::Entity::update_many()
             .col_expr(Column::State, Expr::value(StoredState::Accepting))
             .col_expr(Column::ClaimUntil, Expr::value(until))
             .filter(Column::Id.eq(id))
             .filter(usable_condition(version, now))
-            .exec(&self.db)
+            .exec_with_returning(&self.db)
             .await?;
-        Ok(claimed.rows_affected == 1)
+        Ok(claimed.pop().map(Invitation::from))
     }
 
     /// Gives a claim taken with a link of `version` back (the link works
