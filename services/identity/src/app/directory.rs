@@ -904,7 +904,7 @@ pub async fn activate_invited_user(
         current.email_canonical.as_deref(),
         current.username.as_deref(),
     );
-    let done = store::activate(
+    let activated = store::activate(
         &txn,
         account_id,
         user_id,
@@ -915,15 +915,14 @@ pub async fn activate_invited_user(
         now,
     )
     .await?;
-    if !done {
+    let Some(activated) = activated else {
         txn.rollback().await?;
         let current = scoped::user(&state.db, account_id, user_id).await?;
         return match already_activated(state, &current, invitation_id).await? {
             Some(done) => Ok(done),
             None => Err(reservations::not_invited()),
         };
-    }
-    let activated = scoped::user(&txn, account_id, user_id).await?;
+    };
     let actor = reservations::invitee_actor(user_id, &change.display_name);
     let caused = reservations::activated(
         &store::activated_user(&activated),
@@ -1017,10 +1016,20 @@ pub async fn create_session(state: &Identity, command: CreateSession) -> ApiResu
         ..
     } = command;
     let db = &state.db;
-    let member = scoped::user(db, account_id, user_id).await?;
-    reservations::check_joined(member.status, member.invitation_id, invitation_id)?;
     let now = state.clock.now();
-    store::touch_sign_in(db, account_id, user_id, now).await?;
+    // The check and the sign-in time in one statement; the user is read
+    // again only to say why they may not have a session.
+    let member = match store::touch_joined(db, account_id, user_id, invitation_id, now).await? {
+        Some(member) => member,
+        None => {
+            let member = scoped::user(db, account_id, user_id).await?;
+            reservations::check_joined(member.status, member.invitation_id, invitation_id)?;
+            // Activated between the two statements: recorded now.
+            store::touch_joined(db, account_id, user_id, invitation_id, now)
+                .await?
+                .ok_or_else(|| reservations::invalid_state("the user is not active"))?
+        }
+    };
     // The gateway builds the principal of every call from this snapshot.
     principals::refresh_user(state, user_id).await?;
     let issued = state

@@ -296,9 +296,9 @@ pub async fn delete_invited<C: ConnectionTrait>(
 }
 
 /// The one conditional update that makes activation single-use: moves the
-/// user `user_id` from INVITED by `invitation_id` to ACTIVE with `change`;
-/// `false` when it is not (any more) in that state (of two concurrent
-/// activations, the second finds the user ACTIVE).
+/// user `user_id` from INVITED by `invitation_id` to ACTIVE with `change`
+/// and answers the activated row; `None` when it is not (any more) in that
+/// state (of two concurrent activations, the second finds the user ACTIVE).
 #[allow(clippy::too_many_arguments)]
 pub async fn activate<C: ConnectionTrait>(
     db: &C,
@@ -309,7 +309,7 @@ pub async fn activate<C: ConnectionTrait>(
     search_text: String,
     password_hash: String,
     now: DateTime<Utc>,
-) -> StoreResult<bool> {
+) -> StoreResult<Option<user::Model>> {
     let mut update = user::Entity::update_many()
         .col_expr(
             user::Column::Status,
@@ -335,30 +335,35 @@ pub async fn activate<C: ConnectionTrait>(
             Expr::value(usher_kit::convert::json_strings(products.clone())),
         );
     }
-    let done = update
+    let mut activated = update
         .filter(user::Column::Id.eq(user_id))
         .filter(user::Column::AccountId.eq(account_id))
         .filter(user::Column::Status.eq(UserStatus::Invited.as_str()))
         .filter(user::Column::InvitationId.eq(invitation_id))
-        .exec(db)
+        .exec_with_returning(db)
         .await?;
-    Ok(done.rows_affected == 1)
+    Ok(activated.pop())
 }
 
-/// Records that the user `user_id` of `account_id` signed in at `now`.
-pub async fn touch_sign_in<C: ConnectionTrait>(
+/// Records that the user `user_id` of `account_id`, ACTIVE since joining by
+/// `invitation_id`, signed in at `now`, and answers the row; `None` (and
+/// nothing recorded) when the user is not in that state.
+pub async fn touch_joined<C: ConnectionTrait>(
     db: &C,
     account_id: Uuid,
     user_id: Uuid,
+    invitation_id: Uuid,
     now: DateTime<Utc>,
-) -> StoreResult<()> {
-    user::Entity::update_many()
+) -> StoreResult<Option<user::Model>> {
+    let mut touched = user::Entity::update_many()
         .col_expr(user::Column::LastSignInTime, Expr::value(Some(now)))
         .filter(user::Column::Id.eq(user_id))
         .filter(user::Column::AccountId.eq(account_id))
-        .exec(db)
+        .filter(user::Column::Status.eq(UserStatus::Active.as_str()))
+        .filter(user::Column::InvitationId.eq(invitation_id))
+        .exec_with_returning(db)
         .await?;
-    Ok(())
+    Ok(touched.pop())
 }
 
 /// The names of the role and team of a user, for its view (`None` when

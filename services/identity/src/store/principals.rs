@@ -12,13 +12,13 @@
 //! across replicas it follows their clocks.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::atomic::{AtomicU64, Ordering},
 };
 
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt, stream};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::{ColumnTrait, EntityTrait, JoinType, QueryFilter, QuerySelect, RelationDef};
 use usher_kit::{
     error::ApiResult,
     sessions::{PrincipalSnapshot, UserStatus as SnapshotStatus},
@@ -39,30 +39,34 @@ pub async fn refresh_user(state: &Identity, user_id: Uuid) -> ApiResult<()> {
     refresh_users(state, &[user_id]).await
 }
 
-/// Rewrites the snapshots of `user_ids` (two queries, then the writes, a few
-/// at a time).
+/// Rewrites the snapshots of `user_ids` (one query joining each user's role,
+/// two more per built-in Admin role for its account's products, then the
+/// writes, a few at a time).
 pub async fn refresh_users(state: &Identity, user_ids: &[Uuid]) -> ApiResult<()> {
     if user_ids.is_empty() {
         return Ok(());
     }
     let base_version = version_now(state.clock.now());
     let mut users = Vec::with_capacity(user_ids.len());
+    let mut roles: HashMap<Uuid, role::Model> = HashMap::new();
     for chunk in user_ids.chunks(USERS_PER_QUERY as usize) {
-        users.extend(
-            user::Entity::find()
-                .filter(user::Column::Id.is_in(chunk.iter().copied()))
-                .all(&state.db)
-                .await?,
-        );
+        let role_join: RelationDef = user::Entity::belongs_to(role::Entity)
+            .from(user::Column::RoleId)
+            .to(role::Column::Id)
+            .into();
+        let found = user::Entity::find()
+            .join(JoinType::LeftJoin, role_join)
+            .select_also(role::Entity)
+            .filter(user::Column::Id.is_in(chunk.iter().copied()))
+            .all(&state.db)
+            .await?;
+        for (user, role) in found {
+            if let Some(role) = role {
+                roles.entry(role.id).or_insert(role);
+            }
+            users.push(user);
+        }
     }
-    let role_ids: HashSet<Uuid> = users.iter().map(|u| u.role_id).collect();
-    let roles: HashMap<Uuid, role::Model> = role::Entity::find()
-        .filter(role::Column::Id.is_in(role_ids))
-        .all(&state.db)
-        .await?
-        .into_iter()
-        .map(|r| (r.id, r))
-        .collect();
     // The built-in Admin's permissions depend on the account's products.
     let mut permissions: HashMap<Uuid, Vec<String>> = HashMap::with_capacity(roles.len());
     for (id, role) in &roles {

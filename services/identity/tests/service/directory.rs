@@ -1574,6 +1574,14 @@ async fn create_session_signs_in_the_new_member() {
         .await
         .expect_err("another invitation");
     assert_eq!(reason(&err), "INVALID_STATE");
+    assert_eq!(
+        stored(&test, &user_id)
+            .await
+            .expect("row")
+            .last_sign_in_time,
+        None,
+        "a refused session records no sign-in"
+    );
     let err = test
         .api
         .create_session(request(&svc(), session_request("nope")))
