@@ -17,6 +17,6 @@ readme=(--readme bench/README.md)
 # A quick or partial run writes its results but leaves the README's full-run
 # table alone.
 for arg in "$@"; do
-  case "$arg" in --quick | --invitations-only) readme=() ;; esac
+  case "$arg" in --quick | --invitations-only | --service-env*) readme=() ;; esac
 done
 exec "$target/release/usher-bench" --out bench/results "${readme[@]}" "$@"

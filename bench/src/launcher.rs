@@ -181,6 +181,14 @@ impl Service {
             .env("USHER_SERVER__SHUTDOWN_DRAIN_MS", "100")
             .env("USHER_TELEMETRY__LOG_FILTER", "warn")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .envs(
+                EXTRA_ENV
+                    .get()
+                    .into_iter()
+                    .flatten()
+                    .filter(|extra| extra.service == name)
+                    .map(|extra| (extra.key.as_str(), extra.value.as_str())),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -337,6 +345,43 @@ pub fn service_env(iso: &Isolation, db: &str, redis: bool) -> Vec<(&'static str,
 }
 
 /// The binaries of the stack and how each is started.
+/// A setting given to one binary on top of the bench's own
+/// (`--service-env`), to compare configurations in one build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtraEnv {
+    /// The binary, e.g. `usher-identity`.
+    pub service: String,
+    /// The variable, e.g. `USHER_PASSWORDS__THREAD_NICE`.
+    pub key: String,
+    /// Its value.
+    pub value: String,
+}
+
+impl std::str::FromStr for ExtraEnv {
+    type Err = String;
+
+    /// `usher-identity:USHER_PASSWORDS__THREAD_NICE=19`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (service, setting) = text
+            .split_once(':')
+            .ok_or("expected <binary>:<VARIABLE>=<value>")?;
+        let (key, value) = setting
+            .split_once('=')
+            .ok_or("expected <binary>:<VARIABLE>=<value>")?;
+        if !key.starts_with("USHER_") {
+            return Err(format!("{key} is not an Usher setting (USHER_…)"));
+        }
+        Ok(Self {
+            service: service.to_owned(),
+            key: key.to_owned(),
+            value: value.to_owned(),
+        })
+    }
+}
+
+/// The `--service-env` settings of this run, given once at its start.
+pub static EXTRA_ENV: std::sync::OnceLock<Vec<ExtraEnv>> = std::sync::OnceLock::new();
+
 #[derive(Debug)]
 pub struct Stack {
     /// usher-identity.
@@ -478,6 +523,18 @@ mod tests {
     #![allow(clippy::expect_used, clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_service_setting_names_its_binary_variable_and_value() {
+        let extra: ExtraEnv = "usher-identity:USHER_PASSWORDS__THREAD_NICE=19"
+            .parse()
+            .unwrap();
+        assert_eq!(extra.service, "usher-identity");
+        assert_eq!(extra.key, "USHER_PASSWORDS__THREAD_NICE");
+        assert_eq!(extra.value, "19");
+        assert!("usher-identity:PATH=/".parse::<ExtraEnv>().is_err());
+        assert!("USHER_X=1".parse::<ExtraEnv>().is_err());
+    }
 
     #[test]
     fn a_histogram_mean_is_taken_between_two_scrapes() {

@@ -42,6 +42,11 @@ struct Args {
     /// results never replace the README's table.
     #[arg(long, conflicts_with = "readme")]
     invitations_only: bool,
+    /// A setting for one binary on top of the bench's own, as
+    /// `<binary>:<VARIABLE>=<value>` (repeatable), to compare configurations
+    /// with the same build; its results never replace the README's table.
+    #[arg(long = "service-env", conflicts_with = "readme")]
+    service_env: Vec<launcher::ExtraEnv>,
 }
 
 /// Replaces the text between the results markers of `readme` with `table`;
@@ -62,6 +67,7 @@ fn splice(readme: &str, table: &str) -> Option<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let _ = launcher::EXTRA_ENV.set(args.service_env.clone());
     let bin_dir = args.bin_dir.unwrap_or_else(launcher::default_bin_dir);
     let log_dir = args.log_dir.unwrap_or_else(|| args.out.join("logs"));
     let mut settings = if args.quick {

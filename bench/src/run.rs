@@ -350,11 +350,14 @@ async fn usher_dev_scenario(ctx: &mut Ctx, settings: &Settings) -> anyhow::Resul
     use tokio::io::AsyncBufReadExt;
 
     let binary = settings.bin_dir.join("usher");
-    anyhow::ensure!(
-        binary.exists(),
-        "{} is missing: build it first (cargo build --release -p usher)",
-        binary.display()
-    );
+    if !binary.exists() {
+        // A --bin-dir of the services alone (comparing their builds).
+        ctx.notes.push(format!(
+            "usher dev not measured: {} is missing (cargo build --release -p usher)",
+            binary.display()
+        ));
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
     let mut child = tokio::process::Command::new(&binary)
@@ -1064,20 +1067,22 @@ async fn with_stack(
     }
     for (name, idle_mib) in &idle {
         let peak = peaks.get(name).copied().unwrap_or(0.0);
-        let bound = if *name == "usher-identity" {
-            idle_mib + pool_size as f64 * 19.0 + 10.0
+        // PERFORMANCE.md: identity's peak within idle + pool × 19 MiB + 32 MiB.
+        let bound = idle_mib + pool_size as f64 * 19.0 + 32.0;
+        let row = Row::info(
+            &format!("memory: {name} peak RSS under the whole run"),
+            peak,
+            "MiB",
+        )
+        .floor(format!("{idle_mib:.1} MiB idle"), peak / idle_mib.max(1e-9));
+        ctx.rows.push(if *name == "usher-identity" {
+            row.goal(
+                &format!("≤ idle + {pool_size} × 19 MiB argon2 pool + 32 MiB = {bound:.0} MiB"),
+                peak <= bound,
+            )
         } else {
-            idle_mib * 2.0 + 20.0
-        };
-        ctx.rows.push(
-            Row::info(&format!("memory: {name} peak RSS under the whole run"), peak, "MiB")
-                .floor(format!("{idle_mib:.1} MiB idle"), peak / idle_mib.max(1e-9))
-                .goal_text(&if *name == "usher-identity" {
-                    format!("bounded: idle + {pool_size} × 19 MiB argon2 pool (+10 MiB slack) = {bound:.0} MiB → {}", if peak <= bound { "within" } else { "above" })
-                } else {
-                    "bounded (no goal figure)".to_owned()
-                }),
-        );
+            row.goal_text("bounded (no goal figure)")
+        });
     }
     // Which scenario grows what: identity's peak per phase, the others' beside.
     for (phase, map) in &phases {
