@@ -18,7 +18,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt, stream};
-use sea_orm::{ColumnTrait, EntityTrait, JoinType, QueryFilter, QuerySelect, RelationDef};
+use sea_orm::{ColumnTrait, EntityTrait, JoinType, QueryFilter, QuerySelect};
 use usher_kit::{
     error::ApiResult,
     sessions::{PrincipalSnapshot, UserStatus as SnapshotStatus},
@@ -50,12 +50,8 @@ pub async fn refresh_users(state: &Identity, user_ids: &[Uuid]) -> ApiResult<()>
     let mut users = Vec::with_capacity(user_ids.len());
     let mut roles: HashMap<Uuid, role::Model> = HashMap::new();
     for chunk in user_ids.chunks(USERS_PER_QUERY as usize) {
-        let role_join: RelationDef = user::Entity::belongs_to(role::Entity)
-            .from(user::Column::RoleId)
-            .to(role::Column::Id)
-            .into();
         let found = user::Entity::find()
-            .join(JoinType::LeftJoin, role_join)
+            .join(JoinType::LeftJoin, super::users::role_join())
             .select_also(role::Entity)
             .filter(user::Column::Id.is_in(chunk.iter().copied()))
             .all(&state.db)

@@ -345,18 +345,22 @@ impl FromQueryResult for UserRow {
     }
 }
 
-/// Users joined with the names of their role and team (one query).
-fn joined() -> Select<user::Entity> {
-    let role_join: RelationDef = user::Entity::belongs_to(role::Entity)
+/// A user's role, to join.
+pub fn role_join() -> RelationDef {
+    user::Entity::belongs_to(role::Entity)
         .from(user::Column::RoleId)
         .to(role::Column::Id)
-        .into();
+        .into()
+}
+
+/// Users joined with the names of their role and team (one query).
+fn joined() -> Select<user::Entity> {
     let team_join: RelationDef = user::Entity::belongs_to(team::Entity)
         .from(user::Column::TeamId)
         .to(team::Column::Id)
         .into();
     user::Entity::find()
-        .join(JoinType::InnerJoin, role_join)
+        .join(JoinType::InnerJoin, role_join())
         .join(JoinType::LeftJoin, team_join)
         .expr_as(Expr::col((role::Entity, role::Column::Name)), "role_name")
         .expr_as(Expr::col((team::Entity, team::Column::Name)), "team_name")
