@@ -7,9 +7,9 @@
 //! the broker has delivered and is waiting, up to [`BATCH`], in one
 //! transaction and, on PostgreSQL, one statement (one more for each further
 //! result of an invitation already in it) — and acked after it commits (a
-//! failed batch is requeued as a whole). A result that cannot be decoded is dropped with a warning (it
-//! would never decode on a redelivery either). The consumer re-subscribes
-//! whenever the connection comes back.
+//! failed batch is requeued as a whole). A result that cannot be decoded is
+//! dropped with a warning (it would never decode on a redelivery either).
+//! The consumer re-subscribes whenever the connection comes back.
 
 use std::time::Duration;
 

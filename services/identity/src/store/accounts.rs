@@ -278,9 +278,9 @@ pub enum HolderRecord {
 }
 
 /// [`held_permissions`] of a holder's record, with the user's role (by its
-/// `role_id`) and
-/// the products the account enables read already (`catalogue`, needed for
-/// the built-in Admin); only a role of another account is read here.
+/// `role_id`) and the products the account enables read already
+/// (`catalogue`, needed for the built-in Admin); only a role of another
+/// account is read here.
 pub async fn held_with<C: ConnectionTrait>(
     db: &C,
     account: &account::Model,

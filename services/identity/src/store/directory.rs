@@ -100,48 +100,23 @@ pub async fn read_named<C: ConnectionTrait>(
     key_ids: Vec<Uuid>,
     product_codes: Vec<String>,
 ) -> StoreResult<Named> {
-    let mut named = Named::default();
-    if !role_ids.is_empty() {
-        let roles = role::Entity::find()
-            .filter(role::Column::Id.is_in(role_ids))
-            .all(db)
-            .await?;
-        named.roles.extend(roles.into_iter().map(|m| (m.id, m)));
-    }
-    if !team_ids.is_empty() {
-        let teams = team::Entity::find()
-            .filter(team::Column::Id.is_in(team_ids))
-            .all(db)
-            .await?;
-        named.teams.extend(teams.into_iter().map(|m| (m.id, m)));
-    }
-    if !user_ids.is_empty() {
-        let users = user::Entity::find()
-            .filter(user::Column::Id.is_in(user_ids))
-            .all(db)
-            .await?;
-        named.users.extend(users.into_iter().map(|m| (m.id, m)));
-    }
-    if !key_ids.is_empty() {
-        let keys = api_key::Entity::find()
-            .filter(api_key::Column::Id.is_in(key_ids))
-            .all(db)
-            .await?;
-        named.keys.extend(keys.into_iter().map(|m| (m.id, m)));
-    }
-    let missing: std::collections::HashSet<Uuid> = named
+    let mut named = Named {
+        roles: by_ids::<role::Entity, _>(db, role::Column::Id, role_ids, |m| m.id).await?,
+        teams: by_ids::<team::Entity, _>(db, team::Column::Id, team_ids, |m| m.id).await?,
+        users: by_ids::<user::Entity, _>(db, user::Column::Id, user_ids, |m| m.id).await?,
+        keys: by_ids::<api_key::Entity, _>(db, api_key::Column::Id, key_ids, |m| m.id).await?,
+        products: Vec::new(),
+    };
+    let missing: Vec<Uuid> = named
         .users
         .values()
         .map(|u| u.role_id)
         .filter(|id| !named.roles.contains_key(id))
+        .collect::<std::collections::HashSet<Uuid>>()
+        .into_iter()
         .collect();
-    if !missing.is_empty() {
-        let roles = role::Entity::find()
-            .filter(role::Column::Id.is_in(missing))
-            .all(db)
-            .await?;
-        named.roles.extend(roles.into_iter().map(|m| (m.id, m)));
-    }
+    let roles = by_ids::<role::Entity, _>(db, role::Column::Id, missing, |m| m.id).await?;
+    named.roles.extend(roles);
     if !product_codes.is_empty() && named.roles.values().any(super::accounts::is_admin_role) {
         named.products = super::entities::product::Entity::find()
             .filter(super::entities::product::Column::Code.is_in(product_codes))
@@ -149,6 +124,25 @@ pub async fn read_named<C: ConnectionTrait>(
             .await?;
     }
     Ok(named)
+}
+
+/// The rows of `E` whose `column` is one of `ids`, by `key`; no query for
+/// no ids.
+async fn by_ids<E, C>(
+    db: &C,
+    column: E::Column,
+    ids: Vec<Uuid>,
+    key: fn(&E::Model) -> Uuid,
+) -> StoreResult<std::collections::HashMap<Uuid, E::Model>>
+where
+    E: EntityTrait,
+    C: ConnectionTrait,
+{
+    if ids.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let rows = E::find().filter(column.is_in(ids)).all(db).await?;
+    Ok(rows.into_iter().map(|m| (key(&m), m)).collect())
 }
 
 /// In one query, the users of each account holding one of its `emails`
