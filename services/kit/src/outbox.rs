@@ -350,6 +350,20 @@ struct Row {
     message: Result<OutgoingMessage, String>,
 }
 
+/// The columns [`decode`] reads, of every row in id order.
+fn rows_in_order() -> sea_orm::sea_query::SelectStatement {
+    Query::select()
+        .columns([
+            UsherOutbox::Id,
+            UsherOutbox::Attempts,
+            UsherOutbox::Message,
+            UsherOutbox::Payload,
+        ])
+        .from(UsherOutbox::Table)
+        .order_by(UsherOutbox::Id, Order::Asc)
+        .to_owned()
+}
+
 fn decode(row: &QueryResult) -> Result<Row, DbErr> {
     let id: i64 = row.try_get("", "id")?;
     let attempts: i32 = row.try_get("", "attempts")?;
@@ -543,17 +557,9 @@ impl OutboxRelay {
         conn: &C,
         lock: bool,
     ) -> Result<RelayOutcome, DbErr> {
-        let mut select = Query::select();
+        let mut select = rows_in_order();
         select
-            .columns([
-                UsherOutbox::Id,
-                UsherOutbox::Attempts,
-                UsherOutbox::Message,
-                UsherOutbox::Payload,
-            ])
-            .from(UsherOutbox::Table)
             .and_where(Expr::col(UsherOutbox::AvailableAt).lte(Expr::current_timestamp()))
-            .order_by(UsherOutbox::Id, Order::Asc)
             .limit(self.batch_size as u64);
         if lock {
             select.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
@@ -819,18 +825,8 @@ mod tests {
             enqueue(&db, &batch).await.expect("enqueue");
             written.extend(batch);
         }
-        let select = Query::select()
-            .columns([
-                UsherOutbox::Id,
-                UsherOutbox::Attempts,
-                UsherOutbox::Message,
-                UsherOutbox::Payload,
-            ])
-            .from(UsherOutbox::Table)
-            .order_by(UsherOutbox::Id, Order::Asc)
-            .to_owned();
         let read: Vec<OutgoingMessage> = db
-            .query_all(&select)
+            .query_all(&rows_in_order())
             .await
             .expect("read")
             .iter()
