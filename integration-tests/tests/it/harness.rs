@@ -171,7 +171,12 @@ impl Service {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("USHER_SERVER__LISTEN", grpc.to_string())
             .env("USHER_SERVER__METRICS_LISTEN", metrics.to_string())
-            .env("USHER_SERVER__SHUTDOWN_DRAIN_MS", "100")
+            // The production default: a call already on its way when a
+            // service is told to stop reaches it within the drain even on a
+            // loaded CI machine (with 100 ms, every create in flight through
+            // the gateway and invitation was once still short of identity
+            // when its listener closed, and all were refused).
+            .env("USHER_SERVER__SHUTDOWN_DRAIN_MS", "1000")
             .env("USHER_TELEMETRY__LOG_FILTER", log)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
