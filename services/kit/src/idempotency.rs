@@ -149,7 +149,7 @@ impl IdempotencyKey {
             return Ok(None);
         }
         validate_request_id("request_id", request_id)?;
-        let request_hash = hex(&Sha256::digest(request.encode_to_vec()));
+        let request_hash = hex::encode(Sha256::digest(request.encode_to_vec()));
         Ok(Some(Self {
             scope: scope(principal, rpc),
             request_id: request_id.to_owned(),
@@ -207,10 +207,6 @@ impl IdempotencyKey {
         .await?;
         Ok(())
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

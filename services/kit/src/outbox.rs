@@ -243,16 +243,6 @@ fn mandatory_by_default() -> bool {
     true
 }
 
-/// `bytes` in hexadecimal digits, as `decode(…, 'hex')` reads them.
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut text = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        let _ = write!(text, "{byte:02x}");
-    }
-    text
-}
-
 fn envelope_json(message: &OutgoingMessage) -> Result<serde_json::Value, DbErr> {
     serde_json::to_value(EnvelopeRef {
         exchange: &message.exchange,
@@ -285,7 +275,7 @@ pub async fn enqueue<C: ConnectionTrait>(
                 .map(|message| {
                     Ok(serde_json::json!([
                         envelope_json(message)?,
-                        hex(&message.payload)
+                        hex::encode(&message.payload)
                     ]))
                 })
                 .collect::<Result<Vec<_>, DbErr>>()?;
@@ -811,13 +801,11 @@ mod tests {
     async fn postgresql_enqueues_any_batch_with_one_statement_text() {
         let (pooled, name) = fresh_database().await;
         // One connection, so its prepared statements can be counted.
-        let mut options =
-            sea_orm::ConnectOptions::new(format!("postgres://postgres@127.0.0.1:5432/{name}"));
-        options
-            .max_connections(1)
-            .min_connections(1)
-            .sqlx_logging(false);
-        let db = Database::connect(options).await.expect("connect");
+        let config = DatabaseConfig {
+            max_connections: 1,
+            ..DatabaseConfig::local(&name)
+        };
+        let db = db::connect(&config).await.expect("connect");
         let mut written = Vec::new();
         for (n, tag) in [(1, "one"), (7, "seven"), (1_300, "many")] {
             let mut batch = messages("x", n, tag);

@@ -212,7 +212,7 @@ impl TokenHasher {
 
     /// The stored form of `token` used for `purpose`: 64 lowercase hex digits.
     pub fn hash(&self, purpose: TokenPurpose, token: &str) -> String {
-        hex(&self.digest(purpose, token))
+        hex::encode(self.digest(purpose, token))
     }
 
     /// Whether `token` used for `purpose` has the stored hash `stored`, compared
@@ -238,16 +238,6 @@ fn check_key_length(key: &[u8]) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -23,7 +23,6 @@ use crate::{
     app::Call,
     domain::{
         api_keys::{self as rules, NewKeyRequest, SEALED_SECRET_PREFIX},
-        auth::{hex, unhex},
         effects::Actor,
         grants::Grant,
     },
@@ -156,7 +155,7 @@ pub async fn create(
             .map_err(internal)?;
         let stored = pb::CreateApiKeyResponse {
             api_key: response.api_key.clone(),
-            secret: format!("{SEALED_SECRET_PREFIX}{}", hex(&sealed)),
+            secret: format!("{SEALED_SECRET_PREFIX}{}", hex::encode(&sealed)),
         };
         key.remember(&txn, &stored, now).await?;
     }
@@ -177,7 +176,7 @@ fn unseal_secret(
     let sealed = done
         .secret
         .strip_prefix(SEALED_SECRET_PREFIX)
-        .and_then(unhex)
+        .and_then(|text| hex::decode(text).ok())
         .ok_or_else(|| internal("stored api key answer without a sealed secret"))?;
     done.secret = state
         .sealer

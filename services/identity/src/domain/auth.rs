@@ -84,26 +84,6 @@ pub fn bounded(violations: &mut Violations, field: &str, value: &str, max: usize
     }
 }
 
-/// Lower-case hexadecimal of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The bytes of lower- or upper-case hexadecimal `text`; `None` when it is
-/// not hexadecimal.
-pub fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| {
-            text.get(i..i + 2)
-                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-        })
-        .collect()
-}
-
 // ---------------------------------------------------------------------------
 // Throttling
 
@@ -115,7 +95,7 @@ pub fn throttle_key(kind: &str, subject: &[&str]) -> String {
         digest.update(part.as_bytes());
         digest.update([0]);
     }
-    format!("rl:{kind}:{}", hex(&digest.finalize()))
+    format!("rl:{kind}:{}", hex::encode(digest.finalize()))
 }
 
 /// Whether an attempt is refused before it is made: its counter of failures
@@ -396,14 +376,6 @@ mod tests {
         let limited = rate_limited(10);
         assert_eq!(limited.reason(), Reason::RateLimited);
         assert_eq!(millis(std::time::Duration::from_secs(2)), 2_000);
-    }
-
-    #[test]
-    fn hex_round_trips_and_refuses_odd_text() {
-        assert_eq!(hex(&[0, 15, 255]), "000fff");
-        assert_eq!(unhex("000fff"), Some(vec![0, 15, 255]));
-        assert_eq!(unhex("abc"), None);
-        assert_eq!(unhex("zz"), None);
     }
 
     #[test]

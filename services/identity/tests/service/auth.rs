@@ -19,7 +19,7 @@ use sea_orm::{
 use tonic::{Code, Response, Status};
 use usher_identity::{
     api::{Call, convert},
-    domain::{Origin, USER_ROLE, UserStatus, auth::hex},
+    domain::{Origin, USER_ROLE, UserStatus},
     store::{
         api_keys,
         entities::{api_key, password_reset, role, user},
@@ -452,7 +452,7 @@ async fn redis_dump(test: &TestIdentity) -> Vec<String> {
 /// bytes), in no outbox payload, and in no Redis key or value.
 async fn assert_stored_nowhere(test: &TestIdentity, secret: &str) {
     let db = &test.state.db;
-    let hex_secret = hex(secret.as_bytes());
+    let hex_secret = hex::encode(secret.as_bytes());
     let tables = db
         .query_all_raw(Statement::from_string(
             DbBackend::Postgres,
