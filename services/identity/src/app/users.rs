@@ -161,25 +161,31 @@ async fn read_user_page<C: ConnectionTrait>(
         page.push(view(&owner));
     }
     let wanted = query.page_size.saturating_sub(page.len() as u64);
-    // The first page reads the keys of up to COUNT_CAP + 1 others: its
-    // rows and, with the owner, the capped count.
-    let read = if cursor.is_none() {
-        (wanted + 1).max(rules::COUNT_CAP + 1)
-    } else {
-        wanted + 1
-    };
-    let after = cursor.as_ref().and_then(|c| c.after.clone());
-    let keys = users::page_keys(db, filter, query.order, after.as_ref(), read)
-        .await?
-        .ok_or_else(rules::invalid_token)?;
-    let (total, capped) = match &cursor {
-        None => rules::capped_count(keys.len() as u64 + page.len() as u64),
-        Some(Cursor {
-            total: Some(total),
-            capped,
-            ..
-        }) => (*total, *capped),
-        Some(_) => rules::capped_count(users::count_up_to(db, filter, rules::COUNT_CAP).await?),
+    // One row more than shown tells whether a next page exists.
+    let (keys, total, capped) = match &cursor {
+        // The first page counts the others up to COUNT_CAP + 1 in the walk
+        // that reads its own keys; with the owner, the capped count.
+        None => {
+            let (keys, matched) =
+                users::first_page_keys(db, filter, query.order, wanted + 1, rules::COUNT_CAP)
+                    .await?;
+            let (total, capped) = rules::capped_count(matched + page.len() as u64);
+            (keys, total, capped)
+        }
+        Some(cursor) => {
+            let keys = users::page_keys(db, filter, query.order, cursor.after.as_ref(), wanted + 1)
+                .await?
+                .ok_or_else(rules::invalid_token)?;
+            let (total, capped) = match cursor {
+                Cursor {
+                    total: Some(total),
+                    capped,
+                    ..
+                } => (*total, *capped),
+                _ => rules::capped_count(users::count_up_to(db, filter, rules::COUNT_CAP).await?),
+            };
+            (keys, total, capped)
+        }
     };
     let more = keys.len() as u64 > wanted;
     let shown = keys

@@ -536,11 +536,10 @@ impl PageKey {
 /// The keys of up to `limit` non-owner users matching `filter` in `order`,
 /// after the cursor `after`; a cursor of the other kind of order is `None`.
 ///
-/// Only ids and sort keys are read, so a first page can read past its own
-/// rows to count the matches up to the cap in the same walk of the order's
-/// index (the rows shown are then read by id, [`rows`]). One query decides
-/// the plan: the order's index walked with the filters (the search term
-/// checked on each row), or the trigram index's matches sorted.
+/// Only ids and sort keys are read (the rows shown are then read by id,
+/// [`rows`]). One query decides the plan: the order's index walked with the
+/// filters (the search term checked on each row), or the trigram index's
+/// matches sorted.
 pub async fn page_keys<C: ConnectionTrait>(
     db: &C,
     filter: &ListFilter,
@@ -548,6 +547,67 @@ pub async fn page_keys<C: ConnectionTrait>(
     after: Option<&(SortKey, Uuid)>,
     limit: u64,
 ) -> StoreResult<Option<Vec<PageKey>>> {
+    let Some(select) = ordered_keys(filter, order, after) else {
+        return Ok(None);
+    };
+    Ok(Some(
+        select.limit(limit).into_model::<PageKey>().all(db).await?,
+    ))
+}
+
+/// The keys of the first `limit` non-owner users matching `filter` in
+/// `order`, and how many match, counted up to `cap + 1`, in one query: the
+/// walk of the order's index reads the keys of up to `cap + 1` matches and
+/// PostgreSQL answers only the first `limit` of them with the count
+/// (`COUNT(*) OVER ()`), instead of sending every key read for the count.
+pub async fn first_page_keys<C: ConnectionTrait>(
+    db: &C,
+    filter: &ListFilter,
+    order: UserOrder,
+    limit: u64,
+    cap: u64,
+) -> StoreResult<(Vec<PageKey>, u64)> {
+    let select = ordered_keys(filter, order, None)
+        .ok_or_else(|| DbErr::Custom("a first page has no cursor".into()))?;
+    let walked = select.limit(Ord::max(limit, cap.saturating_add(1))).into_query();
+    let mut outer = sea_orm::sea_query::Query::select();
+    outer
+        .column(("walked", "id"))
+        .column(("walked", "create_time"))
+        .expr_as(Expr::cust("COUNT(*) OVER ()"), "matched")
+        .from_subquery(walked, "walked");
+    match order {
+        UserOrder::Newest => {
+            outer
+                .order_by(("walked", "create_time"), Order::Desc)
+                .order_by(("walked", "id"), Order::Desc);
+        }
+        UserOrder::DisplayName | UserOrder::Email => {
+            outer
+                .column(("walked", "sort_key"))
+                .order_by(("walked", "sort_key"), Order::Asc)
+                .order_by(("walked", "id"), Order::Asc);
+        }
+    }
+    outer.limit(limit);
+    let found = db.query_all(&outer).await?;
+    let mut matched = 0;
+    let mut keys = Vec::with_capacity(found.len());
+    for row in &found {
+        let n: i64 = row.try_get("", "matched")?;
+        matched = u64::try_from(n).unwrap_or(0);
+        keys.push(PageKey::from_query_result(row, "")?);
+    }
+    Ok((keys, matched))
+}
+
+/// The non-owner users matching `filter`, ids and sort keys, in `order`
+/// after the cursor `after`; `None` for a cursor of the other kind of order.
+fn ordered_keys(
+    filter: &ListFilter,
+    order: UserOrder,
+    after: Option<&(SortKey, Uuid)>,
+) -> Option<Select<user::Entity>> {
     let mut select = user::Entity::find()
         .select_only()
         .column(user::Column::Id)
@@ -555,11 +615,11 @@ pub async fn page_keys<C: ConnectionTrait>(
         .filter(condition(filter))
         .filter(user::Column::Owner.eq(false));
     let id = Expr::col((user::Entity, user::Column::Id));
-    select = match text_expr(order) {
+    Some(match text_expr(order) {
         Some(key) => {
             if let Some((sort, last)) = after {
                 let SortKey::Text(text) = sort else {
-                    return Ok(None);
+                    return None;
                 };
                 select = select.filter(
                     Expr::tuple([key.clone(), id.clone()])
@@ -575,7 +635,7 @@ pub async fn page_keys<C: ConnectionTrait>(
             let time = Expr::col((user::Entity, user::Column::CreateTime));
             if let Some((sort, last)) = after {
                 let SortKey::Time(at) = sort else {
-                    return Ok(None);
+                    return None;
                 };
                 select = select.filter(
                     Expr::tuple([time.clone(), id.clone()])
@@ -584,8 +644,5 @@ pub async fn page_keys<C: ConnectionTrait>(
             }
             select.order_by(time, Order::Desc).order_by(id, Order::Desc)
         }
-    };
-    Ok(Some(
-        select.limit(limit).into_model::<PageKey>().all(db).await?,
-    ))
+    })
 }

@@ -13,7 +13,7 @@ use serde_json::json;
 use tonic::{Code, Status};
 use usher_identity::{
     api::{convert, validate::MAX_METADATA_BYTES},
-    domain::users::MAX_BATCH,
+    domain::users::{ListFilter, MAX_BATCH, UserOrder},
     domain::{Origin, USERS_MANAGE, UserStatus},
     store::{
         accounts,
@@ -1017,6 +1017,51 @@ async fn later_pages_carry_the_first_pages_count_instead_of_counting_again() {
     assert_eq!(second.total_size, 11, "the listing's count, not a recount");
     let fresh = list(&test, &owner, message).await.expect("page 1 again");
     assert_eq!(fresh.total_size, 13, "a new listing counts again");
+    test.stop().await;
+}
+
+#[tokio::test]
+async fn a_first_page_answers_its_own_keys_with_the_count_of_its_walk() {
+    let test = start().await;
+    let acct = account(&test, 100).await;
+    bench_like_users(&test, &acct, 30).await;
+    let filter = |term: &str| ListFilter {
+        account_id: acct.id,
+        status: None,
+        role_id: None,
+        team_id: None,
+        term: term.into(),
+    };
+    let db = &test.state.db;
+    // 30 others match (the owner is never among the keys): the walk stops
+    // after cap + 1 = 11 of them, and only the 5 asked for are answered.
+    let (keys, matched) = users::first_page_keys(db, &filter(""), UserOrder::DisplayName, 5, 10)
+        .await
+        .expect("keys");
+    assert_eq!(matched, 11, "counted up to the cap and one more");
+    let names: Vec<_> = keys.iter().filter_map(|k| k.sort_key.clone()).collect();
+    assert_eq!(
+        names,
+        [
+            "person 0000001",
+            "person 0000002",
+            "person 0000003",
+            "person 0000004",
+            "person 0000005"
+        ],
+        "the first five in name order"
+    );
+    // Fewer matches than the cap: the exact count, and the newest order
+    // answers the same kind of keys.
+    let (keys, matched) =
+        users::first_page_keys(db, &filter("son 000001"), UserOrder::Newest, 5, 10)
+            .await
+            .expect("keys");
+    assert_eq!((keys.len(), matched), (5, 10), "Person 0000010…0000019");
+    let (keys, matched) = users::first_page_keys(db, &filter("nobody"), UserOrder::Email, 5, 10)
+        .await
+        .expect("keys");
+    assert_eq!((keys.len(), matched), (0, 0));
     test.stop().await;
 }
 
