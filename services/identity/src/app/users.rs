@@ -161,50 +161,34 @@ async fn read_user_page<C: ConnectionTrait>(
         page.push(view(&owner));
     }
     let wanted = query.page_size.saturating_sub(page.len() as u64);
-    // One row more than shown tells whether a next page exists.
-    let (keys, total, capped) = match &cursor {
-        // The first page counts the others up to COUNT_CAP + 1 in the walk
-        // that reads its own keys; with the owner, the capped count.
-        None => {
-            let (keys, matched) =
-                users::first_page_keys(db, filter, query.order, wanted + 1, rules::COUNT_CAP)
-                    .await?;
-            let (total, capped) = rules::capped_count(matched + page.len() as u64);
-            (keys, total, capped)
-        }
-        Some(cursor) => {
-            let keys = users::page_keys(db, filter, query.order, cursor.after.as_ref(), wanted + 1)
-                .await?
-                .ok_or_else(rules::invalid_token)?;
-            let (total, capped) = match cursor {
-                Cursor {
-                    total: Some(total),
-                    capped,
-                    ..
-                } => (*total, *capped),
-                _ => rules::capped_count(users::count_up_to(db, filter, rules::COUNT_CAP).await?),
-            };
-            (keys, total, capped)
-        }
+    // One row more than shown tells whether a next page exists. The first
+    // page counts the others up to COUNT_CAP + 1 in the same walk; with
+    // the owner, the capped count. Later pages repeat the first's count.
+    let after = cursor.as_ref().and_then(|c| c.after.as_ref());
+    let count_cap = cursor.is_none().then_some(rules::COUNT_CAP);
+    let listed = users::page(db, filter, query.order, after, wanted + 1, count_cap)
+        .await?
+        .ok_or_else(rules::invalid_token)?;
+    let (total, capped) = match &cursor {
+        None => rules::capped_count(listed.matched + page.len() as u64),
+        Some(Cursor {
+            total: Some(total),
+            capped,
+            ..
+        }) => (*total, *capped),
+        Some(_) => rules::capped_count(users::count_up_to(db, filter, rules::COUNT_CAP).await?),
     };
-    let more = keys.len() as u64 > wanted;
-    let shown = keys
+    let more = listed.users.len() as u64 > wanted;
+    let shown = listed
+        .users
         .get(..usize::try_from(wanted).unwrap_or(usize::MAX))
-        .unwrap_or(&keys);
-    let ids: Vec<Uuid> = shown.iter().map(|key| key.id).collect();
-    let mut rows = users::rows(db, filter.account_id, &ids).await?;
-    // A user deleted between the two reads is left out of the page.
-    page.extend(
-        shown
-            .iter()
-            .filter_map(|key| rows.remove(&key.id))
-            .map(|row| view(&row)),
-    );
+        .unwrap_or(&listed.users);
+    page.extend(shown.iter().map(|(_, row)| view(row)));
     let next_page_token = if more {
         pagination::encode_token(
             &fingerprint,
             &Cursor {
-                after: shown.last().map(|last| last.key(query.order)),
+                after: shown.last().map(|(last, _)| last.key(query.order)),
                 total: Some(total),
                 capped,
             },

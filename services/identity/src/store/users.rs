@@ -533,72 +533,104 @@ impl PageKey {
     }
 }
 
-/// The keys of up to `limit` non-owner users matching `filter` in `order`,
-/// after the cursor `after`; a cursor of the other kind of order is `None`.
+/// A page of the non-owner users matching `filter` in `order` after the
+/// cursor `after`: up to `limit` users with their keys and the names of
+/// their role and team, in one query; `None` for a cursor of the other kind
+/// of order.
 ///
-/// Only ids and sort keys are read (the rows shown are then read by id,
-/// [`rows`]). One query decides the plan: the order's index walked with the
-/// filters (the search term checked on each row), or the trigram index's
-/// matches sorted.
-pub async fn page_keys<C: ConnectionTrait>(
+/// With `count_cap`, the matches are also counted up to `cap + 1` in the
+/// same walk (a first page): the walk of the order's index reads the keys
+/// of up to `cap + 1` matches and PostgreSQL joins only the first `limit`
+/// of them to their rows, each answered with the count of the walk
+/// (`COUNT(*) OVER ()`), instead of sending every key read for the count.
+/// One plan decides the walk: the order's index walked with the filters
+/// (the search term checked on each row), or the trigram index's matches
+/// sorted.
+pub async fn page<C: ConnectionTrait>(
     db: &C,
     filter: &ListFilter,
     order: UserOrder,
     after: Option<&(SortKey, Uuid)>,
     limit: u64,
-) -> StoreResult<Option<Vec<PageKey>>> {
+    count_cap: Option<u64>,
+) -> StoreResult<Option<ListedPage>> {
     let Some(select) = ordered_keys(filter, order, after) else {
         return Ok(None);
     };
-    Ok(Some(
-        select.limit(limit).into_model::<PageKey>().all(db).await?,
-    ))
+    let text = text_expr(order).is_some();
+    let keys = match count_cap {
+        None => select.limit(limit).into_query(),
+        Some(cap) => {
+            let walked = select
+                .limit(Ord::max(limit, cap.saturating_add(1)))
+                .into_query();
+            let mut counted = sea_orm::sea_query::Query::select();
+            counted
+                .column(("walked", "id"))
+                .column(("walked", "create_time"))
+                .expr_as(Expr::cust("COUNT(*) OVER ()"), "matched")
+                .from_subquery(walked, "walked");
+            if text {
+                counted.column(("walked", "sort_key"));
+            }
+            order_keys(&mut counted, "walked", text);
+            counted.limit(limit);
+            counted
+        }
+    };
+    let mut query = joined().into_query();
+    query.join_subquery(
+        JoinType::InnerJoin,
+        keys,
+        "page",
+        Expr::col((user::Entity, user::Column::Id)).equals(("page", "id")),
+    );
+    if text {
+        query.expr_as(Expr::col(("page", "sort_key")), "sort_key");
+    }
+    if count_cap.is_some() {
+        query.expr_as(Expr::col(("page", "matched")), "matched");
+    }
+    order_keys(&mut query, "page", text);
+    let found = db.query_all(&query).await?;
+    let mut listed = ListedPage {
+        users: Vec::with_capacity(found.len()),
+        matched: 0,
+    };
+    for row in &found {
+        if count_cap.is_some() {
+            let matched: i64 = row.try_get("", "matched")?;
+            listed.matched = u64::try_from(matched).unwrap_or(0);
+        }
+        listed.users.push((
+            PageKey::from_query_result(row, "")?,
+            UserRow::from_query_result(row, "")?,
+        ));
+    }
+    Ok(Some(listed))
 }
 
-/// The keys of the first `limit` non-owner users matching `filter` in
-/// `order`, and how many match, counted up to `cap + 1`, in one query: the
-/// walk of the order's index reads the keys of up to `cap + 1` matches and
-/// PostgreSQL answers only the first `limit` of them with the count
-/// (`COUNT(*) OVER ()`), instead of sending every key read for the count.
-pub async fn first_page_keys<C: ConnectionTrait>(
-    db: &C,
-    filter: &ListFilter,
-    order: UserOrder,
-    limit: u64,
-    cap: u64,
-) -> StoreResult<(Vec<PageKey>, u64)> {
-    let select = ordered_keys(filter, order, None)
-        .ok_or_else(|| DbErr::Custom("a first page has no cursor".into()))?;
-    let walked = select.limit(Ord::max(limit, cap.saturating_add(1))).into_query();
-    let mut outer = sea_orm::sea_query::Query::select();
-    outer
-        .column(("walked", "id"))
-        .column(("walked", "create_time"))
-        .expr_as(Expr::cust("COUNT(*) OVER ()"), "matched")
-        .from_subquery(walked, "walked");
-    match order {
-        UserOrder::Newest => {
-            outer
-                .order_by(("walked", "create_time"), Order::Desc)
-                .order_by(("walked", "id"), Order::Desc);
-        }
-        UserOrder::DisplayName | UserOrder::Email => {
-            outer
-                .column(("walked", "sort_key"))
-                .order_by(("walked", "sort_key"), Order::Asc)
-                .order_by(("walked", "id"), Order::Asc);
-        }
+/// A page of listed users, from [`page`].
+#[derive(Debug)]
+pub struct ListedPage {
+    /// The users in order, each with its key.
+    pub users: Vec<(PageKey, UserRow)>,
+    /// The matches counted up to the cap (0 when not counted).
+    pub matched: u64,
+}
+
+/// Orders `select` by the key columns of the table `from`: the sort key
+/// (`text`) or the creation time, then the id.
+fn order_keys(select: &mut sea_orm::sea_query::SelectStatement, from: &'static str, text: bool) {
+    if text {
+        select
+            .order_by((from, "sort_key"), Order::Asc)
+            .order_by((from, "id"), Order::Asc);
+    } else {
+        select
+            .order_by((from, "create_time"), Order::Desc)
+            .order_by((from, "id"), Order::Desc);
     }
-    outer.limit(limit);
-    let found = db.query_all(&outer).await?;
-    let mut matched = 0;
-    let mut keys = Vec::with_capacity(found.len());
-    for row in &found {
-        let n: i64 = row.try_get("", "matched")?;
-        matched = u64::try_from(n).unwrap_or(0);
-        keys.push(PageKey::from_query_result(row, "")?);
-    }
-    Ok((keys, matched))
 }
 
 /// The non-owner users matching `filter`, ids and sort keys, in `order`

@@ -13,7 +13,7 @@ use serde_json::json;
 use tonic::{Code, Status};
 use usher_identity::{
     api::{convert, validate::MAX_METADATA_BYTES},
-    domain::users::{ListFilter, MAX_BATCH, UserOrder},
+    domain::users::{ListFilter, MAX_BATCH, SortKey, UserOrder},
     domain::{Origin, USERS_MANAGE, UserStatus},
     store::{
         accounts,
@@ -1021,7 +1021,7 @@ async fn later_pages_carry_the_first_pages_count_instead_of_counting_again() {
 }
 
 #[tokio::test]
-async fn a_first_page_answers_its_own_keys_with_the_count_of_its_walk() {
+async fn a_first_page_answers_its_own_rows_with_the_count_of_its_walk() {
     let test = start().await;
     let acct = account(&test, 100).await;
     bench_like_users(&test, &acct, 30).await;
@@ -1033,36 +1033,74 @@ async fn a_first_page_answers_its_own_keys_with_the_count_of_its_walk() {
         term: term.into(),
     };
     let db = &test.state.db;
-    // 30 others match (the owner is never among the keys): the walk stops
-    // after cap + 1 = 11 of them, and only the 5 asked for are answered.
-    let (keys, matched) = users::first_page_keys(db, &filter(""), UserOrder::DisplayName, 5, 10)
-        .await
-        .expect("keys");
-    assert_eq!(matched, 11, "counted up to the cap and one more");
-    let names: Vec<_> = keys.iter().filter_map(|k| k.sort_key.clone()).collect();
+    let first = |term: &'static str, order: UserOrder| {
+        let filter = filter(term);
+        async move {
+            users::page(db, &filter, order, None, 5, Some(10))
+                .await
+                .expect("page")
+                .expect("no cursor")
+        }
+    };
+    // 30 others match (the owner is never among them): the walk stops
+    // after cap + 1 = 11 of them, and only the 5 asked for are answered,
+    // each with its row and role name.
+    let listed = first("", UserOrder::DisplayName).await;
+    assert_eq!(listed.matched, 11, "counted up to the cap and one more");
+    let names: Vec<_> = listed
+        .users
+        .iter()
+        .map(|(key, row)| {
+            assert_eq!(key.id, row.user.id, "each key with its own row");
+            assert_eq!(row.role_name, "User");
+            row.user.display_name.clone()
+        })
+        .collect();
     assert_eq!(
         names,
         [
-            "person 0000001",
-            "person 0000002",
-            "person 0000003",
-            "person 0000004",
-            "person 0000005"
+            "Person 0000001",
+            "Person 0000002",
+            "Person 0000003",
+            "Person 0000004",
+            "Person 0000005"
         ],
         "the first five in name order"
     );
-    // Fewer matches than the cap: the exact count, and the newest order
-    // answers the same kind of keys.
-    let (keys, matched) =
-        users::first_page_keys(db, &filter("son 000001"), UserOrder::Newest, 5, 10)
-            .await
-            .expect("keys");
-    assert_eq!((keys.len(), matched), (5, 10), "Person 0000010…0000019");
-    let (keys, matched) = users::first_page_keys(db, &filter("nobody"), UserOrder::Email, 5, 10)
-        .await
-        .expect("keys");
-    assert_eq!((keys.len(), matched), (0, 0));
+    // Fewer matches than the cap: the exact count; the newest order too.
+    let listed = first("son 000001", UserOrder::Newest).await;
+    assert_eq!(
+        (listed.users.len(), listed.matched),
+        (5, 10),
+        "Person 0000010…0000019"
+    );
+    let listed = first("nobody", UserOrder::Email).await;
+    assert_eq!((listed.users.len(), listed.matched), (0, 0));
+    // A later page (a cursor, no count) goes on after the last key, as one
+    // longer page would.
+    let ids = |listed: &users::ListedPage| -> Vec<Uuid> {
+        listed.users.iter().map(|(key, _)| key.id).collect()
+    };
+    let page = |after: Option<(SortKey, Uuid)>, limit: u64| {
+        let filter = filter("");
+        async move {
+            users::page(db, &filter, UserOrder::Email, after.as_ref(), limit, None)
+                .await
+                .expect("page")
+                .expect("a cursor of this order")
+        }
+    };
+    let eight = page(None, 8).await;
+    let five = page(None, 5).await;
+    let next = page(Some(listed_key(&five)), 3).await;
+    assert_eq!([ids(&five), ids(&next)].concat(), ids(&eight));
+    assert_eq!(next.matched, 0, "not counted");
     test.stop().await;
+}
+
+/// The cursor after the last user of `listed`, in email order.
+fn listed_key(listed: &users::ListedPage) -> (SortKey, Uuid) {
+    listed.users.last().expect("a user").0.key(UserOrder::Email)
 }
 
 /// Inserts `n` users "Person 0000001"… with emails p1@bench.example…, the
