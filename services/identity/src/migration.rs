@@ -17,6 +17,7 @@ impl MigratorTrait for Migrator {
             usher_kit::outbox::notify_migration(),
             Box::new(crate::store::holders::CreateHolderCounts),
             Box::new(crate::store::schema::SearchTextStatistics),
+            Box::new(crate::store::schema::CoveringNameIndex),
         ]
     }
 }

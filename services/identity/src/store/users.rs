@@ -6,9 +6,9 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, FromQueryResult,
-    JoinType, Order, PaginatorTrait, QueryFilter, QueryOrder, QueryResult, QuerySelect, QueryTrait,
-    RelationDef, Select,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait,
+    FromQueryResult, JoinType, Order, PaginatorTrait, QueryFilter, QueryOrder, QueryResult,
+    QuerySelect, QueryTrait, RelationDef, Select, Statement,
     sea_query::{Expr, ExprTrait, Func, LikeExpr},
 };
 use serde_json::Value as Json;
@@ -608,6 +608,19 @@ pub async fn page<C: ConnectionTrait>(
         ));
     }
     Ok(Some(listed))
+}
+
+/// The walk of a first page's keys as [`page`] nests it: the matches of
+/// `filter` in `order`, up to `limit` (the cap and one more, for a counted
+/// page). For `EXPLAIN`: which index answers it, and whether from the index
+/// alone.
+pub fn first_walk(
+    backend: DbBackend,
+    filter: &ListFilter,
+    order: UserOrder,
+    limit: u64,
+) -> Option<Statement> {
+    ordered_keys(filter, order, None).map(|select| select.limit(limit).build(backend))
 }
 
 /// A page of listed users, from [`page`].

@@ -7,7 +7,7 @@ use chrono::{DateTime, Duration, Utc};
 use prost_types::FieldMask;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, IntoActiveModel,
-    PaginatorTrait, QueryFilter, Set, Statement, sea_query::Expr,
+    PaginatorTrait, QueryFilter, Set, Statement, TransactionTrait, sea_query::Expr,
 };
 use serde_json::json;
 use tonic::{Code, Status};
@@ -2571,4 +2571,55 @@ async fn searches_are_planned_for_their_own_term_every_time() {
     assert!(custom >= 12, "{custom} custom plans for 12 searches");
     db.close().await.expect("close");
     test.stop().await;
+}
+
+#[tokio::test]
+async fn a_search_in_name_order_walks_its_index_without_reading_the_table() {
+    let test = start().await;
+    let acct = account(&test, 1_000).await;
+    bench_like_users(&test, &acct, 500).await;
+    let db = &test.state.db;
+    // As autovacuum leaves the table after inserts: pages all-visible.
+    db.execute_unprepared("VACUUM (ANALYZE) users")
+        .await
+        .expect("vacuum");
+    let filter = ListFilter {
+        account_id: acct.id,
+        status: None,
+        role_id: None,
+        team_id: None,
+        term: "son 00001".into(),
+    };
+    let walk = users::first_walk(DbBackend::Postgres, &filter, UserOrder::DisplayName, 11)
+        .expect("a first page has no cursor");
+    // 500 users are few enough for any plan: only the order's index may
+    // answer, as at 1,000,000 users for a term many hold.
+    let txn = db.begin().await.expect("begin");
+    for setting in ["enable_seqscan", "enable_bitmapscan", "enable_sort"] {
+        txn.execute_unprepared(&format!("SET LOCAL {setting} = off"))
+            .await
+            .expect("set");
+    }
+    let explained = txn
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!("EXPLAIN (ANALYZE, COSTS OFF) {}", walk.sql),
+            walk.values.expect("values").0,
+        ))
+        .await
+        .expect("explain");
+    txn.rollback().await.expect("rollback");
+    let plan: Vec<String> = explained
+        .iter()
+        .map(|row| row.try_get_by_index::<String>(0).expect("plan line"))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Index Only Scan using users_account_name"),
+        "the term is checked on the index's entries:\n{plan}"
+    );
+    assert!(
+        plan.contains("Heap Fetches: 0"),
+        "no user read from the table:\n{plan}"
+    );
 }
