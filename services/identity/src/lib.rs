@@ -74,8 +74,9 @@ pub async fn serve_with(
 ) -> anyhow::Result<()> {
     telemetry::install_metrics(config.server.metrics_listen)?;
     let clock = SystemClock::shared();
+    let (calls, writers) = store::pools::split(&config.database);
     let database = ServiceDatabase::start::<migration::Migrator>(
-        &config.database,
+        &calls,
         Duration::from_secs(2),
         shutdown.clone(),
     )
@@ -91,10 +92,15 @@ pub async fn serve_with(
         .await?;
     broker.declare(usher_kit::events::audit_topology()).await?;
 
+    let writes = match writers {
+        Some(writers) => usher_kit::db::connect(&writers).await?,
+        None => database.connection.clone(),
+    };
     let tokens = TokenHasher::from_config(&config.tokens)?;
     let sessions = cache.sessions(config.sessions.clone(), tokens.clone(), clock.clone());
     let state = Arc::new(state::Identity {
         db: database.connection.clone(),
+        writes: writes.clone(),
         clock: clock.clone(),
         passwords: passwords::PasswordHasher::new(&config.passwords),
         password_policy: config.passwords.policy(),
@@ -109,7 +115,7 @@ pub async fn serve_with(
     database.spawn_when_ready(relay.run());
     database.spawn_when_ready(audit_ingest::consume(
         broker.clone(),
-        database.connection.clone(),
+        writes,
         clock.clone(),
         shutdown.clone(),
     ));

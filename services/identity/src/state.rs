@@ -17,8 +17,11 @@ use crate::{
 /// The identity service's state, shared by every handler.
 #[derive(Clone, Debug)]
 pub struct Identity {
-    /// The identity database.
+    /// The identity database, for calls.
     pub db: DatabaseConnection,
+    /// The same database, for the reservation batches: a pool of their own
+    /// on PostgreSQL ([`crate::store::pools`]), the same pool otherwise.
+    pub writes: DatabaseConnection,
     /// The time.
     pub clock: SharedClock,
     /// argon2id in a bounded pool.

@@ -48,6 +48,8 @@ impl TestIdentity {
             .await
             .expect("test database");
         let db = database.migrated::<Migrator>().await.expect("migrations");
+        // A pool of its own, as on PostgreSQL in production.
+        let writes = database.connect().await.expect("writers' pool");
         let redis = Redis::connect(&RedisConfig {
             key_prefix: format!("t:{}:", Uuid::new_v4().simple()),
             ..RedisConfig::default()
@@ -61,6 +63,7 @@ impl TestIdentity {
         ));
         let state = Arc::new(Identity {
             db,
+            writes,
             clock,
             passwords: PasswordHasher::new(&config.passwords),
             password_policy: config.passwords.policy(),

@@ -586,7 +586,7 @@ async fn reserve_together(
     }
     let mut answers: Vec<Option<ApiResult<ReservationAnswer>>> =
         std::iter::repeat_with(|| None).take(batch.len()).collect();
-    let txn = state.db.begin().await?;
+    let txn = state.writes.begin().await?;
     // Every change that counts seats takes its account's lock first:
     // concurrent reservations (of other replicas too) are counted one after
     // the other.

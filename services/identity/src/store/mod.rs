@@ -11,6 +11,7 @@ pub mod entities;
 pub mod events;
 pub mod holders;
 pub mod idempotency;
+pub mod pools;
 pub mod principals;
 pub mod roles;
 pub mod schema;

@@ -1631,3 +1631,45 @@ async fn create_session_signs_in_the_new_member() {
     );
     test.stop().await;
 }
+
+#[tokio::test]
+async fn reservations_are_written_on_a_pool_of_their_own() {
+    let test = start().await;
+    let acct = account(&test, 400).await;
+    // Every connection of the calls' pool (20 in tests) busy in another
+    // transaction: a reservation batch still gets a connection at once.
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(
+            sea_orm::TransactionTrait::begin(&test.state.db)
+                .await
+                .expect("begin"),
+        );
+    }
+    let invitees: Vec<_> = (0..300)
+        .map(|n| invitee(&format!("bulk{n}@acme.example")))
+        .collect();
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        reserve(&test, reservation(&acct, invitees)),
+    )
+    .await
+    .expect("the batch did not wait for the calls' pool")
+    .expect("reserved");
+    assert_eq!(
+        verdicts(&answer),
+        vec![Verdict::Reserved; 300],
+        "every invitee reserved"
+    );
+    for txn in held {
+        txn.rollback().await.expect("rollback");
+    }
+    let invited = user::Entity::find()
+        .filter(user::Column::AccountId.eq(acct.id))
+        .filter(user::Column::Status.eq(UserStatus::Invited.as_str()))
+        .count(&test.state.db)
+        .await
+        .expect("count");
+    assert_eq!(invited, 300, "written and committed");
+    test.stop().await;
+}
