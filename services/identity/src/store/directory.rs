@@ -232,9 +232,14 @@ pub async fn insert_invited<C: ConnectionTrait>(
     insert_users(db, invited_rows(rows, new, now)).await
 }
 
-/// Users per INSERT statement: about twenty bind parameters each, well
-/// under PostgreSQL's 65,535 per statement.
-const USERS_PER_INSERT: usize = 1_000;
+/// Users per INSERT statement (about twenty bind parameters each). sqlx
+/// keeps every statement text it prepared on its connection, with a type
+/// per parameter, and each row count is a text of its own: at 1,000 rows a
+/// batch's users insert kept about half a MiB on each connection that ran
+/// it. At 250, a batch of 1,000 is four statements of one text, and
+/// identity's peak under bulk invitations fell by about 9 MiB
+/// (bench/README.md) for about 1 ms more per 1,000 invitees.
+const USERS_PER_INSERT: usize = 250;
 
 /// Writes the invited users `rows` (of one reservation or of a whole batch)
 /// in multi-row inserts of at most [`USERS_PER_INSERT`].

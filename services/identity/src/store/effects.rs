@@ -12,8 +12,10 @@ use super::{
 };
 use crate::domain::effects::{Actor, Audit, Effects};
 
-/// Audit rows per INSERT statement.
-const AUDIT_CHUNK: usize = 1_000;
+/// Audit rows per INSERT statement: few enough that the statement sqlx
+/// prepares and keeps on its connection stays small (see
+/// [`super::directory`]'s `USERS_PER_INSERT`).
+const AUDIT_CHUNK: usize = 250;
 
 /// Writes `effects` of a call by `actor` with `request_id` at `now` on `db`
 /// (the transaction of the change).
