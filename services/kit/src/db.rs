@@ -60,25 +60,28 @@ pub async fn ensure_database(url: &str) -> Result<(), DbErr> {
     }
     parsed.set_path("/postgres");
     let admin = Database::connect(parsed.as_str()).await?;
-    let exists = admin
-        .query_one_raw(sea_orm::Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT 1 AS one FROM pg_database WHERE datname = $1",
-            [name.clone().into()],
-        ))
-        .await?
-        .is_some();
-    if !exists {
+    let exists = || async {
+        admin
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT 1 AS one FROM pg_database WHERE datname = $1",
+                [name.clone().into()],
+            ))
+            .await
+            .map(|row| row.is_some())
+    };
+    if !exists().await? {
         let created = admin
             .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
             .await;
-        // Another replica may have created it at the same time.
-        if let Err(err) = created
-            && !err.to_string().contains("already exists")
-        {
-            return Err(err);
+        match created {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Another replica created it at the same time: PostgreSQL says
+            // so as "already exists" or, when both inserts raced, as a
+            // unique violation in its catalog. Either way it is there now.
+            Err(_) if exists().await? => {}
+            Err(err) => return Err(err),
         }
-        tracing::info!(database = %name, "created database");
     }
     admin.close().await?;
     Ok(())
@@ -88,9 +91,62 @@ pub async fn ensure_database(url: &str) -> Result<(), DbErr> {
 pub async fn migrate<M: MigratorTrait>(config: &DatabaseConfig) -> Result<(), DbErr> {
     ensure_database(config.url.expose()).await?;
     let db = connect(config).await?;
-    M::up(&db, None).await?;
+    apply_migrations::<M>(&db, config).await?;
     db.close().await?;
     Ok(())
+}
+
+/// The key of the PostgreSQL advisory lock held while migrations are
+/// applied (advisory locks are per database, so services sharing a server
+/// do not wait for each other).
+pub const MIGRATION_LOCK: i64 = 0x7573_6865_725f_6d69; // "usher_mi"
+
+/// Applies every pending migration of `M` on `pool`, holding the database's
+/// migration lock ([`MIGRATION_LOCK`]) meanwhile, so replicas that start
+/// together (or a `migrate` job beside a replica with `migrate_on_start`)
+/// apply each migration once, one after the other: the second finds nothing
+/// pending. Without it both would create the same tables at once and one
+/// would fail. The lock is a session lock on a connection of its own, so a
+/// process that dies while migrating releases it at once. SQLite (one
+/// process) takes none.
+pub async fn apply_migrations<M: MigratorTrait>(
+    pool: &DatabaseConnection,
+    config: &DatabaseConfig,
+) -> Result<(), DbErr> {
+    if pool.get_database_backend() != DbBackend::Postgres {
+        return M::up(pool, None).await;
+    }
+    let mut options = ConnectOptions::new(config.url.expose().to_owned());
+    options
+        .max_connections(1)
+        .min_connections(1)
+        .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+        .acquire_timeout(Duration::from_millis(config.connect_timeout_ms))
+        .sqlx_logging(false);
+    let lock = Database::connect(options).await?;
+    let statement = |sql: &str| {
+        sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, sql, [MIGRATION_LOCK.into()])
+    };
+    let taken = lock
+        .query_one_raw(statement("SELECT pg_try_advisory_lock($1) AS taken"))
+        .await?
+        .map(|row| row.try_get::<bool>("", "taken"))
+        .transpose()?
+        .unwrap_or(false);
+    if !taken {
+        tracing::info!("waiting for another process's migrations");
+        lock.execute_raw(statement("SELECT pg_advisory_lock($1)"))
+            .await?;
+    }
+    let applied = M::up(pool, None).await;
+    // Closing the session releases the lock too; unlock first so the next
+    // waiter does not wait for the close.
+    let unlocked = lock
+        .execute_raw(statement("SELECT pg_advisory_unlock($1)"))
+        .await;
+    lock.close().await?;
+    applied?;
+    unlocked.map(|_| ())
 }
 
 /// Whether the database answers a trivial query.

@@ -138,7 +138,7 @@ pub async fn bring_up_to_date<M: MigratorTrait>(
         Ok(pending) if pending.is_empty() => Ok(true),
         Ok(_) | Err(_) if config.migrate_on_start => {
             db::ensure_database(config.url.expose()).await?;
-            M::up(pool, None).await?;
+            db::apply_migrations::<M>(pool, config).await?;
             Ok(true)
         }
         Ok(_) => Ok(false),
@@ -234,7 +234,10 @@ mod tests {
         ) -> Result<(), sea_orm::DbErr> {
             manager
                 .get_connection()
-                .execute_unprepared("CREATE TABLE thing (id BIGINT PRIMARY KEY)")
+                // Slow enough that replicas starting together overlap.
+                .execute_unprepared(
+                    "CREATE TABLE thing (id BIGINT PRIMARY KEY); SELECT pg_sleep(0.2)",
+                )
                 .await
                 .map(|_| ())
         }
@@ -304,6 +307,46 @@ mod tests {
         assert!(probe.check().await, "and it answers again");
         shutdown.cancel();
         database.connection.close().await.expect("close");
+        drop_database(&name).await;
+    }
+
+    #[tokio::test]
+    async fn replicas_starting_together_apply_each_migration_once() {
+        // Four processes' worth of pools on a database that does not exist
+        // yet, all finding the migration pending at once: each applies it
+        // under the migration lock, so none fails on a table another is
+        // creating, and the migration is recorded once.
+        let name = format!("usher_kit_rt_{}", uuid::Uuid::new_v4().simple());
+        let config = DatabaseConfig::local(&name);
+        let mut starts = Vec::new();
+        for _ in 0..4 {
+            let config = config.clone();
+            starts.push(tokio::spawn(async move {
+                let pool = crate::db::connect(&config).await.expect("pool");
+                let outcome = bring_up_to_date::<OneTable>(&pool, &config).await;
+                pool.close().await.expect("close");
+                outcome
+            }));
+        }
+        for start in starts {
+            assert!(
+                start.await.expect("joined").expect("migrated, not refused"),
+                "up to date"
+            );
+        }
+        let pool = crate::db::connect(&config).await.expect("pool");
+        let recorded = pool
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT COUNT(*) AS n FROM seaql_migrations",
+            ))
+            .await
+            .expect("read")
+            .expect("a row")
+            .try_get::<i64>("", "n")
+            .expect("count");
+        assert_eq!(recorded, 1);
+        pool.close().await.expect("close");
         drop_database(&name).await;
     }
 
