@@ -26,6 +26,7 @@ mod notification;
 mod password_change;
 mod proxy;
 mod raw;
+mod replicas;
 mod set_password;
 mod shutdown;
 // The SMTP sink of the notification crate's tests, shared rather than copied.
