@@ -134,6 +134,7 @@ impl Default for Config {
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.server.validate()?;
+        self.telemetry.validate()?;
         self.redis.validate()?;
         self.upstreams.validate()?;
         self.sessions.validate()?;

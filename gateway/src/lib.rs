@@ -228,14 +228,7 @@ pub async fn serve_with(
         // One span per call with method and request id; outcomes at debug.
         .layer(
             TraceLayer::new_for_grpc()
-                .make_span_with(|request: &Request<Body>| {
-                    let request_id = request
-                        .headers()
-                        .get("x-request-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default();
-                    tracing::info_span!("rpc", method = %request.uri().path(), request_id = %request_id)
-                })
+                .make_span_with(|request: &Request<Body>| usher_kit::telemetry::rpc_span(request))
                 .on_response(DefaultOnResponse::new().level(Level::DEBUG))
                 .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
         )
@@ -280,10 +273,7 @@ pub async fn serve_with(
         .layer(AssertLayer::new(signer, clock))
         // Transparent HTTP/2 forwarding to the owning upstream; the gateway's
         // own paths fall through to the local routes.
-        .layer(ForwardLayer::new(
-            channels,
-            server_config.request_timeout(),
-        ))
+        .layer(ForwardLayer::new(channels, server_config.request_timeout()))
         .into_inner();
 
     let incoming = usher_kit::server::incoming(listener);

@@ -623,6 +623,8 @@ where
         if let Ok(value) = HeaderValue::from_str(&format_grpc_timeout(budget)) {
             request.headers_mut().insert(GRPC_TIMEOUT_HEADER, value);
         }
+        // The service's span is a child of this call's.
+        usher_kit::telemetry::inject_into(request.headers_mut());
         let channel = self.upstreams.channel(upstream).clone();
         Box::pin(async move {
             match channel.oneshot(request).await {

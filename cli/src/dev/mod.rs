@@ -232,6 +232,7 @@ pub fn stack(
     let telemetry = TelemetryConfig {
         log_filter: args.log.clone(),
         log_format: LogFormat::Text,
+        ..TelemetryConfig::default()
     };
     let links = usher_kit::config::LinksConfig {
         public_base_url: public_url.to_owned(),

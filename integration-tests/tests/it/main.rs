@@ -29,6 +29,7 @@ mod raw;
 mod replicas;
 mod set_password;
 mod shutdown;
+mod traces;
 // The SMTP sink of the notification crate's tests, shared rather than copied.
 #[allow(dead_code)]
 #[path = "../../../services/notification/tests/common/smtp_sink.rs"]

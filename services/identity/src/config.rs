@@ -124,6 +124,7 @@ impl Default for Config {
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.server.validate()?;
+        self.telemetry.validate()?;
         self.database.validate()?;
         self.redis.validate()?;
         self.amqp.validate()?;

@@ -216,7 +216,9 @@ impl OutgoingMessage {
             message_id: uuid::Uuid::new_v4().to_string(),
             kind: kind.into(),
             timestamp: None,
-            headers: BTreeMap::new(),
+            // The trace of the call that makes the message continues in its
+            // consumers (empty when traces are off).
+            headers: crate::telemetry::current_trace_headers(),
             mandatory: true,
         }
     }

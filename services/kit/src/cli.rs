@@ -93,7 +93,16 @@ where
             return ExitCode::from(2);
         }
     };
-    crate::telemetry::init_logging(config.telemetry());
+    // Spans are named for the binary (`usher-identity`, ...).
+    let service = std::env::args_os()
+        .next()
+        .and_then(|arg0| {
+            std::path::Path::new(&arg0)
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "usher".to_owned());
+    let telemetry = crate::telemetry::init_logging(config.telemetry(), &service);
     let result = match args.command.unwrap_or(ServiceCommand::Serve) {
         ServiceCommand::Serve => serve(config, crate::server::shutdown_on_signal()).await,
         ServiceCommand::Migrate => migrate(config).await,
@@ -104,13 +113,15 @@ where
         // Answered above, before any configuration is read.
         ServiceCommand::Health(_) => Ok(()),
     };
-    match result {
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "exiting on error");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown();
+    code
 }
 
 #[cfg(test)]

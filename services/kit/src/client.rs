@@ -152,6 +152,7 @@ impl Service<Request<Body>> for ServiceChannel {
         if let Ok(value) = HeaderValue::from_str(&assertion) {
             request.headers_mut().insert(ASSERTION_HEADER, value);
         }
+        crate::telemetry::inject_into(request.headers_mut());
         self.channel.call(request)
     }
 }

@@ -428,6 +428,13 @@ pub struct TelemetryConfig {
     pub log_filter: String,
     /// `json` (one object per line) or `text`.
     pub log_format: LogFormat,
+    /// Where to export traces over OTLP/gRPC, e.g.
+    /// `http://otel-collector:4317`; empty (the default) exports none.
+    pub otlp_endpoint: String,
+    /// The share of traces started here that are recorded, 0.0 to 1.0
+    /// (default 1.0). A call that arrives with a W3C `traceparent` follows
+    /// its caller's decision instead.
+    pub trace_sample_ratio: f64,
 }
 
 impl Default for TelemetryConfig {
@@ -435,7 +442,32 @@ impl Default for TelemetryConfig {
         Self {
             log_filter: "info".into(),
             log_format: LogFormat::Json,
+            otlp_endpoint: String::new(),
+            trace_sample_ratio: 1.0,
         }
+    }
+}
+
+impl Validate for TelemetryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
+            return Err(ConfigError::invalid(
+                "telemetry.trace_sample_ratio",
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        if !self.otlp_endpoint.is_empty() {
+            let url = url::Url::parse(&self.otlp_endpoint).map_err(|_| {
+                ConfigError::invalid("telemetry.otlp_endpoint", "must be an http(s) URL")
+            })?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(ConfigError::invalid(
+                    "telemetry.otlp_endpoint",
+                    "must be an http(s) URL",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

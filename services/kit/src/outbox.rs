@@ -577,7 +577,24 @@ impl OutboxRelay {
             }
         }
         let messages: Vec<OutgoingMessage> = sendable.iter().map(|(_, m)| m.clone()).collect();
+        // A span per message made in a traced call, in that call's trace,
+        // lasting as long as the batch's publish and confirm.
+        let spans: Vec<tracing::Span> = messages
+            .iter()
+            .filter(|m| m.headers.contains_key(crate::telemetry::TRACEPARENT))
+            .map(|m| {
+                let span = tracing::info_span!(
+                    "amqp.publish",
+                    routing_key = %m.routing_key,
+                    message_id = %m.message_id,
+                    trace_id = tracing::field::Empty,
+                );
+                crate::telemetry::continue_trace_from(&span, &m.headers);
+                span
+            })
+            .collect();
         let results = self.sink.publish_batch(&messages).await;
+        drop(spans);
 
         let mut confirmed = Vec::with_capacity(messages.len());
         for (index, (row, _)) in sendable.iter().enumerate() {

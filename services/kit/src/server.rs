@@ -256,14 +256,7 @@ impl ServiceServer {
             // One span per call with method and request id; outcomes at debug.
             .layer(
                 TraceLayer::new_for_grpc()
-                    .make_span_with(|request: &Request<Body>| {
-                        let request_id = request
-                            .headers()
-                            .get("x-request-id")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or_default();
-                        tracing::info_span!("rpc", method = %request.uri().path(), request_id = %request_id)
-                    })
+                    .make_span_with(|request: &Request<Body>| crate::telemetry::rpc_span(request))
                     .on_response(DefaultOnResponse::new().level(Level::DEBUG))
                     .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
             )
@@ -276,7 +269,9 @@ impl ServiceServer {
             // instead of queueing without bound (P22).
             .layer(ShedLayer::new(config.concurrency_limit))
             // Verify the principal assertion and the RPC's access rule.
-            .option_layer(guard.map(|guard| GuardLayer { guard: Arc::new(guard) }))
+            .option_layer(guard.map(|guard| GuardLayer {
+                guard: Arc::new(guard),
+            }))
             // A request that does not decode is the caller's fault.
             .layer(MalformedRequestLayer)
             .into_inner();

@@ -62,6 +62,7 @@ impl Default for Config {
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.server.validate()?;
+        self.telemetry.validate()?;
         self.database.validate()?;
         self.amqp.validate()?;
         self.seal.validate_for(self.environment)?;

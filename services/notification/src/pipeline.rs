@@ -32,7 +32,9 @@
 //! expires, with the same `Message-ID` — at most the batches being sent,
 //! `delivery.consumers × delivery.batch_size` jobs.
 
+use std::collections::BTreeMap;
 use std::{sync::Arc, time::Duration};
+use tracing::Instrument as _;
 
 use chrono::Utc;
 use lettre::message::Mailbox;
@@ -226,7 +228,8 @@ impl Pipeline {
     /// ones one by one first, then the rest with one multiple-ack.
     async fn handle_batch(&self, batch: Vec<Received>) {
         let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
-        let dispositions = self.handle_many(&bodies).await;
+        let traces: Vec<&BTreeMap<String, String>> = batch.iter().map(|d| &d.headers).collect();
+        let dispositions = self.handle_traced(&bodies, &traces).await;
         let mut done = Vec::with_capacity(batch.len());
         for (delivery, disposition) in batch.into_iter().zip(dispositions) {
             match disposition {
@@ -271,6 +274,16 @@ impl Pipeline {
     /// one transaction claims them, they are sent at once, one transaction
     /// records their outcomes and results.
     pub async fn handle_many(&self, bodies: &[&[u8]]) -> Vec<Disposition> {
+        self.handle_traced(bodies, &[]).await
+    }
+
+    /// [`Self::handle_many`], each send a span continuing the trace in its
+    /// message's headers (`traces[i]` for `bodies[i]`, when given).
+    async fn handle_traced(
+        &self,
+        bodies: &[&[u8]],
+        traces: &[&BTreeMap<String, String>],
+    ) -> Vec<Disposition> {
         let mut dispositions: Vec<Option<Disposition>> = vec![None; bodies.len()];
         // Decode and check; a job that cannot be sent as it is is parked.
         let mut valid = Vec::with_capacity(bodies.len());
@@ -341,26 +354,37 @@ impl Pipeline {
 
         // Render and send them all at once (the mailer bounds how many are
         // in flight).
-        let sent = futures::future::join_all(to_send.iter().map(|(_, job, row, _)| async move {
-            let locale = templates::resolve_locale(&job.locale, &job.account_default_locale);
-            let message_id = mailer::message_id(&job.job_id, &self.config.message_id_host);
-            let sent = match self.render(job, locale) {
-                Ok(email) => match mailer::build(
-                    &self.from,
-                    &row.recipient_email,
-                    &job.recipient_name,
-                    message_id.clone(),
-                    &email,
-                ) {
-                    Ok(message) => {
-                        let wait = wait_until.saturating_duration_since(Instant::now());
-                        self.mailer.send(message, wait).await
-                    }
-                    Err(error) => Err(error),
-                },
-                Err(reason) => Err(SendError::Permanent(reason)),
-            };
-            (locale, message_id, sent)
+        let sent = futures::future::join_all(to_send.iter().map(|(index, job, row, _)| {
+            let span = tracing::info_span!(
+                "email.send",
+                job_id = %job.job_id,
+                trace_id = tracing::field::Empty,
+            );
+            if let Some(headers) = traces.get(*index) {
+                usher_kit::telemetry::continue_trace_from(&span, headers);
+            }
+            async move {
+                let locale = templates::resolve_locale(&job.locale, &job.account_default_locale);
+                let message_id = mailer::message_id(&job.job_id, &self.config.message_id_host);
+                let sent = match self.render(job, locale) {
+                    Ok(email) => match mailer::build(
+                        &self.from,
+                        &row.recipient_email,
+                        &job.recipient_name,
+                        message_id.clone(),
+                        &email,
+                    ) {
+                        Ok(message) => {
+                            let wait = wait_until.saturating_duration_since(Instant::now());
+                            self.mailer.send(message, wait).await
+                        }
+                        Err(error) => Err(error),
+                    },
+                    Err(reason) => Err(SendError::Permanent(reason)),
+                };
+                (locale, message_id, sent)
+            }
+            .instrument(span)
         }))
         .await;
 
