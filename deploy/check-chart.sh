@@ -115,6 +115,8 @@ if [ -n "$bin_dir" ] && [ -z "${USHER_BIN_DIR:-}" ] \
   stale=1
 fi
 if [ -n "$bin_dir" ]; then
+  # Absolute: check-config runs each binary from `/`.
+  bin_dir=$(cd "$bin_dir" && pwd)
   log "check-config with the binaries in $bin_dir"
   check_args+=(--run-check-config "$bin_dir" --check-config-manifests "$work/production.yaml")
 elif [ -z "${stale:-}" ]; then

@@ -167,6 +167,10 @@ migration Job.
 {{- $_ := set $env "USHER_ENVIRONMENT" $v.environment -}}
 {{- $_ := set $env "USHER_TELEMETRY__LOG_FILTER" $v.logFilter -}}
 {{- $_ := set $env "USHER_TELEMETRY__LOG_FORMAT" $v.logFormat -}}
+{{- if $v.tracing.otlpEndpoint -}}
+{{- $_ := set $env "USHER_TELEMETRY__OTLP_ENDPOINT" $v.tracing.otlpEndpoint -}}
+{{- $_ := set $env "USHER_TELEMETRY__TRACE_SAMPLE_RATIO" (toString $v.tracing.sampleRatio) -}}
+{{- end -}}
 {{- $_ := set $env "USHER_SERVER__LISTEN" (printf "0.0.0.0:%v" $c.grpcPort) -}}
 {{- $_ := set $env "USHER_SERVER__METRICS_LISTEN" (printf "0.0.0.0:%v" $c.metricsPort) -}}
 {{- if $v.assertion.trustedIssuers -}}
