@@ -192,6 +192,7 @@ async fn one_invitation_is_one_trace_from_the_gateway_to_the_smtp_send() {
         ("usher-invitation", "rpc"),
         ("usher-identity", "rpc"),
         ("usher-invitation", "amqp.publish"),
+        ("usher-invitation", "redis"),
         ("usher-notification", "email.send"),
     ];
     let mut spans = Vec::new();
@@ -243,6 +244,7 @@ async fn one_invitation_is_one_trace_from_the_gateway_to_the_smtp_send() {
         ("usher-invitation", "rpc", "usher-gateway"),
         ("usher-identity", "rpc", "usher-invitation"),
         ("usher-invitation", "amqp.publish", "usher-invitation"),
+        ("usher-invitation", "redis", "usher-invitation"),
         ("usher-notification", "email.send", "usher-invitation"),
     ] {
         let span = spans

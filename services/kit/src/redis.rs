@@ -5,10 +5,11 @@
 use std::time::Duration;
 
 use redis::{
-    Client, IntoConnectionInfo, RedisError,
-    aio::{ConnectionManager, ConnectionManagerConfig},
+    Arg, Client, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     io::tcp::TcpSettings,
 };
+use tracing::Instrument as _;
 
 use crate::config::RedisConfig;
 
@@ -53,9 +54,13 @@ impl Redis {
         })
     }
 
-    /// A handle for commands (cheap to clone; all handles share one connection).
-    pub fn connection(&self) -> ConnectionManager {
-        self.connection.clone()
+    /// A handle for commands (cheap to clone; all handles share one
+    /// connection). With traces exported, each command or pipeline sent on
+    /// it is a `redis` span of the current trace.
+    pub fn connection(&self) -> Connection {
+        Connection {
+            inner: self.connection.clone(),
+        }
     }
 
     /// The key `<prefix><parts joined by ':'>`, e.g. `usher:inv:tok:<hash>`.
@@ -101,6 +106,66 @@ impl Redis {
             .query_async::<String>(&mut conn)
             .await
             .is_ok()
+    }
+}
+
+/// A command handle of [`Redis`]: the shared connection, with a span per
+/// command or pipeline when traces are exported.
+#[derive(Clone)]
+pub struct Connection {
+    inner: ConnectionManager,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// The span of `commands` commands starting with `command`, or none
+    /// when traces are off (no cost then).
+    fn span(command: Option<&Cmd>, commands: usize) -> Option<tracing::Span> {
+        if !crate::telemetry::traces_exported() {
+            return None;
+        }
+        let name = command
+            .and_then(|cmd| cmd.args_iter().next())
+            .map(|arg| match arg {
+                Arg::Simple(bytes) => String::from_utf8_lossy(bytes).to_ascii_uppercase(),
+                _ => String::new(),
+            })
+            .unwrap_or_default();
+        Some(tracing::info_span!("redis", command = %name, commands))
+    }
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match Self::span(Some(cmd), 1) {
+            Some(span) => Box::pin(self.inner.req_packed_command(cmd).instrument(span)),
+            None => self.inner.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match Self::span(pipeline.cmd_iter().next(), pipeline.len()) {
+            Some(span) => Box::pin(
+                self.inner
+                    .req_packed_commands(pipeline, offset, count)
+                    .instrument(span),
+            ),
+            None => self.inner.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
     }
 }
 

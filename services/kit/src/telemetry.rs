@@ -24,6 +24,15 @@ use tracing_subscriber::{
 
 use crate::config::{LogFormat, TelemetryConfig};
 
+/// Whether this process exports spans (set once [`init_logging`] installed
+/// an exporter): spans that exist only for traces are not made otherwise.
+static TRACES_EXPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process exports traces.
+pub fn traces_exported() -> bool {
+    TRACES_EXPORTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// What [`init_logging`] installed; [`Telemetry::shutdown`] sends the spans
 /// still buffered before the process exits.
 #[derive(Debug, Default)]
@@ -55,6 +64,7 @@ pub fn init_logging(config: &TelemetryConfig, service: &str) -> Telemetry {
         Ok(()) => {
             if let Some(provider) = &provider {
                 opentelemetry::global::set_tracer_provider(provider.clone());
+                TRACES_EXPORTED.store(true, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(endpoint = %config.otlp_endpoint, "exporting traces");
             }
             Telemetry { provider }
@@ -169,6 +179,9 @@ pub fn continue_trace_from(span: &tracing::Span, headers: &BTreeMap<String, Stri
 }
 
 fn continue_trace(span: &tracing::Span, carrier: &dyn Extractor) {
+    if !traces_exported() {
+        return;
+    }
     let parent = TraceContextPropagator::new().extract(carrier);
     if parent.span().span_context().is_valid() {
         // Fails only when the span is disabled (traces off): nothing to do.
@@ -337,6 +350,9 @@ mod tests {
 
     #[test]
     fn a_log_line_carries_the_trace_id_of_its_call() {
+        // As init_logging sets it with an exporter (the flag only saves
+        // work: the test without traces passes either way).
+        TRACES_EXPORTED.store(true, std::sync::atomic::Ordering::Relaxed);
         let provider = SdkTracerProvider::builder().build();
         let line = line_inside_a_call(Some(&provider));
         assert_eq!(line["span"]["name"], "rpc");
