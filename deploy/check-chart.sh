@@ -6,8 +6,10 @@
 #      Kubernetes schemas of each of KUBE_VERSIONS, strictly (unknown fields
 #      fail; the ServiceMonitor CRD has no schema there and is only warned of);
 #   3. bad values are refused by values.schema.json (a negative replica
-#      count, a wrong type, an unknown environment, an unknown key) — the
-#      script fails if one is NOT refused;
+#      count, a wrong type, an unknown environment, an unknown key, a bad
+#      anti-affinity or trace setting) — the script fails if one is NOT
+#      refused; the production example renders pod anti-affinity on every
+#      Deployment, the trace exporter's setting and its egress;
 #   4. deploy/docker-compose.yml parses, and every USHER_* setting the compose
 #      file and the rendered chart give a binary is a key of its config;
 #   5. where the binaries are built (USHER_BIN_DIR, else target/debug or
@@ -91,6 +93,18 @@ refused "a replica count that is not a number" --set identity.replicaCount=two
 refused "an unknown environment" --set environment=staging
 refused "an unknown top-level value" --set replicas=3
 refused "plain SMTP in production" --set smtp.tls=none
+refused "an unknown anti-affinity" --set podAntiAffinity=always
+refused "a sample ratio above 1" --set tracing.sampleRatio=2
+refused "an OTLP endpoint that is not a URL" --set tracing.otlpEndpoint=collector
+
+# Running at scale: the production example spreads every service's
+# replicas over nodes and exports traces, with the egress to the collector.
+[ "$(grep -c 'podAntiAffinity:' "$work/production.yaml")" -eq 4 ] \
+  || fail "production example: not every Deployment has pod anti-affinity"
+grep -q 'USHER_TELEMETRY__OTLP_ENDPOINT' "$work/production.yaml" \
+  || fail "production example exports no traces"
+grep -q '# otlp' "$work/production.yaml" \
+  || fail "production example: no egress to the trace collector"
 
 # 4. Compose parses; every setting names a real key.
 python3 -c 'import sys, yaml; yaml.safe_load(open(sys.argv[1]))' deploy/docker-compose.yml \
