@@ -47,9 +47,12 @@ const PUBLIC_LIMIT: usize = 10;
 const DEADLINE: Duration = Duration::from_secs(120);
 
 /// A TCP load balancer in front of a service's replicas, as a Kubernetes
-/// Service: each new connection goes to the next replica in turn, or to the
-/// one after it when that one refuses (stopped). A connection stays with its
-/// replica until either side closes it, as gRPC's HTTP/2 connections do.
+/// Service: each new connection goes to the replica with the fewest open
+/// connections (the next in turn on a tie), or to another when that one
+/// refuses (stopped). A connection stays with its replica until either side
+/// closes it, as gRPC's HTTP/2 connections do. Fewest-connections rather
+/// than plain turns, so the callers' connections spread over both replicas
+/// whatever other connections (health probes, reconnects) came first.
 pub struct Balancer {
     /// The address callers use.
     pub addr: SocketAddr,
@@ -66,17 +69,29 @@ impl Balancer {
         let addr = listener.local_addr().expect("addr");
         let open: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let connections = open.clone();
+        // Open connections per backend.
+        let load: Arc<Vec<AtomicUsize>> =
+            Arc::new(backends.iter().map(|_| AtomicUsize::new(0)).collect());
         let accept = tokio::spawn(async move {
             let next = AtomicUsize::new(0);
             while let Ok((mut inbound, _)) = listener.accept().await {
-                let first = next.fetch_add(1, Ordering::SeqCst);
+                let turn = next.fetch_add(1, Ordering::SeqCst);
+                let count = backends.len();
+                let mut order: Vec<usize> = (0..count).map(|i| (turn + i) % count).collect();
+                order.sort_by_key(|&i| load[i].load(Ordering::SeqCst));
+                // Counted at once, so the next connection (accepted before
+                // this one's connect completes) sees it.
+                load[order[0]].fetch_add(1, Ordering::SeqCst);
                 let backends = backends.clone();
+                let load = load.clone();
                 let task = tokio::spawn(async move {
-                    for turn in 0..backends.len() {
-                        let backend = backends[(first + turn) % backends.len()];
+                    for (n, i) in order.into_iter().enumerate() {
+                        if n > 0 {
+                            load[i].fetch_add(1, Ordering::SeqCst);
+                        }
                         let connect = tokio::time::timeout(
                             Duration::from_secs(1),
-                            tokio::net::TcpStream::connect(backend),
+                            tokio::net::TcpStream::connect(backends[i]),
                         )
                         .await;
                         if let Ok(Ok(mut outbound)) = connect {
@@ -84,8 +99,10 @@ impl Balancer {
                             let _ = inbound.set_nodelay(true);
                             let _ =
                                 tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            load[i].fetch_sub(1, Ordering::SeqCst);
                             return;
                         }
+                        load[i].fetch_sub(1, Ordering::SeqCst);
                     }
                 });
                 connections.lock().expect("lock").push(task.abort_handle());
@@ -192,7 +209,11 @@ impl Replicas {
         for (_, replicas) in &services {
             for replica in replicas {
                 replica
-                    .wait_for("", ServingStatus::Serving, Duration::from_secs(60))
+                    .wait_for(
+                        readiness(replica.name),
+                        ServingStatus::Serving,
+                        Duration::from_secs(60),
+                    )
                     .await;
             }
         }
@@ -277,6 +298,17 @@ impl Replicas {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// The health service whose SERVING means a binary is ready: its schema
+/// applied and its dependencies reached (the empty name is liveness only).
+fn readiness(binary: &str) -> &'static str {
+    match binary {
+        "usher-identity" => "usher.identity.v1.AuthService",
+        "usher-invitation" => "usher.invitation.v1.InvitationService",
+        "usher-notification" => "usher.notification.v1.NotificationService",
+        _ => "",
     }
 }
 
@@ -545,8 +577,14 @@ async fn two_replicas_of_everything_do_nothing_twice_and_lose_nothing_in_a_rolli
         for replica in replicas {
             replica.terminate().await;
             let again = replica.restart(env);
+            // Ready (its database, Redis and broker reached), as Kubernetes
+            // waits for before stopping the next one.
             again
-                .wait_for("", ServingStatus::Serving, Duration::from_secs(60))
+                .wait_for(
+                    readiness(again.name),
+                    ServingStatus::Serving,
+                    Duration::from_secs(60),
+                )
                 .await;
             restarted.push(again);
         }
