@@ -114,6 +114,7 @@ pub async fn serve_with(
     // Served from the start (docs/operations.md lists them).
     metrics::counter!("usher_invitations_created_total").increment(0);
     metrics::counter!("usher_invitations_accepted_total").increment(0);
+    metrics::counter!("usher_invitation_token_key_misses_total").increment(0);
     for step in app::create::STEPS {
         let _ = metrics::histogram!(app::create::STEP_SECONDS, "step" => step);
     }

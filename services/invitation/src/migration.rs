@@ -13,6 +13,7 @@ impl MigratorTrait for Migrator {
             usher_kit::outbox::migration(),
             Box::new(crate::store::schema::CreateInvitationSchema),
             usher_kit::outbox::notify_migration(),
+            Box::new(crate::store::schema::IndexPendingTokens),
         ]
     }
 }

@@ -541,6 +541,72 @@ async fn concurrent_accepts_of_one_link_have_exactly_one_winner() {
     h.stop().await;
 }
 
+/// A link whose Redis key was lost (a Redis failover that dropped the
+/// write, a flushed or replaced Redis) still works: PostgreSQL holds its
+/// token's hash. The fallback revives no dead link: once used, or past its
+/// lifetime, a link is refused as before.
+#[tokio::test]
+async fn a_link_whose_redis_key_was_lost_still_works_and_revives_nothing() {
+    let h = Harness::start().await;
+    let account = h.account(10).await;
+    h.invite(&account, &["kept@acme.example", "late@acme.example"])
+        .await
+        .unwrap();
+    let kept = h.token_for("kept@acme.example").await;
+    let late = h.token_for("late@acme.example").await;
+    let lost: Vec<String> = h
+        .redis_keys()
+        .await
+        .into_iter()
+        .filter(|k| k.starts_with("inv:tok:"))
+        .map(|k| format!("{}{k}", h.redis_prefix))
+        .collect();
+    assert_eq!(lost.len(), 2);
+    let _: i64 = redis::cmd("DEL")
+        .arg(&lost)
+        .query_async(&mut h.redis.connection())
+        .await
+        .unwrap();
+    let preview = |token: &String| {
+        h.api
+            .preview_invitation(public(pb::PreviewInvitationRequest {
+                token: token.clone(),
+            }))
+    };
+    let shown = preview(&kept)
+        .await
+        .expect("found in PostgreSQL")
+        .into_inner();
+    assert_eq!(shown.email, "kept@acme.example");
+    h.api
+        .accept_invitation(public(accept(&kept)))
+        .await
+        .expect("accepted without its key");
+    assert_eq!(
+        reason(&preview(&kept).await.expect_err("used")),
+        "INVITATION_NOT_USABLE"
+    );
+    assert_eq!(
+        reason(
+            &h.api
+                .accept_invitation(public(accept(&kept)))
+                .await
+                .expect_err("used once")
+        ),
+        "INVITATION_NOT_USABLE"
+    );
+    h.clock.advance(Duration::hours(25));
+    assert_eq!(
+        reason(&preview(&late).await.expect_err("expired")),
+        "INVITATION_NOT_USABLE"
+    );
+    assert_eq!(
+        reason(&preview(&"x".repeat(43)).await.expect_err("unknown")),
+        "INVITATION_NOT_USABLE"
+    );
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn a_link_works_until_its_lifetime_ends_and_not_a_second_after() {
     let h = Harness::start().await;

@@ -19,12 +19,35 @@ use crate::{
         transitions::{RowChange, claim_until, inviter_to_notify},
     },
     state::Invitations,
+    store::tokens::TokenTarget,
 };
 
 impl Invitations {
+    /// What a link's token points at: its Redis key or, when Redis has lost
+    /// the key (a failover that dropped a recent write, a flushed or
+    /// replaced Redis), the PENDING invitation PostgreSQL holds under the
+    /// token's hash. Either way PostgreSQL then decides whether it is
+    /// usable, so the fallback revives no dead link.
+    async fn target(&self, token: &str) -> ApiResult<TokenTarget> {
+        if let Some(target) = self.tokens.get(token).await? {
+            return Ok(target);
+        }
+        let hash = self.tokens.hash_of(token).ok_or_else(not_usable)?;
+        let model = self
+            .repo
+            .find_pending_by_token_hash(&hash)
+            .await?
+            .ok_or_else(not_usable)?;
+        metrics::counter!("usher_invitation_token_key_misses_total").increment(1);
+        Ok(TokenTarget {
+            invitation_id: model.id,
+            version: model.token_version,
+        })
+    }
+
     /// The invitation a token points at, if the link is usable now.
     async fn by_token(&self, token: &str) -> ApiResult<Invitation> {
-        let target = self.tokens.get(token).await?.ok_or_else(not_usable)?;
+        let target = self.target(token).await?;
         let model = self
             .repo
             .find_by_id(target.invitation_id)
@@ -78,11 +101,7 @@ impl Invitations {
         let name = check_answer(&request.token, &request.display_name, &request.password)?;
 
         // 1. Which invitation, which version.
-        let target = self
-            .tokens
-            .get(&request.token)
-            .await?
-            .ok_or_else(not_usable)?;
+        let target = self.target(&request.token).await?;
         // 2. The claim: one winner, and the row it claimed.
         let now = self.clock.now();
         let until = claim_until(
@@ -197,11 +216,7 @@ impl Invitations {
         call_id: &str,
     ) -> ApiResult<pb::DeclineInvitationResponse> {
         check_token(&request.token)?;
-        let target = self
-            .tokens
-            .get(&request.token)
-            .await?
-            .ok_or_else(not_usable)?;
+        let target = self.target(&request.token).await?;
         let tx = self.repo.begin().await?;
         let model = tx
             .lock_one(None, target.invitation_id)

@@ -226,6 +226,19 @@ impl Repository {
             .map(Invitation::from))
     }
 
+    /// The PENDING invitation whose current link has the token hash `hash`
+    /// (the partial index `invitations_pending_token`).
+    pub async fn find_pending_by_token_hash(&self, hash: &str) -> StoreResult<Option<Invitation>> {
+        Ok(invitation::Entity::find()
+            .filter(Column::TokenHash.eq(hash))
+            // A literal, so the planner matches the partial index's
+            // predicate whatever plan it caches.
+            .filter(Expr::cust("state = 'PENDING'"))
+            .one(&self.db)
+            .await?
+            .map(Invitation::from))
+    }
+
     /// How many of the account's invitations `filter` selects at `now`,
     /// counted no further than `cap + 1`: the ids of at most that many are
     /// read, so a first page costs the same in an account of millions.

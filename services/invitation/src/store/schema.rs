@@ -52,6 +52,39 @@ enum Invitations {
     ExpiryPublished,
 }
 
+/// Indexes the token hashes of PENDING invitations, so a link whose Redis
+/// key was lost is still found (`find_pending_by_token_hash`).
+#[derive(Debug)]
+pub struct IndexPendingTokens;
+
+impl MigrationName for IndexPendingTokens {
+    fn name(&self) -> &str {
+        "m20261207_000001_index_pending_token_hash"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for IndexPendingTokens {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(
+                "CREATE INDEX IF NOT EXISTS invitations_pending_token \
+                 ON invitations (token_hash) WHERE state = 'PENDING'",
+            )
+            .await
+            .map(|_| ())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared("DROP INDEX IF EXISTS invitations_pending_token")
+            .await
+            .map(|_| ())
+    }
+}
+
 #[derive(DeriveIden)]
 enum IdempotencyKeys {
     Table,

@@ -66,18 +66,23 @@ impl TokenStore {
         format!("inv:quota:{account}:{hour}")
     }
 
+    /// The hash `token` is stored under; `None` for a malformed token,
+    /// which is never looked up.
+    pub fn hash_of(&self, token: &str) -> Option<String> {
+        let well_formed = !token.is_empty()
+            && token.len() <= MAX_TOKEN_CHARS
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        well_formed.then(|| self.hasher.hash(TokenPurpose::Invitation, token))
+    }
+
     /// What `token` points at, if its key exists. Malformed tokens are never
     /// looked up.
     pub async fn get(&self, token: &str) -> StoreResult<Option<TokenTarget>> {
-        if token.is_empty()
-            || token.len() > MAX_TOKEN_CHARS
-            || !token
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
+        let Some(hash) = self.hash_of(token) else {
             return Ok(None);
-        }
-        let hash = self.hasher.hash(TokenPurpose::Invitation, token);
+        };
         let value = classified(self.store.get(&Self::key(&hash)).await)?;
         Ok(value.as_deref().and_then(parse_target))
     }
