@@ -303,8 +303,17 @@ impl Validate for DatabaseConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// Connection URL, `redis://` or `rediss://` (TLS).
+    /// Connection URL. One server: `redis://[user:password@]host:port[/db]`
+    /// (`rediss://` for TLS). A Sentinel group's master:
+    /// `redis+sentinel://[user:password@]host:port,host:port,…/<master name>[/db]`
+    /// (the sentinels' addresses; the credentials and database are the
+    /// master's). A Cluster: `redis+cluster://[user:password@]host:port,…`
+    /// (nodes to learn the cluster from). `rediss+sentinel://` and
+    /// `rediss+cluster://` use TLS to every node.
     pub url: Secret,
+    /// Password of the sentinels, when they require one (empty: none).
+    /// Only used with `redis+sentinel://`.
+    pub sentinel_password: Secret,
     /// Prefix of every key this deployment writes (lets tests and several
     /// deployments share one server).
     pub key_prefix: String,
@@ -318,28 +327,35 @@ pub struct RedisConfig {
     /// it is kept well above scheduling delays (and below the calls'
     /// deadline).
     pub command_timeout_ms: u64,
+    /// Replicas that must hold a write that cannot be rebuilt (invitation
+    /// tokens, sessions and their revocations, principal and API key
+    /// snapshots) before it counts as done (`WAIT`): 0 answers as soon as
+    /// the master has it, and a failover may lose it; 1 or more makes such
+    /// a write fail (`UNAVAILABLE`) unless that many replicas acknowledged
+    /// it within `wait_timeout_ms`.
+    pub wait_replicas: u32,
+    /// How long a write waits for `wait_replicas` replicas, in milliseconds.
+    pub wait_timeout_ms: u64,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: Secret::new("redis://127.0.0.1:6379"),
+            sentinel_password: Secret::new(""),
             key_prefix: "usher:".into(),
             connect_timeout_ms: 1_000,
             command_timeout_ms: 5_000,
+            wait_replicas: 0,
+            wait_timeout_ms: 500,
         }
     }
 }
 
 impl Validate for RedisConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        let url = self.url.expose();
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            return Err(ConfigError::invalid(
-                "redis.url",
-                "must be a redis:// or rediss:// URL",
-            ));
-        }
+        crate::redis::Topology::of(self.url.expose())
+            .map_err(|why| ConfigError::invalid("redis.url", why))?;
         if self.connect_timeout_ms == 0 {
             return Err(ConfigError::invalid(
                 "redis.connect_timeout_ms",
@@ -350,6 +366,14 @@ impl Validate for RedisConfig {
             return Err(ConfigError::invalid(
                 "redis.command_timeout_ms",
                 "must be positive",
+            ));
+        }
+        if self.wait_replicas > 0
+            && (self.wait_timeout_ms == 0 || self.wait_timeout_ms >= self.command_timeout_ms)
+        {
+            return Err(ConfigError::invalid(
+                "redis.wait_timeout_ms",
+                "must be positive and below redis.command_timeout_ms when redis.wait_replicas is set",
             ));
         }
         Ok(())

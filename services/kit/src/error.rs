@@ -480,7 +480,23 @@ impl From<sea_orm::DbErr> for ApiError {
 
 impl From<redis::RedisError> for ApiError {
     fn from(err: redis::RedisError) -> Self {
-        if err.is_io_error()
+        use redis::{ErrorKind, ServerErrorKind};
+        // A server going away, or one in the middle of a failover (a
+        // demoted master, a cluster re-electing, a replica loading), is a
+        // passing condition: worth a retry.
+        let passing = matches!(
+            err.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::ReadOnly
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::BusyLoading
+            ) | ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::MasterNameNotFoundBySentinel
+        );
+        if passing
+            || err.is_io_error()
             || err.is_connection_dropped()
             || err.is_timeout()
             || err.is_connection_refusal()

@@ -293,6 +293,7 @@ pub fn install_metrics(listen: Option<SocketAddr>) -> anyhow::Result<()> {
 fn register_common() {
     metrics::gauge!("usher_ready").set(0.0);
     metrics::counter!("usher_grpc_shed_total").increment(0);
+    metrics::counter!("usher_redis_unreplicated_writes_total").increment(0);
 }
 
 #[cfg(test)]

@@ -1,5 +1,8 @@
-//! Helpers for tests that use the real PostgreSQL: a fresh database per test,
-//! dropped afterwards. Not used by the binaries.
+//! Helpers for tests that use the real servers: a fresh PostgreSQL database
+//! per test, dropped afterwards, and real Redis topologies
+//! ([`topologies`]). Not used by the binaries.
+
+pub mod topologies;
 
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 

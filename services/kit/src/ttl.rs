@@ -2,7 +2,8 @@
 //! need from Redis, behind one trait with two implementations.
 //!
 //! - [`RedisTtlStore`]: the real one (`SET … PX`, `GET`, `DEL`, `INCRBY` +
-//!   `PEXPIRE [NX]` in `MULTI`), keys under the deployment's prefix.
+//!   `PEXPIRE [NX]` in a single-key script), keys under the deployment's
+//!   prefix; every command names one key, so it runs on a Redis Cluster too.
 //! - [`MemoryTtlStore`]: in the process, for `usher dev` without Redis
 //!   (ARCHITECTURE.md, "`usher dev` — the embedded default"). Time comes
 //!   from a [`Clock`](crate::clock::Clock), so tests move it instead of sleeping.
@@ -43,6 +44,8 @@ pub struct TtlEntry {
 pub trait TtlStore: Send + Sync + fmt::Debug {
     /// Writes every entry (replacing earlier values and TTLs), in one round
     /// trip where the backend allows. Entries with a zero TTL are skipped.
+    /// On Redis, the write is durable as `redis.wait_replicas` asks
+    /// ([`Redis::replicate`]).
     fn set_many(&self, entries: Vec<TtlEntry>) -> BoxFuture<'_, ApiResult<()>>;
 
     /// The value of `key`, unless it is missing or expired.
@@ -78,16 +81,42 @@ fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Adds to a counter and sets its TTL, atomically. A single-key script
+/// rather than `MULTI`/`EXEC`: a Redis Cluster routes (and re-routes after
+/// a failover) a script by its key, but gives up on a transaction whose
+/// slot moved.
+const ADD_SCRIPT: &str = r"
+-- KEYS: counter; ARGV: by, ttl ms
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return value
+";
+
+/// Adds to a counter whose TTL is set only when it is new (a fixed
+/// window); returns the value and the time the window has left.
+const WINDOW_SCRIPT: &str = r"
+-- KEYS: counter; ARGV: by, window ms
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2], 'NX')
+return {value, redis.call('PTTL', KEYS[1])}
+";
+
 /// [`TtlStore`] on Redis, every key under the deployment's prefix.
 #[derive(Clone, Debug)]
 pub struct RedisTtlStore {
     redis: Redis,
+    add_script: Arc<redis::Script>,
+    window_script: Arc<redis::Script>,
 }
 
 impl RedisTtlStore {
     /// Keys in `redis`.
     pub fn new(redis: Redis) -> Self {
-        Self { redis }
+        Self {
+            redis,
+            add_script: Arc::new(redis::Script::new(ADD_SCRIPT)),
+            window_script: Arc::new(redis::Script::new(WINDOW_SCRIPT)),
+        }
     }
 
     fn key(&self, key: &str) -> String {
@@ -116,6 +145,7 @@ impl TtlStore for RedisTtlStore {
             if any {
                 let mut conn = self.redis.connection();
                 let () = pipe.query_async(&mut conn).await?;
+                self.redis.replicate().await?;
             }
             Ok(())
         }
@@ -146,15 +176,14 @@ impl TtlStore for RedisTtlStore {
 
     fn add<'a>(&'a self, key: &'a str, by: i64, ttl: Duration) -> BoxFuture<'a, ApiResult<i64>> {
         async move {
-            let key = self.key(key);
             let ttl = i64::try_from(millis(ttl).max(1)).unwrap_or(i64::MAX);
             let mut conn = self.redis.connection();
-            let (value,): (i64,) = redis::pipe()
-                .atomic()
-                .incr(&key, by)
-                .pexpire(&key, ttl)
-                .ignore()
-                .query_async(&mut conn)
+            let value: i64 = self
+                .add_script
+                .key(self.key(key))
+                .arg(by)
+                .arg(ttl)
+                .invoke_async(&mut conn)
                 .await?;
             Ok(value)
         }
@@ -168,19 +197,14 @@ impl TtlStore for RedisTtlStore {
         window: Duration,
     ) -> BoxFuture<'a, ApiResult<(i64, Duration)>> {
         async move {
-            let key = self.key(key);
             let window = millis(window).max(1);
             let mut conn = self.redis.connection();
-            let (value, left): (i64, i64) = redis::pipe()
-                .atomic()
-                .incr(&key, by)
-                .cmd("PEXPIRE")
-                .arg(&key)
+            let (value, left): (i64, i64) = self
+                .window_script
+                .key(self.key(key))
+                .arg(by)
                 .arg(window)
-                .arg("NX")
-                .ignore()
-                .pttl(&key)
-                .query_async(&mut conn)
+                .invoke_async(&mut conn)
                 .await?;
             let left = u64::try_from(left).unwrap_or(0);
             Ok((value, Duration::from_millis(left)))
@@ -561,6 +585,30 @@ mod tests {
         .expect("redis");
         let store = RedisTtlStore::new(redis);
         conformance::run(&store, tokio::time::sleep).await;
+    }
+
+    /// The store on a real topology's URL, under a fresh prefix.
+    fn store_on(url: String) -> RedisTtlStore {
+        RedisTtlStore::new(
+            Redis::connect(&RedisConfig {
+                url: crate::config::Secret::new(url),
+                key_prefix: format!("t:{}:", Uuid::new_v4().simple()),
+                ..RedisConfig::default()
+            })
+            .expect("redis"),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_redis_store_conforms_on_a_sentinel_group() {
+        let url = crate::testing::topologies::SentinelGroup::shared().url();
+        conformance::run(&store_on(url), tokio::time::sleep).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_redis_store_conforms_on_a_cluster() {
+        let url = crate::testing::topologies::RedisCluster::shared().url();
+        conformance::run(&store_on(url), tokio::time::sleep).await;
     }
 
     #[tokio::test]

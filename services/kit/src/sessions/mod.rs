@@ -72,8 +72,12 @@
 //! back. Expiry is checked against the injected clock on every lookup, and
 //! the Redis key expires with the API key.
 //!
-//! Multi-key writes are `MULTI`/`EXEC` pipelines; the rotation and the
-//! versioned snapshot write are Lua scripts (check-and-set). Needs Redis 7
+//! No write spans two keys atomically, so the same code runs on a Redis
+//! Cluster, where a session's keys live on different slots: the session
+//! record is the commit point. Token keys and the index entry are written
+//! before the record and deleted after it, so a half-done write leaves only
+//! keys no token reaches. The rotation (a check-and-set of the record) and
+//! the versioned snapshot writes are single-key Lua scripts. Needs Redis 7
 //! (`PEXPIRE … NX|GT`). A Redis that cannot be reached gives
 //! [`ApiError::Unavailable`], never "no such session" (fail closed, P21).
 //!

@@ -1,7 +1,12 @@
 //! Sessions in Redis ([`RedisSessionStore`]), the store of a deployment:
 //! identity and the gateway share it. The key layout is in the parent
-//! module's documentation; multi-key writes are `MULTI`/`EXEC` pipelines and
-//! the check-and-set writes are the Lua scripts below.
+//! module's documentation. A session's keys are not kept in one slot of a
+//! Redis Cluster (a token's key is named by the token's hash alone), so no
+//! write spans two keys atomically: the session record is the commit point.
+//! Every token resolves through it, so a session's other keys are written
+//! before it and deleted after it, and a half-done write (a crash between
+//! the steps) leaves keys no token reaches, which expire. The
+//! check-and-set writes are the single-key Lua scripts below.
 
 use std::fmt;
 
@@ -46,18 +51,14 @@ fn padded_version(version: u64) -> String {
     format!("{version:020}")
 }
 
-/// Swaps in a rotated record, and the new token keys, only while the record
-/// still holds the refresh hash the caller rotated from.
+/// Swaps in a rotated record only while the record still holds the refresh
+/// hash the caller rotated from.
 const ROTATE_SCRIPT: &str = r"
--- KEYS: session record, new access key, new refresh key
--- ARGV: expected refresh hash, record, record ttl ms,
---       access entry, access ttl ms, refresh entry, refresh ttl ms
+-- KEYS: session record; ARGV: expected refresh hash, record, record ttl ms
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
 if cjson.decode(current)['refresh_hash'] ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
-redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7])
 return 1
 ";
 
@@ -184,15 +185,11 @@ impl RedisSessionStore {
         let now = record.created_at;
         let session_ttl = ttl_ms(now, record.absolute_expiry);
         let user_key = self.user_key(user_id);
+        let mut conn = self.redis.connection();
+        // The token keys and the index first, the record last (the module's
+        // documentation says why).
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("SET")
-            .arg(self.session_key(record.id))
-            .arg(to_json(record)?)
-            .arg("PX")
-            .arg(session_ttl)
-            .ignore()
-            .cmd("SET")
+        pipe.cmd("SET")
             .arg(self.access_key(&record.access_hash))
             .arg(to_json(&minted.access_entry())?)
             .arg("PX")
@@ -226,7 +223,15 @@ impl RedisSessionStore {
             .arg(session_ttl)
             .arg("GT")
             .ignore();
-        pipe.query_async::<()>(&mut self.redis.connection()).await?;
+        pipe.query_async::<()>(&mut conn).await?;
+        let () = conn
+            .pset_ex(
+                self.session_key(record.id),
+                to_json(record)?,
+                u64::try_from(session_ttl).unwrap_or(1),
+            )
+            .await?;
+        self.redis.replicate().await?;
         Ok(minted.issued)
     }
 
@@ -273,24 +278,46 @@ impl RedisSessionStore {
             }
             let minted = self.rules.rotate(now, &record)?;
             let rotated = minted.record();
+            let mut conn = self.redis.connection();
+            // The new token keys first: nobody holds their tokens until the
+            // swap of the record succeeds.
+            let access_key = self.access_key(&rotated.access_hash);
+            let refresh_key = self.refresh_key(&rotated.refresh_hash);
+            redis::pipe()
+                .cmd("SET")
+                .arg(&access_key)
+                .arg(to_json(&minted.access_entry())?)
+                .arg("PX")
+                .arg(ttl_ms(now, rotated.access_expiry))
+                .ignore()
+                .cmd("SET")
+                .arg(&refresh_key)
+                .arg(to_json(&minted.refresh_entry())?)
+                .arg("PX")
+                .arg(ttl_ms(now, rotated.refresh_expiry))
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(ApiError::from)?;
             let swapped: i64 = self
                 .rotate
                 .key(self.session_key(rotated.id))
-                .key(self.access_key(&rotated.access_hash))
-                .key(self.refresh_key(&rotated.refresh_hash))
                 .arg(&hash)
                 .arg(to_json(rotated)?)
                 .arg(ttl_ms(now, rotated.absolute_expiry))
-                .arg(to_json(&minted.access_entry())?)
-                .arg(ttl_ms(now, rotated.access_expiry))
-                .arg(to_json(&minted.refresh_entry())?)
-                .arg(ttl_ms(now, rotated.refresh_expiry))
-                .invoke_async(&mut self.redis.connection())
+                .invoke_async(&mut conn)
                 .await
                 .map_err(ApiError::from)?;
             if swapped == 1 {
+                self.redis.replicate().await.map_err(ApiError::from)?;
                 return Ok(minted.issued);
             }
+            // Lost to another refresh: the keys just written name tokens
+            // nobody will ever hold.
+            let _: usize = conn
+                .del(&[access_key, refresh_key])
+                .await
+                .map_err(ApiError::from)?;
         }
         // Two lost races in a row: refuse, as a concurrent refresh would be.
         Err(SessionError::Superseded)
@@ -302,24 +329,29 @@ impl RedisSessionStore {
         if records.is_empty() {
             return Ok(0);
         }
+        let mut conn = self.redis.connection();
+        // The records first: from then on no token of theirs resolves.
+        let records_keys: Vec<String> = records
+            .iter()
+            .map(|record| self.session_key(record.id))
+            .collect();
+        let deleted: usize = conn.del(records_keys).await?;
+        // One key per command, so a Cluster can route each.
         let mut pipe = redis::pipe();
-        pipe.atomic().cmd("DEL");
         for record in records {
-            pipe.arg(self.session_key(record.id));
-        }
-        pipe.cmd("DEL");
-        for record in records {
-            pipe.arg(self.access_key(&record.access_hash))
-                .arg(self.refresh_key(&record.refresh_hash));
-        }
-        pipe.ignore();
-        for record in records {
-            pipe.cmd("ZREM")
+            pipe.cmd("DEL")
+                .arg(self.access_key(&record.access_hash))
+                .ignore()
+                .cmd("DEL")
+                .arg(self.refresh_key(&record.refresh_hash))
+                .ignore()
+                .cmd("ZREM")
                 .arg(self.user_key(record.user_id))
                 .arg(record.id.to_string())
                 .ignore();
         }
-        let (deleted,): (usize,) = pipe.query_async(&mut self.redis.connection()).await?;
+        pipe.query_async::<()>(&mut conn).await?;
+        self.redis.replicate().await?;
         Ok(deleted)
     }
 
@@ -365,6 +397,7 @@ impl RedisSessionStore {
             .arg(to_json(&snapshot)?)
             .invoke_async(&mut self.redis.connection())
             .await?;
+        self.redis.replicate().await?;
         Ok(written == 1)
     }
 
@@ -384,6 +417,7 @@ impl RedisSessionStore {
             .connection()
             .del(self.principal_key(user_id))
             .await?;
+        self.redis.replicate().await?;
         Ok(deleted > 0)
     }
 
@@ -403,6 +437,7 @@ impl RedisSessionStore {
             .arg(ttl)
             .invoke_async(&mut self.redis.connection())
             .await?;
+        self.redis.replicate().await?;
         Ok(written == 1)
     }
 
@@ -426,6 +461,7 @@ impl RedisSessionStore {
             .key(self.api_key_key(&hash))
             .invoke_async(&mut self.redis.connection())
             .await?;
+        self.redis.replicate().await?;
         Ok(had == 1)
     }
 }

@@ -69,8 +69,23 @@ impl Harness {
     }
 
     fn redis(config: SessionConfig) -> Self {
+        Self::on(test_redis(), config)
+    }
+
+    /// On the master of a real Sentinel group.
+    fn sentinel(config: SessionConfig) -> Self {
+        let url = crate::testing::topologies::SentinelGroup::shared().url();
+        Self::on(topology_redis(&url), config)
+    }
+
+    /// On a real Redis Cluster.
+    fn cluster(config: SessionConfig) -> Self {
+        let url = crate::testing::topologies::RedisCluster::shared().url();
+        Self::on(topology_redis(&url), config)
+    }
+
+    fn on(redis: Redis, config: SessionConfig) -> Self {
         let clock = ManualClock::new(start());
-        let redis = test_redis();
         Self {
             store: Arc::new(RedisSessionStore::new(
                 redis.clone(),
@@ -106,28 +121,20 @@ fn test_redis() -> Redis {
     .expect("url")
 }
 
+/// A connection to `url` (a Sentinel group or a Cluster) under a prefix of
+/// its own.
+fn topology_redis(url: &str) -> Redis {
+    Redis::connect(&RedisConfig {
+        url: Secret::new(url),
+        key_prefix: format!("usher-test:{}:", Uuid::new_v4().simple()),
+        ..RedisConfig::default()
+    })
+    .expect("url")
+}
+
 /// Every key under the harness prefix.
 async fn keys(redis: &Redis) -> Vec<String> {
-    let pattern = redis.key(&["*"]);
-    let mut conn = redis.connection();
-    let mut cursor = 0_u64;
-    let mut found = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1_000)
-            .query_async(&mut conn)
-            .await
-            .expect("scan");
-        found.extend(batch);
-        if next == 0 {
-            return found;
-        }
-        cursor = next;
-    }
+    redis.scan_keys(&redis.key(&["*"])).await.expect("scan")
 }
 
 /// Runs one case against a harness, cleaning up even when it fails.
@@ -180,6 +187,8 @@ macro_rules! conformance_suite {
 
 conformance_suite!(memory, Harness::memory);
 conformance_suite!(redis_backend, Harness::redis);
+conformance_suite!(redis_sentinel, Harness::sentinel);
+conformance_suite!(redis_cluster, Harness::cluster);
 
 /// The cases, written once against [`SessionStore`].
 mod suite;
