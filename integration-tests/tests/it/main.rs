@@ -26,6 +26,7 @@ mod notification;
 mod password_change;
 mod proxy;
 mod raw;
+mod redis_topologies;
 mod replicas;
 mod set_password;
 mod shutdown;
