@@ -96,6 +96,8 @@ refused "plain SMTP in production" --set smtp.tls=none
 refused "an unknown anti-affinity" --set podAntiAffinity=always
 refused "a sample ratio above 1" --set tracing.sampleRatio=2
 refused "an OTLP endpoint that is not a URL" --set tracing.otlpEndpoint=collector
+refused "a negative number of Redis replicas to wait for" --set redisWaitReplicas=-1
+refused "a Redis wait of no time" --set redisWaitTimeoutMs=0
 
 # Running at scale: the production example spreads every service's
 # replicas over nodes and exports traces, with the egress to the collector.
@@ -105,6 +107,14 @@ grep -q 'USHER_TELEMETRY__OTLP_ENDPOINT' "$work/production.yaml" \
   || fail "production example exports no traces"
 grep -q '# otlp' "$work/production.yaml" \
   || fail "production example: no egress to the trace collector"
+# … and waits for a Redis replica, reaches the sentinels, and gives the
+# services the sentinels' password when the Secret has one.
+grep -q 'USHER_REDIS__WAIT_REPLICAS: "1"' "$work/production.yaml" \
+  || fail "production example: redisWaitReplicas is not passed on"
+grep -q -- '- port: 26379' "$work/production.yaml" \
+  || fail "production example: no egress to the Redis sentinels"
+[ "$(grep -c 'key: redis-sentinel-password' "$work/production.yaml")" -ge 3 ] \
+  || fail "the sentinels' password is not offered to gateway, identity and invitation"
 
 # 4. Compose parses; every setting names a real key.
 python3 -c 'import sys, yaml; yaml.safe_load(open(sys.argv[1]))' deploy/docker-compose.yml \

@@ -162,7 +162,7 @@ def dummy_secret(key):
     if key.endswith("database-url"):
         return "postgres://usher:password@postgres.example.internal:5432/" + key.split("-")[0]
     if key == "redis-url":
-        return "rediss://:password@redis.example.internal:6379"
+        return "rediss+sentinel://:password@sentinel-0.example.internal:26379,sentinel-1.example.internal:26379,sentinel-2.example.internal/usher"
     if key == "amqp-url":
         return "amqps://usher:password@rabbitmq.example.internal:5671/usher"
     if key == "smtp-password":

@@ -78,6 +78,7 @@ gateway:
   tokens: true
   secrets:
     USHER_REDIS__URL: {key: redis-url}
+    USHER_REDIS__SENTINEL_PASSWORD: {key: redis-sentinel-password, optional: true}
     USHER_TOKENS__HMAC_KEY: {key: token-hmac-key}
     USHER_ASSERTION__SIGNING_KEY: {key: gateway-signing-key}
 identity:
@@ -94,6 +95,7 @@ identity:
   secrets:
     USHER_DATABASE__URL: {key: identity-database-url}
     USHER_REDIS__URL: {key: redis-url}
+    USHER_REDIS__SENTINEL_PASSWORD: {key: redis-sentinel-password, optional: true}
     USHER_AMQP__URL: {key: amqp-url}
     USHER_TOKENS__HMAC_KEY: {key: token-hmac-key}
     USHER_SEAL__KEY: {key: seal-key}
@@ -112,6 +114,7 @@ invitation:
   secrets:
     USHER_DATABASE__URL: {key: invitation-database-url}
     USHER_REDIS__URL: {key: redis-url}
+    USHER_REDIS__SENTINEL_PASSWORD: {key: redis-sentinel-password, optional: true}
     USHER_AMQP__URL: {key: amqp-url}
     USHER_TOKENS__HMAC_KEY: {key: token-hmac-key}
     USHER_SEAL__KEY: {key: seal-key}
@@ -181,6 +184,8 @@ migration Job.
 {{- end -}}
 {{- if $c.redis -}}
 {{- $_ := set $env "USHER_REDIS__KEY_PREFIX" $v.redisKeyPrefix -}}
+{{- $_ := set $env "USHER_REDIS__WAIT_REPLICAS" (toString $v.redisWaitReplicas) -}}
+{{- $_ := set $env "USHER_REDIS__WAIT_TIMEOUT_MS" (toString $v.redisWaitTimeoutMs) -}}
 {{- end -}}
 {{- if $c.links -}}
 {{- $_ := set $env "USHER_LINKS__PUBLIC_BASE_URL" $v.publicBaseUrl -}}
