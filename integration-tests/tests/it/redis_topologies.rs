@@ -13,7 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use usher_kit::testing::topologies::{RedisCluster, SentinelGroup};
 use usher_proto::{
@@ -23,10 +22,10 @@ use usher_proto::{
 
 use crate::{
     harness::{
-        Isolation, OWNER_PASSWORD, POSTGRES, Service, bearer, create_account, role_id, service_env,
-        sign_in,
+        Isolation, OWNER_PASSWORD, POSTGRES, Service, create_account, role_id, service_env, sign_in,
     },
     journey::{BASE_URL, link_token},
+    replicas::invite,
     smtp_sink::SmtpSink,
 };
 
@@ -131,7 +130,10 @@ impl OnRedis {
                         n += 1;
                         let email = format!("c{client}n{n}@{slug}.example");
                         match invite(&mut invitations, &token, &role, &email).await {
-                            Ok(()) => created.lock().expect("lock").push(email),
+                            Ok(result) => {
+                                assert!(result.invitation.is_some(), "created: {result:?}");
+                                created.lock().expect("lock").push(email);
+                            }
                             Err(status) => {
                                 failed
                                     .lock()
@@ -247,29 +249,6 @@ impl OnRedis {
         role_id(&self.gateway, &token, "User").await;
         outage
     }
-}
-
-/// Creates one invitation for `email`.
-async fn invite(
-    client: &mut InvitationServiceClient<Channel>,
-    token: &str,
-    role: &str,
-    email: &str,
-) -> Result<(), tonic::Status> {
-    let response = client
-        .create_invitations(bearer(
-            token,
-            pb::CreateInvitationsRequest {
-                raw_text: email.to_owned(),
-                role_id: role.to_owned(),
-                ..Default::default()
-            },
-        ))
-        .await?
-        .into_inner();
-    let result = response.results.into_iter().next().expect("one result");
-    assert!(result.invitation.is_some(), "created: {result:?}");
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -313,7 +313,7 @@ fn readiness(binary: &str) -> &'static str {
 }
 
 /// Creates one invitation for `email`; the invitation's id, or the refusal.
-async fn invite(
+pub async fn invite(
     client: &mut InvitationServiceClient<tonic::transport::Channel>,
     token: &str,
     role: &str,
