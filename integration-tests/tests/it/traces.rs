@@ -16,7 +16,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     trace_service_server::{TraceService, TraceServiceServer},
 };
 use usher_proto::{
-    identity::v1::sign_in_request::Login,
+    identity::v1::{
+        UpdateAccountRequest, account_service_client::AccountServiceClient, sign_in_request::Login,
+    },
     invitation::v1::{self as pb, invitation_service_client::InvitationServiceClient},
 };
 
@@ -253,4 +255,52 @@ async fn one_invitation_is_one_trace_from_the_gateway_to_the_smtp_send() {
             .expect("present");
         assert_eq!(parent_service(span), parent, "{span:?} in {spans:#?}");
     }
+
+    // A call whose transaction runs inside it (UpdateAccount): the
+    // transaction is a `db.transaction` span of identity's `rpc` span.
+    let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    let mut request = bearer(
+        &admin,
+        UpdateAccountRequest {
+            invitation_lifetime: Some(prost_types::Duration {
+                seconds: 7_200,
+                nanos: 0,
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["invitation_lifetime".into()],
+            }),
+            ..Default::default()
+        },
+    );
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{caller_span}-01")
+            .parse()
+            .expect("ascii"),
+    );
+    AccountServiceClient::new(stack.gateway.channel())
+        .update_account(request)
+        .await
+        .expect("updated");
+    let mut spans = Vec::new();
+    for _ in 0..100 {
+        spans = collector.spans_of(&trace_id);
+        if spans.iter().any(|s| s.name == "db.transaction") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let transaction = spans
+        .iter()
+        .find(|s| s.service == "usher-identity" && s.name == "db.transaction")
+        .unwrap_or_else(|| panic!("no db.transaction span from identity: {spans:#?}"));
+    let parent = spans
+        .iter()
+        .find(|s| s.span_id == transaction.parent_span_id)
+        .expect("the transaction's parent is in the trace");
+    assert_eq!(
+        (parent.service.as_str(), parent.name.as_str()),
+        ("usher-identity", "rpc"),
+        "{spans:#?}"
+    );
 }

@@ -21,9 +21,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use prost::Message;
-use sea_orm::{
-    ConnectionTrait, DatabaseConnection, EntityTrait, TransactionTrait, sea_query::OnConflict,
-};
+use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, sea_query::OnConflict};
 use serde_json::{Value as Json, json};
 use tokio_util::sync::CancellationToken;
 use usher_kit::{
@@ -320,7 +318,7 @@ pub async fn record(db: &DatabaseConnection, events: Vec<Ingested>) -> ApiResult
     if events.is_empty() {
         return Ok(0);
     }
-    let txn = db.begin().await?;
+    let txn = usher_kit::db::begin(db).await?;
     let mut rows = Vec::with_capacity(events.len());
     for mut event in events {
         name_actor(&txn, event.account_id, &mut event.actor).await?;

@@ -149,6 +149,95 @@ pub async fn apply_migrations<M: MigratorTrait>(
     unlocked.map(|_| ())
 }
 
+/// A database transaction that is a `db.transaction` span of the current
+/// trace from [`begin`] until it is committed, rolled back or dropped (no
+/// span, and no cost, when traces are not exported or no call is traced). Use it as the
+/// [`DatabaseTransaction`](sea_orm::DatabaseTransaction) it dereferences to.
+pub struct Transaction {
+    txn: sea_orm::DatabaseTransaction,
+    _span: Option<tracing::Span>,
+}
+
+impl std::fmt::Debug for Transaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transaction").finish_non_exhaustive()
+    }
+}
+
+/// Begins a transaction on `db` (see [`Transaction`]).
+pub async fn begin<C>(db: &C) -> Result<Transaction, DbErr>
+where
+    C: sea_orm::TransactionTrait<Transaction = sea_orm::DatabaseTransaction>,
+{
+    // Only inside a trace: background work (relays, sweeps) outside any
+    // call would otherwise start a trace of its own at every poll.
+    let span = (crate::telemetry::traces_exported() && !tracing::Span::current().is_none())
+        .then(|| tracing::info_span!("db.transaction", db.system = "postgresql"));
+    Ok(Transaction {
+        txn: db.begin().await?,
+        _span: span,
+    })
+}
+
+impl Transaction {
+    /// Commits, ending the span.
+    pub async fn commit(self) -> Result<(), DbErr> {
+        self.txn.commit().await
+    }
+
+    /// Rolls back, ending the span.
+    pub async fn rollback(self) -> Result<(), DbErr> {
+        self.txn.rollback().await
+    }
+}
+
+/// Statements run in the transaction, as on the transaction itself, so a
+/// [`Transaction`] goes wherever a connection does.
+#[sea_orm_migration::async_trait::async_trait]
+impl ConnectionTrait for Transaction {
+    fn get_database_backend(&self) -> DbBackend {
+        self.txn.get_database_backend()
+    }
+
+    async fn execute_raw(&self, stmt: sea_orm::Statement) -> Result<sea_orm::ExecResult, DbErr> {
+        self.txn.execute_raw(stmt).await
+    }
+
+    async fn execute_unprepared(&self, sql: &str) -> Result<sea_orm::ExecResult, DbErr> {
+        self.txn.execute_unprepared(sql).await
+    }
+
+    async fn query_one_raw(
+        &self,
+        stmt: sea_orm::Statement,
+    ) -> Result<Option<sea_orm::QueryResult>, DbErr> {
+        self.txn.query_one_raw(stmt).await
+    }
+
+    async fn query_all_raw(
+        &self,
+        stmt: sea_orm::Statement,
+    ) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
+        self.txn.query_all_raw(stmt).await
+    }
+
+    fn support_returning(&self) -> bool {
+        self.txn.support_returning()
+    }
+
+    fn is_mock_connection(&self) -> bool {
+        self.txn.is_mock_connection()
+    }
+}
+
+impl std::ops::Deref for Transaction {
+    type Target = sea_orm::DatabaseTransaction;
+
+    fn deref(&self) -> &Self::Target {
+        &self.txn
+    }
+}
+
 /// Whether the database answers a trivial query.
 pub async fn ping(db: &DatabaseConnection) -> bool {
     db.ping().await.is_ok()

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use prost::Message as _;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
-    QueryFilter, TransactionTrait, sea_query::Expr,
+    QueryFilter, sea_query::Expr,
 };
 use sea_orm_migration::{prelude::*, schema::*};
 use usher_kit::{
@@ -303,7 +303,7 @@ pub async fn claim_many(
         return Ok(HashMap::new());
     }
     let ids: Vec<Uuid> = jobs.iter().map(|job| job.id).collect();
-    let txn = db.begin().await?;
+    let txn = usher_kit::db::begin(db).await?;
     Entity::insert_many(jobs.iter().map(|job| job.active(now, Status::Queued, "")))
         .on_conflict_do_nothing_on([Column::Id])
         .exec_without_returning(&txn)
@@ -381,7 +381,7 @@ pub async fn record_many(
     if outcomes.is_empty() {
         return Ok(HashSet::new());
     }
-    let txn = db.begin().await?;
+    let txn = usher_kit::db::begin(db).await?;
     let mut rows = Vec::with_capacity(outcomes.len());
     let (sent, others): (Vec<_>, Vec<_>) = outcomes
         .iter()
@@ -456,7 +456,7 @@ pub async fn requeue_failed(
     id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<bool, DbErr> {
-    let txn = db.begin().await?;
+    let txn = usher_kit::db::begin(db).await?;
     let rows = Entity::update_many()
         .col_expr(Column::Status, Expr::value(Status::Queued.as_str()))
         .col_expr(
@@ -489,7 +489,7 @@ pub async fn record_rejected(
     reason: &str,
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
-    let txn = db.begin().await?;
+    let txn = usher_kit::db::begin(db).await?;
     let inserted = Entity::insert(job.active(now, Status::Failed, reason))
         .on_conflict_do_nothing_on([Column::Id])
         .exec(&txn)

@@ -4,7 +4,6 @@
 //! writes its audit entry and events (domain::accounts decides them).
 
 use chrono::{DateTime, Utc};
-use sea_orm::TransactionTrait;
 use usher_kit::{
     email::EmailAddress,
     error::{ApiError, ApiResult, Reason},
@@ -97,7 +96,7 @@ impl IdentityApi {
 
         let now = self.state.clock.now();
         let actor = Actor::from_principal(&call.principal, "platform");
-        let txn = self.state.db.begin().await?;
+        let txn = usher_kit::db::begin(&self.state.db).await?;
         let account_id = Uuid::new_v4();
         let owner_id = Uuid::new_v4();
         let row = account::Model {
@@ -206,7 +205,7 @@ impl IdentityApi {
     ) -> ApiResult<pb::Account> {
         let account_id = call.principal.account()?;
         let now = self.state.clock.now();
-        let txn = self.state.db.begin().await?;
+        let txn = usher_kit::db::begin(&self.state.db).await?;
         let mut row = accounts::lock(&txn, account_id).await?;
         let actor_name = users::display_name(&txn, call.principal.user_id).await?;
         let actor = Actor::from_principal(&call.principal, actor_name);
@@ -248,7 +247,7 @@ impl IdentityApi {
         }
         let now = self.state.clock.now();
         let actor = Actor::from_principal(&call.principal, "platform");
-        let txn = self.state.db.begin().await?;
+        let txn = usher_kit::db::begin(&self.state.db).await?;
         let mut row = accounts::lock(&txn, account_id).await?;
         if let Some(seat_limit) = command.seat_limit {
             row.seat_limit = seat_limit;
@@ -315,7 +314,7 @@ impl IdentityApi {
         permissions: serde_json::Value,
     ) -> ApiResult<pb::RegisterProductResponse> {
         let now = self.state.clock.now();
-        let txn = self.state.db.begin().await?;
+        let txn = usher_kit::db::begin(&self.state.db).await?;
         let (model, created) =
             accounts::upsert_product(&txn, &code, &display_name, permissions, now).await?;
         let names = accounts::product_permission_names(&model);

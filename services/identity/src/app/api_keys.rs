@@ -9,7 +9,6 @@
 
 use anyhow::anyhow;
 use chrono::{DateTime, Utc};
-use sea_orm::TransactionTrait;
 use usher_kit::{
     error::{ApiError, ApiResult, Reason},
     pagination,
@@ -117,7 +116,7 @@ pub async fn create(
         .await?;
 
     let secret = Token::try_generate_with_prefix(API_KEY_PREFIX).map_err(internal)?;
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     accounts::lock(&txn, account_id).await?;
     if store::active_name_taken(&txn, account_id, &new.name, now).await? {
         return Err(ApiError::rejected(
@@ -215,7 +214,7 @@ pub async fn revoke(state: &Identity, call: &Call, key_id: Uuid) -> ApiResult<ap
     let account_id = principal.account()?;
     require_settled_password(state, principal).await?;
     let now = state.clock.now();
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     let key = store::find_in_account(&txn, account_id, key_id).await?;
     if store::revoke(&txn, key.id, now).await? {
         let actor_name = crate::store::users::display_name(&txn, principal.user_id).await?;

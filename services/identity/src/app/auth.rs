@@ -27,7 +27,6 @@
 
 use anyhow::anyhow;
 use chrono::{DateTime, Duration, Utc};
-use sea_orm::TransactionTrait;
 use usher_kit::{
     amqp::email_job_message,
     error::{ApiError, ApiResult, Reason},
@@ -227,7 +226,7 @@ async fn record_sign_in(
     method: &str,
 ) -> ApiResult<bool> {
     let now = state.clock.now();
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     if !store::record_sign_in(&txn, found.id, verified_hash, new_hash, now).await? {
         return Ok(false);
     }
@@ -363,7 +362,7 @@ pub async fn update_current_user(
     update: ProfileUpdate,
 ) -> ApiResult<NamedUser> {
     let now = state.clock.now();
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     let current = store::lock_user(&txn, account_id, user_id)
         .await
         .map_err(|_| rules::session_not_usable())?;
@@ -451,7 +450,7 @@ pub async fn change_password(
     // Every session ends before the commit (if the store is down, the
     // password does not change), and again after it.
     state.sessions.revoke_user(user_id).await?;
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     if !store::replace_password(&txn, user_id, &old_hash, new_hash, now).await? {
         // Changed concurrently: the current password given is no longer it.
         return Err(rules::invalid_credentials());
@@ -564,7 +563,7 @@ async fn issue_reset(
         (now, expire_time),
     )?;
 
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     store::expire_links(&txn, target.id, now).await?;
     store::insert_link(&txn, account.id, target.id, token_hash, expire_time, now).await?;
     let decided = links::issued(account, target, action, &job, expire_time);
@@ -654,7 +653,7 @@ async fn decoy_reset(state: &Identity) -> ApiResult<()> {
     };
     // The writes of a real request, rolled back: nothing is kept or
     // published (a NOTIFY is only delivered at commit).
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     store::expire_links(&txn, Uuid::new_v4(), state.clock.now()).await?;
     outbox::enqueue(&txn, &[email_job_message(&decoy)]).await?;
     txn.rollback().await?;
@@ -690,7 +689,7 @@ pub async fn use_password_link(
     let token_hash = state.tokens.hash(command.purpose, &command.token);
 
     let now = state.clock.now();
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     // The guard: one conditional update, one winner.
     let reset = store::consume_link(&txn, &token_hash, now)
         .await?

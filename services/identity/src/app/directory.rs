@@ -11,7 +11,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use sea_orm::TransactionTrait;
 use usher_kit::{
     email::canonical_domain,
     error::{ApiError, ApiResult},
@@ -586,7 +585,7 @@ async fn reserve_together(
     }
     let mut answers: Vec<Option<ApiResult<ReservationAnswer>>> =
         std::iter::repeat_with(|| None).take(batch.len()).collect();
-    let txn = state.writes.begin().await?;
+    let txn = usher_kit::db::begin(&state.writes).await?;
     // Every change that counts seats takes its account's lock first:
     // concurrent reservations (of other replicas too) are counted one after
     // the other.
@@ -891,7 +890,7 @@ pub async fn activate_invited_user(
     let password_hash = state.passwords.hash(password).await?;
 
     let now = state.clock.now();
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     let account = store::share_account(&txn, account_id).await?;
     let current = scoped::user(&txn, account_id, user_id).await?;
     let change = reservations::activation(
@@ -964,7 +963,7 @@ pub async fn release_invitees(
 ) -> ApiResult<(Released, u64)> {
     let account_id = command.account_id;
     let now = state.clock.now();
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     accounts::lock(&txn, account_id).await?;
     let (mut ids, mut emails) = (Vec::new(), Vec::new());
     for target in &command.targets {

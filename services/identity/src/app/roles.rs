@@ -4,7 +4,6 @@
 //! checked one after the other; a name taken by a concurrent writer anyway
 //! (`StoreError::Taken`) answers the same ALREADY_EXISTS.
 
-use sea_orm::TransactionTrait;
 use usher_kit::{
     db::StoreError,
     error::{ApiError, ApiResult, Reason},
@@ -94,7 +93,7 @@ pub async fn create<R: prost::Message + Default>(
     let account_id = principal.account()?;
     check_grant(&state.db, principal, &Grant::Permissions(&new.permissions)).await?;
     let now = state.clock.now();
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     // Serialises creates of one account: the name check, the role count
     // and a concurrent retry with the same request_id.
     accounts::lock(&txn, account_id).await?;
@@ -154,7 +153,7 @@ pub async fn update(
     let role_id = change.role_id;
     let permissions_named = change.permissions.is_some();
     let now = state.clock.now();
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     accounts::lock(&txn, account_id).await?;
     let current = scoped::role(&txn, account_id, role_id).await?;
     let facts = store::facts(&current);
@@ -216,7 +215,7 @@ pub async fn delete(
 ) -> ApiResult<i32> {
     let account_id = principal.account()?;
     let now = state.clock.now();
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     accounts::lock(&txn, account_id).await?;
     let doomed = store::facts(&scoped::role(&txn, account_id, role_id).await?);
     roles::check_not_built_in(&doomed, true)?;

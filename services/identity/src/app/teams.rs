@@ -3,7 +3,6 @@
 //! after the other (one of them ALREADY_EXISTS); a name taken by a
 //! concurrent writer anyway (`StoreError::Taken`) answers the same.
 
-use sea_orm::TransactionTrait;
 use usher_kit::{
     db::StoreError,
     error::{ApiError, ApiResult},
@@ -63,7 +62,7 @@ where
 {
     let account_id = principal.account()?;
     let now = state.clock.now();
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     // Serialises creates of one account: the name check, the team count
     // and a concurrent retry with the same request_id.
     accounts::lock(&txn, account_id).await?;
@@ -101,7 +100,7 @@ pub async fn update(
 ) -> ApiResult<(team::Model, u64)> {
     let account_id = principal.account()?;
     let now = state.clock.now();
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     // A rename checks the name under the same lock as creates.
     accounts::lock(&txn, account_id).await?;
     let current = scoped::team(&txn, account_id, team_id).await?;
@@ -136,7 +135,7 @@ pub async fn delete(
 ) -> ApiResult<i32> {
     let account_id = principal.account()?;
     let now = state.clock.now();
-    let txn = state.db.begin().await?;
+    let txn = usher_kit::db::begin(&state.db).await?;
     let doomed = scoped::team(&txn, account_id, team_id).await?;
     let members = store::members(&txn, account_id, team_id).await?;
     let actor = actor(&txn, principal).await?;

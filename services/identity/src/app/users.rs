@@ -11,7 +11,7 @@
 //! user's principal snapshot is rewritten, so a role change or a
 //! deactivation applies on the user's next call.
 
-use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use usher_kit::{
     error::{ApiError, ApiResult},
     pagination,
@@ -231,7 +231,7 @@ impl IdentityApi {
         if !filtered || db.get_database_backend() != sea_orm::DbBackend::Postgres {
             return read_user_page(db, &query).await;
         }
-        let txn = db.begin().await?;
+        let txn = usher_kit::db::begin(db).await?;
         txn.execute_unprepared("SET LOCAL plan_cache_mode = force_custom_plan")
             .await?;
         let page = read_user_page(&txn, &query).await?;
@@ -282,7 +282,7 @@ impl IdentityApi {
         };
 
         let now = self.state.clock.now();
-        let txn = self.state.db.begin().await?;
+        let txn = usher_kit::db::begin(&self.state.db).await?;
         let account = accounts::lock(&txn, account_id).await?;
         // A concurrent retry with the same key waited for the lock: answer it
         // the stored response.
@@ -371,7 +371,7 @@ impl IdentityApi {
         let account_id = call.principal.account()?;
         let user_id = command.user_id;
         let now = self.state.clock.now();
-        let txn = self.state.db.begin().await?;
+        let txn = usher_kit::db::begin(&self.state.db).await?;
         let account = accounts::lock(&txn, account_id).await?;
         let target = users::lock_user(&txn, account_id, user_id).await?;
         rules::check_editable(&target, call.principal.user_id == Some(target.id))?;
@@ -417,7 +417,7 @@ impl IdentityApi {
     ) -> ApiResult<BatchOutcome> {
         let account_id = call.principal.account()?;
         let now = self.state.clock.now();
-        let txn = self.state.db.begin().await?;
+        let txn = usher_kit::db::begin(&self.state.db).await?;
         accounts::lock(&txn, account_id).await?;
         let roles = users::roles_of(&txn, account_id).await?;
         let new_role = match command.role_id {
@@ -486,7 +486,7 @@ impl IdentityApi {
     pub(crate) async fn deactivate(&self, call: &Call, user_id: Uuid) -> ApiResult<pb::User> {
         let account_id = call.principal.account()?;
         let now = self.state.clock.now();
-        let txn = self.state.db.begin().await?;
+        let txn = usher_kit::db::begin(&self.state.db).await?;
         accounts::lock(&txn, account_id).await?;
         let target = users::lock_user(&txn, account_id, user_id).await?;
         rules::check_deactivate(&target, call.principal.user_id == Some(target.id))?;
@@ -506,7 +506,7 @@ impl IdentityApi {
     pub(crate) async fn reactivate(&self, call: &Call, user_id: Uuid) -> ApiResult<pb::User> {
         let account_id = call.principal.account()?;
         let now = self.state.clock.now();
-        let txn = self.state.db.begin().await?;
+        let txn = usher_kit::db::begin(&self.state.db).await?;
         let account = accounts::lock(&txn, account_id).await?;
         let target = users::lock_user(&txn, account_id, user_id).await?;
         rules::check_reactivate(&target)?;
@@ -528,7 +528,7 @@ impl IdentityApi {
     pub(crate) async fn remove_user(&self, call: &Call, user_id: Uuid) -> ApiResult<()> {
         let account_id = call.principal.account()?;
         let now = self.state.clock.now();
-        let txn = self.state.db.begin().await?;
+        let txn = usher_kit::db::begin(&self.state.db).await?;
         accounts::lock(&txn, account_id).await?;
         let target = users::lock_user(&txn, account_id, user_id).await?;
         rules::check_delete(&target, call.principal.user_id == Some(target.id))?;

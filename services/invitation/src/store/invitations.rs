@@ -12,9 +12,8 @@
 use chrono::{DateTime, Utc};
 use prost::Message;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection,
-    DatabaseTransaction, EntityTrait, IntoActiveModel, Order as Direction, QueryFilter, QueryOrder,
-    QuerySelect, TransactionTrait, Value,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, EntityTrait,
+    IntoActiveModel, Order as Direction, QueryFilter, QueryOrder, QuerySelect, Value,
     sea_query::{Expr, ExprTrait, LikeExpr, LockBehavior, LockType},
 };
 use usher_kit::{
@@ -175,7 +174,7 @@ impl Repository {
     /// one transaction: the rows and the messages of all its creates in
     /// one multi-row statement each (per [`INSERT_CHUNK`] rows).
     async fn insert_together(db: &DatabaseConnection, batch: &[PendingCreate]) -> StoreResult<()> {
-        let txn = db.begin().await?;
+        let txn = usher_kit::db::begin(db).await?;
         let rows: Vec<&Invitation> = batch.iter().flat_map(|one| &one.rows).collect();
         for chunk in rows.chunks(INSERT_CHUNK) {
             invitation::Entity::insert_many(chunk.iter().map(|row| active(row)))
@@ -356,7 +355,7 @@ impl Repository {
         version: i64,
         emit: &[OutgoingMessage],
     ) -> StoreResult<bool> {
-        let txn = self.db.begin().await?;
+        let txn = usher_kit::db::begin(&self.db).await?;
         let done = invitation::Entity::update_many()
             .col_expr(Column::State, Expr::value(accepted.state))
             .col_expr(Column::AcceptTime, Expr::value(accepted.accept_time))
@@ -383,7 +382,7 @@ impl Repository {
         reports: &[DeliveryReport],
         now: DateTime<Utc>,
     ) -> StoreResult<usize> {
-        let txn = self.db.begin().await?;
+        let txn = usher_kit::db::begin(&self.db).await?;
         let mut updated = 0;
         if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
             for round in delivery_rounds(reports) {
@@ -484,7 +483,7 @@ impl Repository {
     /// Opens a transaction.
     pub async fn begin(&self) -> StoreResult<Tx> {
         Ok(Tx {
-            txn: self.db.begin().await?,
+            txn: usher_kit::db::begin(&self.db).await?,
         })
     }
 }
@@ -547,7 +546,7 @@ impl RepositoryPort for Repository {
 /// [`Tx::commit`], it rolls back.
 #[derive(Debug)]
 pub struct Tx {
-    txn: DatabaseTransaction,
+    txn: usher_kit::db::Transaction,
 }
 
 impl Tx {
