@@ -1,8 +1,8 @@
 //! The whole stack on a real Redis Sentinel group and on a real Redis
 //! Cluster (kit's `testing::topologies`), with `redis.wait_replicas = 1`:
 //! invitations are created through the gateway (the caller's session, the
-//! rate-limit counters and the links' tokens all in that Redis) while the
-//! master fails over. The services follow the new master within seconds
+//! rate-limit counters and the links' tokens all in that Redis), and
+//! accepted as their emails arrive, while the master fails over. The services follow the new master within seconds
 //! without a restart, and nothing acknowledged is lost: every invitation
 //! whose create was answered OK is emailed and its link works (from
 //! PostgreSQL if a forced failover dropped its Redis key), and the session
@@ -16,18 +16,22 @@ use std::{
 use tonic_health::pb::health_check_response::ServingStatus;
 use usher_kit::testing::topologies::{RedisCluster, SentinelGroup};
 use usher_proto::{
-    identity::v1::sign_in_request::Login,
+    identity::v1::{SignInRequest, auth_service_client::AuthServiceClient, sign_in_request::Login},
     invitation::v1::{self as pb, invitation_service_client::InvitationServiceClient},
 };
 
 use crate::{
     harness::{
-        Isolation, OWNER_PASSWORD, POSTGRES, Service, create_account, role_id, service_env, sign_in,
+        Isolation, OWNER_PASSWORD, POSTGRES, Service, create_account, reason, role_id, service_env,
+        sign_in,
     },
     journey::{BASE_URL, link_token},
     replicas::invite,
     smtp_sink::SmtpSink,
 };
+
+/// The password invitees choose.
+const MEMBER_PASSWORD: &str = "a long enough passphrase";
 
 /// The stack on one Redis URL.
 struct OnRedis {
@@ -35,13 +39,13 @@ struct OnRedis {
     invitation: Service,
     notification: Service,
     gateway: Service,
-    sink: SmtpSink,
+    sink: Arc<SmtpSink>,
     _isolation: Isolation,
 }
 
 impl OnRedis {
     async fn start(redis_url: &str) -> Self {
-        let sink = SmtpSink::start().await;
+        let sink = Arc::new(SmtpSink::start().await);
         let mut isolation = Isolation::new();
         let redis = [
             ("USHER_REDIS__URL", redis_url.to_owned()),
@@ -146,6 +150,69 @@ impl OnRedis {
                 })
             })
             .collect();
+        // And one invitee after another accepts, as their email arrives.
+        let accepter = {
+            let (sink, created, stop) = (self.sink.clone(), created.clone(), stop_rx.clone());
+            let mut public = InvitationServiceClient::new(self.gateway.channel());
+            let mut auth = AuthServiceClient::new(self.gateway.channel());
+            let slug = slug.to_owned();
+            tokio::spawn(async move {
+                let mut accepted = Vec::new();
+                let mut unavailable = 0;
+                let mut pending: Option<(String, String, bool)> = None;
+                while !*stop.borrow() {
+                    let Some((email, link, retried)) = pending.take().or_else(|| {
+                        let created = created.lock().expect("lock").clone();
+                        let messages = sink.messages();
+                        created
+                            .iter()
+                            .filter(|email| !accepted.contains(*email))
+                            .find_map(|email| {
+                                let message = messages.iter().find(|m| m.to.contains(email))?;
+                                let parsed = mail_parser::MessageParser::default()
+                                    .parse(&message.data)
+                                    .expect("a parsable email");
+                                let text = parsed.body_text(0).expect("a text part");
+                                Some((email.clone(), link_token(&text, "/invite"), false))
+                            })
+                    }) else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
+                    let answer = public
+                        .accept_invitation(pb::AcceptInvitationRequest {
+                            token: link.clone(),
+                            display_name: "New Member".into(),
+                            password: MEMBER_PASSWORD.into(),
+                            ..Default::default()
+                        })
+                        .await;
+                    match answer {
+                        Ok(_) => accepted.push(email),
+                        Err(status) if status.code() == tonic::Code::Unavailable => {
+                            unavailable += 1;
+                            pending = Some((email, link, true));
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        // An earlier attempt answered UNAVAILABLE after the
+                        // member was activated (only the session failed):
+                        // the link is used, and the member signs in.
+                        Err(status) if retried && reason(&status) == "INVITATION_NOT_USABLE" => {
+                            auth.sign_in(SignInRequest {
+                                account_slug: slug.clone(),
+                                login: Some(Login::Email(email.clone())),
+                                password: MEMBER_PASSWORD.into(),
+                            })
+                            .await
+                            .expect("the member of an accept cut short signs in");
+                            accepted.push(email);
+                        }
+                        Err(status) => panic!("accept of {email}: {status:?}"),
+                    }
+                }
+                (accepted.len(), unavailable)
+            })
+        };
         tokio::time::sleep(Duration::from_secs(2)).await;
         let before = created.lock().expect("lock").len();
         assert!(before > 0, "creates went through before the failover");
@@ -172,6 +239,8 @@ impl OnRedis {
         for client in clients {
             client.await.expect("client");
         }
+        let (accepted, accepts_unavailable) = accepter.await.expect("accepter");
+        assert!(accepted > 0, "invitees accepted during the load");
         let failures = failed.lock().expect("lock").clone();
         let outage = failures
             .iter()
@@ -185,7 +254,8 @@ impl OnRedis {
         }
         let created = created.lock().expect("lock").clone();
         eprintln!(
-            "{slug}: {} creates OK, {} UNAVAILABLE, creates failed for {outage:.2} s",
+            "{slug}: {} creates OK, {} UNAVAILABLE, creates failed for {outage:.2} s; \
+             {accepted} accepted meanwhile ({accepts_unavailable} attempts UNAVAILABLE, retried)",
             created.len(),
             failures.len()
         );
@@ -216,15 +286,26 @@ impl OnRedis {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
+        // Every link not used by the accepter works; the used ones answer
+        // as used links do.
         let mut public = InvitationServiceClient::new(self.gateway.channel());
+        let mut usable = Vec::new();
         for link in &links {
-            public
+            match public
                 .preview_invitation(pb::PreviewInvitationRequest {
                     token: link.clone(),
                 })
                 .await
-                .expect("every acknowledged invitation's link works");
+            {
+                Ok(_) => usable.push(link.clone()),
+                Err(status) => assert_eq!(reason(&status), "INVITATION_NOT_USABLE"),
+            }
         }
+        assert_eq!(
+            usable.len(),
+            links.len() - accepted,
+            "every link is usable but the accepted ones"
+        );
         let fallbacks: f64 = crate::health::scrape(self.invitation.metrics)
             .await
             .lines()
@@ -234,12 +315,12 @@ impl OnRedis {
         eprintln!("{slug}: {fallbacks} links found in PostgreSQL after Redis lost their key");
         // Accepting signs the new member in: a session written after the
         // failover.
-        for link in links.iter().rev().take(3) {
+        for link in usable.iter().rev().take(3) {
             public
                 .accept_invitation(pb::AcceptInvitationRequest {
                     token: link.clone(),
                     display_name: "New Member".into(),
-                    password: "a long enough passphrase".into(),
+                    password: MEMBER_PASSWORD.into(),
                     ..Default::default()
                 })
                 .await
