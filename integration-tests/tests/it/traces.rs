@@ -195,6 +195,10 @@ async fn one_invitation_is_one_trace_from_the_gateway_to_the_smtp_send() {
         ("usher-identity", "rpc"),
         ("usher-invitation", "amqp.publish"),
         ("usher-invitation", "redis"),
+        ("usher-invitation", "batch"),
+        ("usher-invitation", "db.transaction"),
+        ("usher-identity", "batch"),
+        ("usher-identity", "db.transaction"),
         ("usher-notification", "email.send"),
     ];
     let mut spans = Vec::new();
@@ -247,6 +251,10 @@ async fn one_invitation_is_one_trace_from_the_gateway_to_the_smtp_send() {
         ("usher-identity", "rpc", "usher-invitation"),
         ("usher-invitation", "amqp.publish", "usher-invitation"),
         ("usher-invitation", "redis", "usher-invitation"),
+        ("usher-invitation", "batch", "usher-invitation"),
+        ("usher-invitation", "db.transaction", "usher-invitation"),
+        ("usher-identity", "batch", "usher-identity"),
+        ("usher-identity", "db.transaction", "usher-identity"),
         ("usher-notification", "email.send", "usher-invitation"),
     ] {
         let span = spans

@@ -23,9 +23,11 @@ use std::{
 };
 
 use tokio::sync::oneshot;
+use tracing::Instrument as _;
 
-/// Items queued for one key, each with its weight and where its answer goes.
-type Queue<T, R> = Vec<(T, usize, oneshot::Sender<R>)>;
+/// Items queued for one key, each with its weight, where its answer goes and
+/// the span of the call that queued it.
+type Queue<T, R> = Vec<(T, usize, oneshot::Sender<R>, tracing::Span)>;
 
 /// The queues, by key.
 type Queues<K, T, R> = Arc<Mutex<HashMap<K, Queue<T, R>>>>;
@@ -141,16 +143,17 @@ where
         Fut: Future<Output = Vec<R>> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
+        let span = tracing::Span::current();
         let start_worker = {
             let mut queues = lock(&self.queues);
             match queues.get_mut(&key) {
                 // A worker is running for this key: it takes this item next.
                 Some(queue) => {
-                    queue.push((item, weight, tx));
+                    queue.push((item, weight, tx, span));
                     false
                 }
                 None => {
-                    queues.insert(key.clone(), vec![(item, weight, tx)]);
+                    queues.insert(key.clone(), vec![(item, weight, tx, span)]);
                     true
                 }
             }
@@ -187,10 +190,22 @@ where
                         retire.armed = false;
                         break;
                     };
+                    // With traces exported, the batch is a `batch` span of
+                    // the first queued call's trace (its database
+                    // transaction a child of it); the other calls' traces
+                    // show only their wait.
+                    let span = taken
+                        .first()
+                        .filter(|_| crate::telemetry::traces_exported())
+                        .filter(|(_, _, _, first)| !first.is_none())
+                        .map(|(_, _, _, first)| {
+                            tracing::info_span!(parent: first, "batch", calls = taken.len())
+                        })
+                        .unwrap_or_else(tracing::Span::none);
                     let (items, senders): (Vec<T>, Vec<oneshot::Sender<R>>) =
-                        taken.into_iter().map(|(item, _, tx)| (item, tx)).unzip();
+                        taken.into_iter().map(|(item, _, tx, _)| (item, tx)).unzip();
                     metrics::histogram!("usher_coalesced_batch_size").record(items.len() as f64);
-                    let answers = batch(items).await;
+                    let answers = batch(items).instrument(span).await;
                     for (sender, answer) in senders.into_iter().zip(answers) {
                         // The caller may have gone away: its answer is dropped.
                         let _ = sender.send(answer);
@@ -209,7 +224,7 @@ fn batch_len<T, R>(queue: &Queue<T, R>, max_batch: usize, max_weight: usize) -> 
     let within = queue
         .iter()
         .take(max_batch)
-        .take_while(|(_, w, _)| {
+        .take_while(|(_, w, _, _)| {
             weight = weight.saturating_add(*w);
             weight <= max_weight
         })
@@ -320,7 +335,9 @@ mod tests {
 
     #[test]
     fn a_batch_takes_at_least_one_item_and_never_more_than_max_batch() {
-        let queue: Queue<(), ()> = (0..5).map(|_| ((), 10, oneshot::channel().0)).collect();
+        let queue: Queue<(), ()> = (0..5)
+            .map(|_| ((), 10, oneshot::channel().0, tracing::Span::none()))
+            .collect();
         assert_eq!(batch_len(&queue, 3, usize::MAX), 3);
         assert_eq!(batch_len(&queue, 64, 25), 2);
         assert_eq!(batch_len(&queue, 64, 5), 1);
