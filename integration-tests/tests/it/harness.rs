@@ -287,6 +287,28 @@ impl Service {
     }
 }
 
+/// The gateway's upstreams: `USHER_UPSTREAMS__*` of the three services.
+pub fn upstreams(
+    identity: &Service,
+    invitation: &Service,
+    notification: &Service,
+) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "USHER_UPSTREAMS__IDENTITY",
+            format!("http://{}", identity.grpc),
+        ),
+        (
+            "USHER_UPSTREAMS__INVITATION",
+            format!("http://{}", invitation.grpc),
+        ),
+        (
+            "USHER_UPSTREAMS__NOTIFICATION",
+            format!("http://{}", notification.grpc),
+        ),
+    ]
+}
+
 /// The three services and a gateway without rate limits (tests that call
 /// every RPC from one address), all serving, with the environments of
 /// identity and invitation (their databases, `usher platform-keys`). Bind

@@ -27,6 +27,15 @@ use crate::{
     journey::MailStack,
 };
 
+/// Sends `request` as part of the trace `trace_id`, from the caller's span
+/// `span` (W3C traceparent, sampled).
+fn with_traceparent<T>(request: &mut tonic::Request<T>, trace_id: &str, span: &str) {
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{span}-01").parse().expect("ascii"),
+    );
+}
+
 /// One received span: the service that sent it, its name, ids and parent.
 #[derive(Clone, Debug)]
 struct Received {
@@ -174,12 +183,7 @@ async fn one_invitation_is_one_trace_from_the_gateway_to_the_smtp_send() {
             ..Default::default()
         },
     );
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{trace_id}-{caller_span}-01")
-            .parse()
-            .expect("ascii"),
-    );
+    with_traceparent(&mut request, &trace_id, caller_span);
     let created = InvitationServiceClient::new(stack.gateway.channel())
         .create_invitations(request)
         .await
@@ -280,12 +284,7 @@ async fn one_invitation_is_one_trace_from_the_gateway_to_the_smtp_send() {
             ..Default::default()
         },
     );
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{trace_id}-{caller_span}-01")
-            .parse()
-            .expect("ascii"),
-    );
+    with_traceparent(&mut request, &trace_id, caller_span);
     AccountServiceClient::new(stack.gateway.channel())
         .update_account(request)
         .await
