@@ -286,13 +286,42 @@ impl StoreError {
     }
 }
 
+/// Whether `err` is a passing condition a retry may clear: no connection,
+/// a server going away, restarting or out of connections, or a table that
+/// does not exist yet (a replica reached before its migrations were
+/// applied, while its readiness still says NOT_SERVING).
+pub fn is_passing(err: &DbErr) -> bool {
+    use sea_orm::{RuntimeErr, sqlx::Error as Sqlx};
+    match err {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        DbErr::Query(RuntimeErr::SqlxError(sqlx)) | DbErr::Exec(RuntimeErr::SqlxError(sqlx)) => {
+            match sqlx.as_ref() {
+                Sqlx::Io(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::WorkerCrashed => true,
+                Sqlx::Database(db) => db.code().is_some_and(|code| {
+                    // undefined_table, invalid_catalog_name,
+                    // too_many_connections, admin/crash shutdown,
+                    // cannot_connect_now, connection exceptions.
+                    matches!(
+                        code.as_ref(),
+                        "42P01" | "3D000" | "53300" | "57P01" | "57P02" | "57P03"
+                    ) || code.starts_with("08")
+                }),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
 impl From<DbErr> for StoreError {
     fn from(err: DbErr) -> Self {
         if let Some(sea_orm::SqlErr::UniqueConstraintViolation(detail)) = err.sql_err() {
             return Self::Taken(detail);
         }
+        if is_passing(&err) {
+            return Self::Unavailable(err.to_string());
+        }
         match err {
-            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Self::Unavailable(err.to_string()),
             DbErr::RecordNotFound(_) => Self::NotFound("record"),
             other => Self::Internal(anyhow::Error::new(other)),
         }
@@ -327,6 +356,33 @@ mod store_error_tests {
         let odd = StoreError::from(DbErr::Custom("odd".into()));
         assert!(matches!(odd, StoreError::Internal(_)), "{odd:?}");
         assert!(!odd.is_taken());
+    }
+
+    /// A table that is not there yet (a service reached before its
+    /// migrations ran) is a passing condition, not a bug.
+    #[tokio::test]
+    async fn a_missing_table_is_unavailable() {
+        let database = crate::testing::TestDatabase::create("missing_table")
+            .await
+            .expect("database");
+        let db = database.connect().await.expect("connect");
+        let err = db
+            .execute_unprepared("SELECT * FROM not_migrated_yet")
+            .await
+            .expect_err("no such table");
+        assert!(is_passing(&err), "{err:?}");
+        assert!(matches!(
+            ApiError::from(StoreError::from(err)),
+            ApiError::Unavailable(_)
+        ));
+        let err = db
+            .execute_unprepared("SELECT 1/0")
+            .await
+            .expect_err("a bug stays a bug");
+        assert!(!is_passing(&err), "{err:?}");
+        assert!(matches!(ApiError::from(err), ApiError::Internal(_)));
+        db.close().await.expect("close");
+        database.drop_database().await.expect("drop");
     }
 
     #[test]

@@ -470,10 +470,10 @@ impl From<Status> for ApiError {
 
 impl From<sea_orm::DbErr> for ApiError {
     fn from(err: sea_orm::DbErr) -> Self {
-        use sea_orm::DbErr;
-        match err {
-            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Self::Unavailable(err.to_string()),
-            other => Self::Internal(anyhow::Error::new(other)),
+        if crate::db::is_passing(&err) {
+            Self::Unavailable(err.to_string())
+        } else {
+            Self::Internal(anyhow::Error::new(err))
         }
     }
 }
